@@ -1,0 +1,1 @@
+"""The studio engine: usable from Python without any UI. Never imports gradio."""

@@ -1,0 +1,172 @@
+"""One typed settings object: CLI flags override the settings file, which overrides these defaults.
+
+It is passed to the parts that need it (never imported as a global).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import StudioError
+
+DEVICES = ("auto", "cuda", "mps", "cpu")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+OFFLOAD_MODES = ("none", "medvram", "lowvram")
+
+
+@dataclass
+class Settings:
+    """Everything the studio can be told. Paths left empty are derived from ``models_dir`` / ``data_dir``."""
+
+    # folders (A1111 names)
+    models_dir: str = "models"
+    ckpt_dir: str = ""
+    vae_dir: str = ""
+    lora_dir: str = ""
+    lycoris_dir: str = ""
+    embeddings_dir: str = ""
+    controlnet_dir: str = ""
+    annotators_dir: str = ""
+    data_dir: str = "data"
+    outdir: str = "outputs"
+    # device and memory
+    device: str = "auto"
+    precision: str = "auto"
+    no_half_vae: bool = False
+    offload: str = "none"
+    xformers: bool = False
+    vram_budget_mb: int = 0          # 0: derived from free device memory
+    ram_budget_mb: int = 0           # 0: derived from system RAM (InvokeAI's rule)
+    rng: str = "cpu"                 # where initial noise is drawn: "cpu" (same everywhere) or "device"
+    # network
+    allow_download: bool = False     # Hugging Face repo ids may download into the HF cache
+    # generation defaults and limits
+    default_checkpoint: str = ""
+    default_vae: str = "Automatic"
+    preview_every: int = 1           # live preview every N steps (0: off)
+    max_width: int = 2048
+    max_height: int = 2048
+    max_steps: int = 150
+    max_batch_size: int = 8
+    max_batch_count: int = 100
+    save_images: bool = True
+    filename_pattern: str = "[seed]"
+    # per-model overrides, keyed by checkpoint file name: {"prediction": "v" | "epsilon"}
+    model_overrides: dict = field(default_factory=dict)
+
+    # ---- derived paths -------------------------------------------------------------------------
+    def _sub(self, explicit: str, name: str) -> Path:
+        return Path(explicit) if explicit else Path(self.models_dir) / name
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self._sub(self.ckpt_dir, "Stable-diffusion")
+
+    @property
+    def vae_path(self) -> Path:
+        return self._sub(self.vae_dir, "VAE")
+
+    @property
+    def lora_path(self) -> Path:
+        return self._sub(self.lora_dir, "Lora")
+
+    @property
+    def lycoris_path(self) -> Path:
+        return self._sub(self.lycoris_dir, "LyCORIS")
+
+    @property
+    def embeddings_path(self) -> Path:
+        return self._sub(self.embeddings_dir, "embeddings")
+
+    @property
+    def controlnet_path(self) -> Path:
+        return self._sub(self.controlnet_dir, "ControlNet")
+
+    @property
+    def annotators_path(self) -> Path:
+        return self._sub(self.annotators_dir, "annotators")
+
+    @property
+    def settings_file(self) -> Path:
+        return Path(self.data_dir) / "settings.json"
+
+    @property
+    def cache_file(self) -> Path:
+        return Path(self.data_dir) / "cache.json"
+
+    # ---- checks and persistence ----------------------------------------------------------------
+    def validate(self) -> "Settings":
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise StudioError(f"Setting 'device' is {self.device!r}.", field="device",
+                              fix=f"use one of {', '.join(DEVICES)} or cuda:N")
+        if self.precision not in PRECISIONS:
+            raise StudioError(f"Setting 'precision' is {self.precision!r}.", field="precision",
+                              fix=f"use one of {', '.join(PRECISIONS)}")
+        if self.offload not in OFFLOAD_MODES:
+            raise StudioError(f"Setting 'offload' is {self.offload!r}.", field="offload",
+                              fix=f"use one of {', '.join(OFFLOAD_MODES)}")
+        if self.rng not in ("cpu", "device"):
+            raise StudioError(f"Setting 'rng' is {self.rng!r}.", field="rng", fix="use 'cpu' or 'device'")
+        return self
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes).validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> tuple["Settings", list[str]]:
+        """Build from a dict, keeping known keys of the right type; returns (settings, warnings)."""
+        known = {f.name: f for f in fields(cls)}
+        defaults = cls()
+        kwargs, warnings = {}, []
+        for key, value in data.items():
+            if key not in known:
+                warnings.append(f"unknown setting {key!r} ignored")
+                continue
+            want = type(getattr(defaults, key))
+            if want is int and isinstance(value, bool) or not isinstance(value, want):
+                if want is int and isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                else:
+                    warnings.append(f"setting {key!r} should be {want.__name__}, got {value!r}; default used")
+                    continue
+            kwargs[key] = value
+        return cls(**kwargs), warnings
+
+    @classmethod
+    def load(cls, data_dir: str | os.PathLike, overrides: dict | None = None) -> tuple["Settings", list[str]]:
+        """Defaults <- settings file in ``data_dir`` <- ``overrides`` (CLI). An unreadable file is backed up."""
+        path = Path(data_dir) / "settings.json"
+        data: dict = {}
+        messages: list[str] = []
+        if path.exists():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(data, dict):
+                    raise ValueError("top level is not an object")
+            except (ValueError, OSError) as exc:
+                backup = path.with_name(f"settings.broken-{time.strftime('%Y%m%d-%H%M%S')}.json")
+                shutil.copy2(path, backup)
+                messages.append(f"Settings file {path} could not be read ({exc}); it was backed up to "
+                                f"{backup} and defaults are used.")
+                data = {}
+        data = {**data, "data_dir": str(data_dir), **(overrides or {})}
+        settings, warnings = cls.from_dict(data)
+        return settings.validate(), messages + warnings
+
+    def save(self) -> Path:
+        """Write the settings file atomically."""
+        path = self.settings_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
