@@ -1,0 +1,325 @@
+"""The PipelineManager: checkpoints loaded once, kept under byte budgets, shared by every mode.
+
+Two tiers (device, RAM) with least-recently-used eviction; a model held by a running job is locked and never
+evicted. On a CPU-only machine the device tier *is* RAM, so there is a single tier. Pipelines for a mode are
+built per call as views over the same module objects: constructing one costs microseconds and copies nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from . import devices
+from .errors import ModelLoadError, StudioError
+from .loading.components import Components
+from .registry import CheckpointInfo, Registry, VaeInfo
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Entry:
+    """One cached model (checkpoint components or a VAE)."""
+
+    key: tuple
+    label: str
+    value: Any                       # Components or a VAE module
+    nbytes: int
+    tier: str                        # "device" or "cpu"
+    locks: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Loaded:
+    """What ``acquire`` hands a job: the components and the checkpoint they came from."""
+
+    info: CheckpointInfo
+    components: Components
+    key: tuple
+    vae: Any = None                  # the VAE to use (the checkpoint's own or a chosen one)
+    vae_info: VaeInfo | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _module_bytes(module: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+class PipelineManager:
+    """Loads checkpoints and VAEs once and keeps them under the device and RAM budgets."""
+
+    def __init__(self, settings: Settings, registry: Registry, *, loaders: dict[str, Callable] | None = None):
+        self.settings = settings
+        self.registry = registry
+        self.device = devices.resolve_device(settings)
+        self.dtype = devices.resolve_dtype(settings, self.device)
+        # with offloading, models rest on the CPU and diffusers' hooks move each part to the GPU when it runs
+        self.offloading = settings.offload != "none" and self.device.type == "cuda"
+        self.placement = torch.device("cpu") if self.offloading else self.device
+        self._entries: OrderedDict[tuple, Entry] = OrderedDict()
+        self._lock = threading.RLock()
+        self._loaders = loaders or {}
+        self.loads = 0               # how many times a file was actually read (tests and benchmarks look)
+        self.current: CheckpointInfo | None = None
+        self.on_model_loaded: list[Callable[[CheckpointInfo, Components], None]] = []
+
+    # ---- budgets ---------------------------------------------------------------------------------
+    @property
+    def single_tier(self) -> bool:
+        return self.device.type == "cpu"
+
+    def budget(self, tier: str) -> int:
+        if tier == "device" and not self.single_tier:
+            return devices.device_budget(self.settings, self.device)
+        return devices.ram_budget(self.settings) if not self.single_tier else \
+            min(devices.ram_budget(self.settings), devices.device_budget(self.settings, self.device))
+
+    def used(self, tier: str) -> int:
+        return sum(e.nbytes for e in self._entries.values() if e.tier == tier)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "device": str(self.device), "dtype": devices.dtype_name(self.dtype),
+                "entries": [{"label": e.label, "tier": e.tier, "bytes": e.nbytes, "locked": e.locks > 0}
+                            for e in self._entries.values()],
+                "device_used": self.used("device"), "device_budget": self.budget("device"),
+                "ram_used": self.used("cpu"), "ram_budget": self.budget("cpu"), "loads": self.loads,
+            }
+
+    def _make_room(self, tier: str, needed: int, keep: tuple | None = None) -> None:
+        """Evict least-recently-used unlocked entries until ``needed`` more bytes fit in ``tier``."""
+        budget = self.budget(tier)
+        for key in list(self._entries):
+            if self.used(tier) + needed <= budget:
+                return
+            entry = self._entries[key]
+            if entry.tier != tier or entry.locks > 0 or key == keep:
+                continue
+            if tier == "device" and not self.single_tier and entry.nbytes <= self.budget("cpu"):
+                self._make_room("cpu", entry.nbytes, keep=keep)
+                self._move(entry, "cpu")
+            else:
+                self._drop(key)
+        if self.used(tier) + needed > budget:
+            log.warning("Memory budget for %s exceeded (%d MB used + %d MB needed > %d MB); models in use are "
+                        "never evicted.", tier, self.used(tier) >> 20, needed >> 20, budget >> 20)
+
+    def _move(self, entry: Entry, tier: str) -> None:
+        target = self.placement if tier == "device" else torch.device("cpu")
+        value = entry.value
+        modules = value.modules().values() if isinstance(value, Components) else [value]
+        for module in modules:
+            module.to(target)
+        entry.tier = tier
+        devices.release_memory(self.device)
+
+    def _drop(self, key: tuple) -> None:
+        entry = self._entries.pop(key)
+        log.info("Unloaded %s (%d MB)", entry.label, entry.nbytes >> 20)
+        entry.value = None
+        devices.release_memory(self.device)
+
+    # ---- loading ---------------------------------------------------------------------------------
+    def _load_components(self, info: CheckpointInfo) -> Components:
+        from .loading import diffusers_folder, hub, single_file
+
+        prediction = (self.settings.model_overrides.get(info.name) or {}).get("prediction")
+        if prediction not in (None, "v", "epsilon", "v_prediction"):
+            raise StudioError(f"Per-model setting prediction={prediction!r} for {info.name} is not valid.",
+                              field="model_overrides", fix="use 'v' or 'epsilon'")
+        prediction = {"v": "v_prediction"}.get(prediction, prediction)
+        # load on the CPU, then move: a half-read file never leaves a half-filled GPU behind
+        if info.kind == "file":
+            loader = self._loaders.get("file", single_file.load_single_file)
+            comps = loader(info.path, dtype=self.dtype, device="cpu", prediction=prediction)
+        elif info.kind == "diffusers":
+            loader = self._loaders.get("diffusers", diffusers_folder.load_diffusers_folder)
+            comps = loader(info.path, dtype=self.dtype, device="cpu")
+        else:
+            loader = self._loaders.get("hub", hub.load_hub_repo)
+            comps = loader(str(info.path), allow_download=self.settings.allow_download, dtype=self.dtype,
+                           device="cpu")
+        vdtype = devices.vae_dtype(self.settings, self.dtype)
+        if comps.vae.dtype != vdtype:
+            comps.vae.to(vdtype)
+        return comps
+
+    def key_for(self, info: CheckpointInfo) -> tuple:
+        return ("ckpt", self.registry.ensure_hash(info) if info.kind != "hub" else info.name,
+                devices.dtype_name(self.dtype), str(self.device))
+
+    def _get_or_load(self, info: CheckpointInfo) -> Entry:
+        key = self.key_for(info)
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            entry.last_used = time.monotonic()
+            if entry.tier != "device":
+                self._make_room("device", entry.nbytes, keep=key)
+                self._move(entry, "device")
+            return entry
+        started = time.monotonic()
+        comps = self._load_components(info)
+        self.loads += 1
+        nbytes = comps.nbytes()
+        self._make_room("device", nbytes)
+        if self.placement.type != "cpu":
+            for module in comps.modules().values():
+                module.to(self.placement)
+        info.family = comps.family
+        entry = Entry(key, info.name, comps, nbytes, "device")
+        self._entries[key] = entry
+        log.info("Loaded %s (%s, %d MB) in %.1fs", info.name, comps.family, nbytes >> 20,
+                 time.monotonic() - started)
+        for hook in list(self.on_model_loaded):
+            try:
+                hook(info, comps)
+            except Exception:  # a listener must never break loading
+                log.exception("on_model_loaded listener failed")
+        return entry
+
+    def _get_vae(self, vinfo: VaeInfo, components: Components) -> Entry:
+        from .loading.single_file import load_vae_file
+
+        vdtype = devices.vae_dtype(self.settings, self.dtype)
+        key = ("vae", self.registry.ensure_vae_hash(vinfo), devices.dtype_name(vdtype), str(self.device))
+        entry = self._entries.get(key)
+        if entry is None:
+            if vinfo.kind == "diffusers":
+                from diffusers import AutoencoderKL
+                vae = AutoencoderKL.from_pretrained(vinfo.path, torch_dtype=vdtype, local_files_only=True)
+            else:
+                vae = load_vae_file(vinfo.path, dtype=vdtype, device="cpu")
+            self.loads += 1
+            nbytes = _module_bytes(vae)
+            self._make_room("device", nbytes)
+            vae.to(self.placement)
+            entry = Entry(key, f"VAE {vinfo.name}", vae, nbytes, "device")
+            self._entries[key] = entry
+        else:
+            self._entries.move_to_end(key)
+            if entry.tier != "device":
+                self._make_room("device", entry.nbytes, keep=key)
+                self._move(entry, "device")
+        own = components.vae.config
+        if entry.value.config.latent_channels != own.latent_channels:
+            raise StudioError(f"VAE {vinfo.name!r} has {entry.value.config.latent_channels} latent channels, the "
+                              f"checkpoint needs {own.latent_channels}.", field="vae",
+                              fix="pick a VAE made for this model family, or Automatic")
+        return entry
+
+    @contextlib.contextmanager
+    def acquire(self, checkpoint: str | CheckpointInfo = "", vae: str = "Automatic") -> Iterator[Loaded]:
+        """Load (or reuse) a checkpoint and VAE and lock them for the duration of the ``with`` block.
+
+        A failed load raises StudioError / ModelLoadError and leaves every loaded model as it was.
+        """
+        with self._lock:
+            info = self._resolve(checkpoint)
+            entry = self._get_or_load(info)
+            entry.locks += 1
+            locked = [entry]
+            try:
+                comps: Components = entry.value
+                loaded = Loaded(info, comps, entry.key, vae=comps.vae)
+                vinfo = self._resolve_vae(info, vae)
+                if vinfo is not None:
+                    ventry = self._get_vae(vinfo, comps)
+                    ventry.locks += 1
+                    locked.append(ventry)
+                    loaded.vae, loaded.vae_info = ventry.value, vinfo
+                self.current = info
+            except BaseException:
+                entry.locks -= 1
+                raise
+        try:
+            yield loaded
+        finally:
+            with self._lock:
+                for e in locked:
+                    e.locks -= 1
+
+    def _resolve(self, checkpoint: str | CheckpointInfo) -> CheckpointInfo:
+        if isinstance(checkpoint, CheckpointInfo):
+            return self.registry._still_there(checkpoint) if checkpoint.kind != "hub" else checkpoint
+        if checkpoint:
+            return self.registry.find_checkpoint(checkpoint)
+        if self.current is not None and (self.current.kind == "hub" or self.current.path.exists()):
+            return self.current
+        if self.settings.default_checkpoint:
+            return self.registry.find_checkpoint(self.settings.default_checkpoint)
+        available = self.registry.checkpoints()
+        if not available:
+            raise StudioError(f"No checkpoint found in {self.settings.ckpt_path}.", field="checkpoint",
+                              fix="drop a .safetensors checkpoint or a diffusers folder there, point --ckpt-dir at "
+                                  "an A1111 models/Stable-diffusion folder, or start with --demo", status=404)
+        return available[0]
+
+    def _resolve_vae(self, info: CheckpointInfo, vae: str) -> VaeInfo | None:
+        if vae in ("", "None"):
+            return None
+        if vae == "Automatic":
+            return self.registry.sidecar_vae(info)
+        return self.registry.find_vae(vae)
+
+    def load(self, checkpoint: str | CheckpointInfo = "") -> CheckpointInfo:
+        """Make a checkpoint the current one (loading it if needed)."""
+        with self.acquire(checkpoint, vae="None") as loaded:
+            return loaded.info
+
+    def unload_all(self) -> None:
+        """Drop every unlocked model (A1111's unload-checkpoint)."""
+        with self._lock:
+            for key in [k for k, e in self._entries.items() if e.locks == 0]:
+                self._drop(key)
+
+    def is_cached(self, info: CheckpointInfo) -> bool:
+        with self._lock:
+            return self.key_for(info) in self._entries
+
+    # ---- pipelines as views ------------------------------------------------------------------------
+    def pipeline(self, loaded: Loaded, mode: str, scheduler: Any) -> Any:
+        """A diffusers pipeline for ``mode`` over the SAME modules (no copies, no dtype changes)."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        c = loaded.components
+        if mode != "txt2img":
+            raise StudioError(f"Mode {mode!r} is not available.", field="mode")
+        if c.family == "sdxl_refiner":
+            raise StudioError(f"{loaded.info.name} is an SDXL refiner; it cannot make images from text alone.",
+                              field="checkpoint", fix="pick an SDXL base checkpoint")
+        if c.in_channels != 4:
+            raise StudioError(f"{loaded.info.name} is an {'inpainting' if c.in_channels == 9 else 'image-edit'} "
+                              f"checkpoint ({c.in_channels} input channels); txt2img needs an ordinary one.",
+                              field="checkpoint", fix="use it in the Inpaint tab, or pick another checkpoint")
+        if c.family == "sdxl":
+            pipe = StableDiffusionXLPipeline(vae=loaded.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2,
+                                             tokenizer=c.tokenizer, tokenizer_2=c.tokenizer_2, unet=c.unet,
+                                             scheduler=scheduler)
+        else:
+            pipe = StableDiffusionPipeline(vae=loaded.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+                                           unet=c.unet, scheduler=scheduler, safety_checker=None,
+                                           feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        self._apply_device_options(pipe)
+        return pipe
+
+    def _apply_device_options(self, pipe: Any) -> None:
+        if devices.xformers_usable(self.settings, self.device):
+            pipe.enable_xformers_memory_efficient_attention()
+        if self.offloading:
+            # hooks live on the shared modules; re-applying them per view is what diffusers asks for
+            if self.settings.offload == "medvram":
+                pipe.enable_model_cpu_offload(device=self.device)
+            else:
+                pipe.enable_sequential_cpu_offload(device=self.device)
