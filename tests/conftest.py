@@ -18,7 +18,7 @@ def model_store(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("store")
     ckpt = root / "Stable-diffusion"
-    ckpt.mkdir(parents=True)
+    (ckpt / "sub").mkdir(parents=True)
     sd1 = tinymodels.make_tiny("sd1", seed=0)
     tinymodels.write_single_file(sd1, ckpt / "tiny-sd1.safetensors")
     tinymodels.write_diffusers_folder(sd1, ckpt / "tiny-sd1-diffusers")
@@ -30,7 +30,7 @@ def model_store(tmp_path_factory) -> Path:
     from studio.loading.ldm_export import vae_to_ldm
     from safetensors.torch import save_file
     vae = tinymodels.make_tiny("sd1", seed=5).vae
-    save_file({k: v.contiguous() for k, v in vae_to_ldm(vae.state_dict()).items()}, str(root / "VAE" / "tiny-vae.safetensors"))
+    save_file({k: v.contiguous() for k, v in vae_to_ldm(vae.state_dict(), prefix="").items()}, str(root / "VAE" / "tiny-vae.safetensors"))
     return root
 
 

@@ -1,0 +1,303 @@
+#!/usr/bin/env python3
+"""Entry point of the studio.
+
+    python launch.py            set up .venv (first run), then serve the studio at http://127.0.0.1:7860
+    python launch.py --test     the same setup plus test requirements, then run the test suite
+
+Only the standard library is imported at module level: this file runs on a bare Python before the virtual
+environment exists. Outside a virtual environment it creates ``.venv`` next to this file and re-executes itself
+with that environment's Python; inside one it installs whatever requirements are missing. An install stamp in the
+environment (hash of the requirements file + Python version) makes re-runs skip pip.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+REQUIREMENTS = ROOT / "requirements.txt"
+REQUIREMENTS_TEST = ROOT / "requirements-test.txt"
+REEXEC_ENV = "STUDIO_LAUNCH_REEXEC"
+STAMP_PREFIX = ".studio-install-"
+
+
+def say(message: str) -> None:
+    print(f"[studio] {message}", flush=True)
+
+
+def load_cli():
+    """studio/cli.py loaded by path: it is stdlib-only, and importing the ``studio`` package may need the venv."""
+    spec = importlib.util.spec_from_file_location("_studio_cli", ROOT / "studio" / "cli.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- virtual environment ------------------------------------------------------------------------
+def in_venv() -> bool:
+    return sys.prefix != sys.base_prefix
+
+
+def venv_python(venv: Path = VENV) -> Path:
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def create_venv(venv: Path = VENV) -> None:
+    say(f"Creating the virtual environment {venv} ...")
+    result = subprocess.run([sys.executable, "-m", "venv", str(venv)])
+    if result.returncode != 0 or not venv_python(venv).exists():
+        shutil.rmtree(venv, ignore_errors=True)
+        raise SystemExit(
+            f"[studio] Could not create {venv} with {sys.executable} -m venv. "
+            "Fix: install the venv module (Debian/Ubuntu: apt-get install python3-venv), or create and activate "
+            "a virtual environment yourself and run launch.py inside it.")
+
+
+def reexec_in_venv(argv: list[str]) -> None:
+    """Replace this process with launch.py running under the .venv Python (same arguments)."""
+    if os.environ.get(REEXEC_ENV):
+        raise SystemExit(f"[studio] {venv_python()} did not start as a virtual environment. "
+                         f"Fix: delete {VENV} and run launch.py again.")
+    python = str(venv_python())
+    os.environ[REEXEC_ENV] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(python, [python, str(ROOT / "launch.py"), *argv])
+
+
+# ---- requirements and the install stamp ---------------------------------------------------------
+_PIN = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^\s;#]+)")
+
+
+def pinned(requirements: Path) -> dict[str, str]:
+    """``name==version`` lines of a requirements file, names normalised (PEP 503)."""
+    pins = {}
+    for line in requirements.read_text(encoding="utf-8").splitlines():
+        m = _PIN.match(line)
+        if m:
+            pins[_normalise(m.group(1))] = m.group(2)
+    return pins
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def installed_versions() -> dict[str, str]:
+    from importlib import metadata
+    out = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            out.setdefault(_normalise(name), dist.version)
+    return out
+
+
+def stamp_path(requirements: Path, prefix: str | None = None) -> Path:
+    return Path(prefix or sys.prefix) / f"{STAMP_PREFIX}{requirements.name}.json"
+
+
+def stamp_value(requirements: Path) -> dict:
+    """What the environment must have been installed from: the file's hash and this Python's version."""
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
+    return {"requirements": requirements.name, "sha256": digest, "python": sys.version}
+
+
+def is_current(requirements: Path, versions: dict[str, str] | None = None) -> bool:
+    """True when the stamp matches and every pinned package is installed at its pinned version."""
+    try:
+        stamp = json.loads(stamp_path(requirements).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if stamp != stamp_value(requirements):
+        return False
+    versions = installed_versions() if versions is None else versions
+    return all(versions.get(name) == version for name, version in pinned(requirements).items())
+
+
+def write_stamp(requirements: Path) -> None:
+    path = stamp_path(requirements)
+    try:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(stamp_value(requirements), indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:  # e.g. a read-only environment: we simply check again next time
+        say(f"Note: could not write the install stamp {path} ({exc}); the next start checks with pip again.")
+
+
+def pip_install(*args: str) -> None:
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *args]
+    if not sys.stdout.isatty():
+        cmd.insert(4, "--progress-bar=off")
+    result = subprocess.run(cmd)
+    if result.returncode != 0:
+        raise SystemExit(f"[studio] pip failed (exit code {result.returncode}) running: {' '.join(cmd)}\n"
+                         "[studio] Fix: read pip's message above (network, disk space, Python version); "
+                         "then run launch.py again.")
+
+
+def install_requirements(files: list[Path]) -> None:
+    todo = [f for f in files if f.exists() and not is_current(f)]
+    if not todo:
+        say("Requirements are installed (install stamp matches); skipping pip.")
+        return
+    started = time.monotonic()
+    args = []
+    for f in todo:
+        args += ["-r", str(f)]
+    say(f"Installing {', '.join(f.name for f in todo)} into {sys.prefix} ...")
+    pip_install(*args)
+    for f in todo:
+        write_stamp(f)
+    say(f"Requirements installed in {time.monotonic() - started:.0f} s.")
+
+
+def install_xformers() -> None:
+    """xformers only makes sense (and only has wheels) for CUDA builds of torch."""
+    if "xformers" in installed_versions():
+        return
+    import torch  # installed by now
+    if not torch.cuda.is_available():
+        say("Note: --xformers ignored: no CUDA device (torch.cuda.is_available() is False); "
+            "xformers is not installed and PyTorch's own attention is used.")
+        return
+    say("Installing xformers for CUDA ...")
+    pip_install("xformers", f"torch=={torch.__version__.split('+')[0]}")
+
+
+def ensure_chromium() -> None:
+    """Browser tests use Debian's chromium (never `playwright install`)."""
+    if Path("/usr/bin/chromium").exists():
+        return
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("apt-get"):
+        say("Note: /usr/bin/chromium is missing and apt-get cannot be run here (needs root on Debian/Ubuntu); "
+            "browser tests will be skipped. Fix: sudo apt-get install chromium chromium-driver")
+        return
+    say("Installing chromium and chromium-driver with apt-get for the browser tests ...")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    ok = subprocess.run(["apt-get", "update", "-q"], env=env, stdin=subprocess.DEVNULL).returncode == 0
+    ok = ok and subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium",
+                                "chromium-driver"], env=env, stdin=subprocess.DEVNULL).returncode == 0
+    if not ok or not Path("/usr/bin/chromium").exists():
+        say("Note: installing chromium failed; browser tests will be skipped.")
+
+
+def setup_environment(args, argv: list[str]) -> None:
+    """Create/enter .venv and install what is missing (no-op with --skip-install)."""
+    if not in_venv():
+        if not args.skip_install and not venv_python().exists():
+            create_venv()
+        if venv_python().exists():
+            reexec_in_venv(argv)  # does not return
+        say("Note: not in a virtual environment and --skip-install given; using "
+            f"{sys.executable} as it is.")
+        return
+    if args.skip_install:
+        return
+    files = [REQUIREMENTS] + ([REQUIREMENTS_TEST] if args.test else [])
+    install_requirements(files)
+    if args.xformers:
+        install_xformers()
+
+
+# ---- modes --------------------------------------------------------------------------------------
+def base_env(allow_download: bool) -> None:
+    if not allow_download:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+
+def run_tests(extra: list[str]) -> int:
+    ensure_chromium()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-x", "--durations=15", *extra]
+    say("Running: " + " ".join(cmd[1:]))
+    started = time.monotonic()
+    code = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+    took = time.monotonic() - started
+    if code == 0:
+        say(f"TESTS PASSED in {took:.0f} s.")
+    elif code == 5:
+        say(f"TESTS BROKEN: pytest collected no tests from {ROOT / 'tests'} ({took:.0f} s). An empty test "
+            "suite means a broken checkout. Fix: check that tests/ holds test_*.py files and that the "
+            "arguments after -- select some.")
+        code = 1
+    else:
+        say(f"TESTS FAILED (pytest exit code {code}) in {took:.0f} s.")
+    return code
+
+
+def serve(args, cli) -> int:
+    from studio.errors import StudioError
+    from studio.settings import Settings
+
+    base_env(bool(args.allow_download))
+    overrides = cli.settings_overrides(args)
+    data_dir = overrides.get("data_dir", cli.DEFAULT_DATA_DIR)
+    try:
+        settings, messages = Settings.load(data_dir, overrides)
+    except StudioError as exc:
+        say(f"Error: {exc}")
+        return 2
+    for message in messages:
+        say(message)
+
+    host, port = cli.host_for(args), cli.port_for(args)
+    problem = cli.check_port(host, port)
+    if problem:
+        say(problem)
+        return 1
+    for warning in cli.auth_warnings(args):
+        say(warning)
+    args.host, args.port = host, port  # resolved for the server
+    if args.nowebui:
+        args.api = True
+
+    if args.demo:
+        if importlib.util.find_spec("studio.demo") is None:
+            say("Note: --demo is not available yet in this checkout (studio/demo.py is missing).")
+        else:
+            from studio.demo import create_demo_checkpoint
+            made = create_demo_checkpoint(settings)
+            say(f"Demo checkpoint (untrained, random weights): {made}")
+
+    if importlib.util.find_spec("studio.server") is None:
+        say("The server is not available in this checkout yet (studio/server.py is missing); nothing to serve.")
+        return 1
+    from studio.server import serve as serve_studio
+    result = serve_studio(settings, args)
+    return result if isinstance(result, int) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cli = load_cli()
+    own, extra = cli.split_argv(argv)
+    args = cli.build_parser().parse_args(own)  # --help and bad flags exit here, before any install
+    if extra and not args.test:
+        say(f"Note: arguments after -- are for --test (pytest) and are ignored here: {' '.join(extra)}")
+
+    setup_environment(args, argv)
+    os.chdir(ROOT)  # default folders (models/, outputs/, data/) are relative to the project
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    if args.test:
+        return run_tests(extra)
+    return serve(args, cli)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print(flush=True)
+        sys.exit(130)
