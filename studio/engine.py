@@ -13,6 +13,7 @@ from .errors import StudioError
 from .infotext import build_params, format_infotext
 from .manager import Loaded, PipelineManager
 from .outputs import OutputWriter
+from .prompts import encode_for_pipeline
 from .request import GenerationRequest, GenerationResult
 from .samplers import make_scheduler, resolve_sampler
 from .settings import Settings
@@ -154,14 +155,12 @@ class Engine:
             return kwargs
 
         call: dict[str, Any] = dict(
-            prompt=request.prompt, negative_prompt=request.negative_prompt or None,
+            **encode_for_pipeline(loaded.components, request.prompt, request.negative_prompt, request.clip_skip),
             num_inference_steps=request.steps, guidance_scale=request.cfg_scale, width=request.width,
             height=request.height, num_images_per_prompt=request.batch_size, generator=self._generators(seeds),
             output_type="latent", callback_on_step_end=on_step_end,
             callback_on_step_end_tensor_inputs=["latents"],
         )
-        if request.clip_skip > 1:
-            call["clip_skip"] = request.clip_skip - 1
         if request.subseed_strength > 0:
             call["latents"] = self._variation_latents(request, loaded, seeds, subseeds)
         ctx.set_progress(0, request.steps, image_index=first_index, images=total)

@@ -1,0 +1,263 @@
+"""Read family and diffusers configs off an LDM-layout checkpoint's tensor names and shapes (no network).
+
+Family is decided by the text-encoder LAYOUT first (HF CLIP -> sd1, OpenCLIP ``cond_stage_model.model`` -> sd2,
+``conditioner.embedders`` -> sdxl / refiner) and confirmed by the UNet's cross-attention width, which must
+equal the text-encoder width(s). That works for real models (768/1024/2048/1280) and for tiny test models whose
+widths are none of those. Files with no text encoder fall back to the known real widths.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Mapping, Sequence
+
+from ..errors import ModelLoadError
+
+UNET = "model.diffusion_model."
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+CLIP_PREFIX = {"sd1": "cond_stage_model.transformer.text_model.",
+               "sdxl": "conditioner.embedders.0.transformer.text_model."}
+OPENCLIP_PREFIX = {"sd2": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model.",
+                   "sdxl_refiner": "conditioner.embedders.0.model."}
+WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl_refiner"}
+VAE_SCALE = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025, "sdxl_refiner": 0.13025}
+
+Shapes = Mapping[str, Sequence[int]]
+
+
+def shapes_of(sd: Mapping) -> dict[str, tuple[int, ...]]:
+    """Name -> shape for a state dict (tensors) or pass shapes through."""
+    return {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in sd.items()}
+
+
+def normalize_keys(sd: dict) -> dict:
+    """Old SD1 files name CLIP ``cond_stage_model.transformer.embeddings…`` (pre-``text_model`` transformers)."""
+    old = "cond_stage_model.transformer."
+    if any(k.startswith(old) and not k.startswith(old + "text_model.") for k in sd):
+        return {(old + "text_model." + k[len(old):] if k.startswith(old) and
+                 not k.startswith(old + "text_model.") else k): v for k, v in sd.items()}
+    return sd
+
+
+def _count(shapes: Shapes, prefix: str) -> int:
+    """Number of distinct integer children under ``prefix`` (e.g. layers of an encoder)."""
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return len({m.group(1) for k in shapes if (m := pat.match(k))})
+
+
+def _has(shapes: Shapes, prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in shapes)
+
+
+def describe_non_checkpoint(shapes: Shapes) -> tuple[str, str]:
+    """(what the file looks like, where it belongs) for a file with no UNet."""
+    keys = list(shapes)
+    joined = " ".join(keys[:2000])
+    if any(s in joined for s in ("lora_down", "lora_up", "lora_A.", "lora_B.", "hada_w1", "lokr_w", ".lora.")):
+        return "a LoRA / LyCORIS", "put it in models/Lora and use it with <lora:name:weight>"
+    if any(k in shapes for k in ("string_to_param.*", "emb_params", "clip_l", "clip_g")) or \
+            (0 < len(keys) <= 4 and all(len(s) == 2 for s in shapes.values())):
+        return "a textual-inversion embedding", "put it in models/embeddings"
+    if _has(shapes, "control_model.") or any("input_hint_block" in k or "zero_convs" in k for k in keys):
+        return "a ControlNet", "put it in models/ControlNet"
+    if any(k.startswith(p + "encoder.down") or k.startswith(p + "decoder.up") for p in ("", *VAE_PREFIXES)
+           for k in keys) or _has(shapes, "encoder.down_blocks."):
+        return "a VAE only", "put it in models/VAE and pick it as the VAE"
+    if _has(shapes, "down_blocks.") and _has(shapes, "conv_in."):
+        return "a diffusers-format UNet", "load the whole diffusers folder (with model_index.json) instead"
+    return "not a Stable Diffusion checkpoint", "use an SD 1.x / 2.x / SDXL .safetensors checkpoint"
+
+
+def _cross_width(shapes: Shapes) -> int | None:
+    for k, s in shapes.items():
+        if k.startswith(UNET) and k.endswith("attn2.to_k.weight"):
+            return int(s[1])
+    return None
+
+
+def detect_family(shapes: Shapes, path: str = "") -> str:
+    """Family of an LDM checkpoint: layout first, cross-attention width as confirmation."""
+    if UNET + "input_blocks.0.0.weight" not in shapes:
+        what, fix = describe_non_checkpoint(shapes)
+        raise ModelLoadError(f"{os.path.basename(path) or 'This file'} looks like {what}, not a checkpoint.",
+                             path=path, fix=fix + ".")
+    width = _cross_width(shapes)
+    if width is None:
+        raise ModelLoadError(f"{path}: the UNet has no cross-attention layers; not an SD 1/2/XL model.",
+                             path=path, fix="use an SD 1.x / 2.x / SDXL checkpoint.")
+    te = text_widths(shapes)
+    if "sdxl" in te:
+        family, expect = "sdxl", sum(te["sdxl"])
+    elif "sdxl_refiner" in te:
+        family, expect = "sdxl_refiner", te["sdxl_refiner"][0]
+    elif "sd2" in te:
+        family, expect = "sd2", te["sd2"][0]
+    elif "sd1" in te:
+        family, expect = "sd1", te["sd1"][0]
+    else:  # UNet-only file: only the real widths tell
+        if width not in WIDTH_FAMILY:
+            raise ModelLoadError(f"{path}: no text encoder and an unknown cross-attention width {width}.",
+                                 path=path, fix="use a complete checkpoint (UNet, VAE and text encoder).")
+        return WIDTH_FAMILY[width]
+    if width != expect:
+        raise ModelLoadError(f"{path}: the UNet expects text features of width {width} but the {family} text "
+                             f"encoder gives {expect}; the file is inconsistent (a bad merge?).", path=path,
+                             fix="re-download or re-merge the checkpoint.")
+    return family
+
+
+def text_widths(shapes: Shapes) -> dict[str, list[int]]:
+    """Which text-encoder layouts are present -> their hidden widths."""
+    out: dict[str, list[int]] = {}
+    l_key = CLIP_PREFIX["sdxl"] + "embeddings.token_embedding.weight"
+    g_key = OPENCLIP_PREFIX["sdxl"] + "token_embedding.weight"
+    if l_key in shapes and g_key in shapes:
+        out["sdxl"] = [shapes[l_key][1], shapes[g_key][1]]
+    elif OPENCLIP_PREFIX["sdxl_refiner"] + "token_embedding.weight" in shapes:
+        out["sdxl_refiner"] = [shapes[OPENCLIP_PREFIX["sdxl_refiner"] + "token_embedding.weight"][1]]
+    if OPENCLIP_PREFIX["sd2"] + "token_embedding.weight" in shapes:
+        out["sd2"] = [shapes[OPENCLIP_PREFIX["sd2"] + "token_embedding.weight"][1]]
+    if CLIP_PREFIX["sd1"] + "embeddings.token_embedding.weight" in shapes:
+        out["sd1"] = [shapes[CLIP_PREFIX["sd1"] + "embeddings.token_embedding.weight"][1]]
+    return out
+
+
+def read_sidecar_yaml(path: str) -> dict:
+    """A1111 sidecar ``<name>.yaml``: {"prediction_type", "num_heads", "num_head_channels"} found in it."""
+    yaml_path = os.path.splitext(path)[0] + ".yaml"
+    if not os.path.isfile(yaml_path):
+        return {}
+    import yaml
+    try:
+        with open(yaml_path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f) or {}
+        params = (cfg.get("model") or {}).get("params") or {}
+        unet = (params.get("unet_config") or {}).get("params") or {}
+    except (yaml.YAMLError, AttributeError, OSError) as e:
+        raise ModelLoadError(f"The sidecar config {yaml_path} is not valid LDM yaml ({e}).", path=yaml_path,
+                             fix="fix or delete the .yaml file next to the checkpoint.") from e
+    out = {"yaml_path": yaml_path}
+    if params.get("parameterization") == "v":
+        out["prediction_type"] = "v_prediction"
+    elif "parameterization" in params:
+        out["prediction_type"] = "epsilon"
+    for key in ("num_heads", "num_head_channels"):
+        if isinstance(unet.get(key), int) and unet[key] > 0:
+            out[key] = unet[key]
+    return out
+
+
+def unet_config(shapes: Shapes, family: str, *, sidecar: dict | None = None,
+                text_proj_dim: int | None = None, prediction: str = "epsilon") -> dict:
+    """UNet2DConditionModel config from the ``model.diffusion_model.`` tensors."""
+    p, sidecar = UNET, sidecar or {}
+    mc, in_ch = shapes[p + "input_blocks.0.0.weight"][:2]
+    levels: list[dict] = [{"ch": None, "res": 0, "depth": 0}]
+    for i in range(1, _count(shapes, p + "input_blocks.")):
+        b = f"{p}input_blocks.{i}."
+        if b + "0.op.weight" in shapes:  # a downsampler closes the level
+            levels.append({"ch": None, "res": 0, "depth": 0})
+            continue
+        lvl = levels[-1]
+        lvl["res"] += 1
+        lvl["ch"] = shapes[b + "0.out_layers.3.weight"][0]
+        if _has(shapes, b + "1.transformer_blocks."):
+            lvl["depth"] = _count(shapes, b + "1.transformer_blocks.")
+            lvl["linear"] = len(shapes[b + "1.proj_in.weight"]) == 2
+    lpb = {lv["res"] for lv in levels}
+    if len(lpb) != 1:
+        raise ModelLoadError(f"UNet levels have different numbers of res blocks {sorted(lpb)}; unsupported.",
+                             fix="use a standard SD 1/2/XL checkpoint.")
+    channels = [int(lv["ch"]) for lv in levels]
+    attn = [lv["depth"] > 0 for lv in levels]
+    mid_depth = _count(shapes, p + "middle_block.1.transformer_blocks.")
+    if sidecar.get("num_head_channels"):
+        heads = [max(1, c // sidecar["num_head_channels"]) for c in channels]
+    elif sidecar.get("num_heads"):
+        heads = sidecar["num_heads"]
+    elif family == "sd1":
+        heads = 8  # SD1 uses 8 heads everywhere (diffusers calls it attention_head_dim)
+    else:
+        heads = [max(1, c // 64) for c in channels]  # SD2/SDXL: 64-wide heads
+    cfg = {
+        "sample_size": {"sd1": 64, "sd2": 96 if prediction == "v_prediction" else 64}.get(family, 128),
+        "in_channels": int(in_ch), "out_channels": int(shapes[p + "out.2.weight"][0]),
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "block_out_channels": channels, "layers_per_block": lpb.pop(),
+        "cross_attention_dim": int(_cross_width(shapes)),
+        "attention_head_dim": heads,
+        "use_linear_projection": any(lv.get("linear") for lv in levels),
+        "transformer_layers_per_block": [max(1, lv["depth"]) for lv in levels[:-1]] + [max(1, mid_depth)],
+        "norm_num_groups": 32,
+    }
+    if int(mc) != channels[0]:
+        raise ModelLoadError("UNet conv_in width differs from the first level; unsupported layout.",
+                             fix="use a standard SD 1/2/XL checkpoint.")
+    if levels[-1]["depth"] and levels[-1]["depth"] != mid_depth:
+        cfg["transformer_layers_per_block"][-1] = levels[-1]["depth"]  # mid block takes the last entry
+    if family in ("sdxl", "sdxl_refiner"):
+        adm_in = int(shapes[p + "label_emb.0.0.weight"][1])
+        n = 6 if family == "sdxl" else 5  # sizes+crop+target (6) vs sizes+crop+aesthetic score (5)
+        cfg.update(addition_embed_type="text_time", projection_class_embeddings_input_dim=adm_in,
+                   addition_time_embed_dim=(adm_in - int(text_proj_dim or 0)) // n)
+    return cfg
+
+
+def vae_prefix(shapes: Shapes) -> str:
+    for pre in (*VAE_PREFIXES, ""):
+        if pre + "encoder.conv_in.weight" in shapes:
+            return pre
+    raise ModelLoadError("No VAE found (encoder.conv_in missing).", fix="use a complete checkpoint or VAE file.")
+
+
+def vae_config(shapes: Shapes, family: str | None, prefix: str | None = None) -> dict:
+    """AutoencoderKL config from LDM VAE tensors (``encoder.down.N.block.M``...)."""
+    p = vae_prefix(shapes) if prefix is None else prefix
+    n = _count(shapes, p + "encoder.down.")
+    channels = [int(shapes[f"{p}encoder.down.{i}.block.0.conv1.weight"][0]) for i in range(n)]
+    return {
+        "in_channels": int(shapes[p + "encoder.conv_in.weight"][1]),
+        "out_channels": int(shapes[p + "decoder.conv_out.weight"][0]),
+        "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": channels,
+        "layers_per_block": _count(shapes, p + "encoder.down.0.block."),
+        "latent_channels": int(shapes[p + "encoder.conv_out.weight"][0]) // 2,  # mean and logvar
+        "norm_num_groups": 32, "sample_size": 1024 if family in ("sdxl", "sdxl_refiner") else 512,
+        "scaling_factor": VAE_SCALE.get(family or "sd1", 0.18215),
+    }
+
+
+def clip_config(shapes: Shapes, prefix: str) -> dict:
+    """CLIPTextConfig kwargs for HF-named CLIP weights under ``prefix`` (…``text_model.``)."""
+    vocab, hidden = shapes[prefix + "embeddings.token_embedding.weight"]
+    return {"vocab_size": int(vocab), "hidden_size": int(hidden),
+            "intermediate_size": int(shapes[prefix + "encoder.layers.0.mlp.fc1.weight"][0]),
+            "num_hidden_layers": _count(shapes, prefix + "encoder.layers."),
+            "num_attention_heads": max(1, int(hidden) // 64),
+            "max_position_embeddings": int(shapes[prefix + "embeddings.position_embedding.weight"][0]),
+            "hidden_act": "quick_gelu", "projection_dim": int(hidden),
+            "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+
+
+def open_clip_config(shapes: Shapes, prefix: str, *, drop_last: bool) -> dict:
+    """CLIPTextConfig kwargs for OpenCLIP weights. ``drop_last``: SD2 uses the penultimate layer, so
+    diffusers' SD2 text encoder simply has one layer fewer."""
+    vocab, width = shapes[prefix + "token_embedding.weight"]
+    layers = _count(shapes, prefix + "transformer.resblocks.")
+    proj = shapes.get(prefix + "text_projection")
+    return {"vocab_size": int(vocab), "hidden_size": int(width),
+            "intermediate_size": int(shapes[prefix + "transformer.resblocks.0.mlp.c_fc.weight"][0]),
+            "num_hidden_layers": layers - 1 if drop_last else layers,
+            "num_attention_heads": max(1, int(width) // 64),
+            "max_position_embeddings": int(shapes[prefix + "positional_embedding"][0]),
+            "hidden_act": "gelu", "projection_dim": int(proj[1]) if proj else int(width),
+            "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 0}
+
+
+def scheduler_config(prediction_type: str = "epsilon") -> dict:
+    """The DDPM training schedule every SD 1/2/XL model shares."""
+    return {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+            "beta_schedule": "scaled_linear", "steps_offset": 1, "clip_sample": False,
+            "set_alpha_to_one": False, "prediction_type": prediction_type, "timestep_spacing": "leading"}

@@ -1,0 +1,203 @@
+"""Build diffusers components from a single-file (LDM layout) checkpoint, with configs read off the tensors.
+
+Models are created with empty (meta) weights and the file's tensors are assigned into them, so weights are
+held once. Key conversion uses diffusers' own ``single_file_utils`` functions.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import ModelLoadError
+from .components import Components
+from .ldm_config import (CLIP_PREFIX, OPENCLIP_PREFIX, UNET, clip_config, detect_family, open_clip_config,
+                         normalize_keys, read_sidecar_yaml, scheduler_config, shapes_of, unet_config,
+                         vae_config, vae_prefix)
+from .state_dict import read_header_shapes, read_state_dict
+from .tokenizers import load_clip_tokenizer, pad_token_for
+
+PREDICTIONS = ("epsilon", "v_prediction")
+
+
+def build_module(cls_or_factory, state: dict, *, what: str, path: str, dtype, device):
+    """Create a module with empty weights and assign ``state`` into it, strictly (names and shapes)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = cls_or_factory()
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        raise ModelLoadError(
+            f"{os.path.basename(path)}: the {what} weights do not fit the architecture read from the file "
+            f"(missing {missing[:4]}{'…' if len(missing) > 4 else ''}, unexpected "
+            f"{unexpected[:4]}{'…' if len(unexpected) > 4 else ''}, wrong shape {wrong[:4]}).", path=path,
+            fix="the file is damaged or an unsupported variant; re-download it or use a diffusers folder.")
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device).eval()
+
+
+def _clip_model(cls, cfg: dict):
+    from transformers import CLIPTextConfig
+    return lambda: cls(CLIPTextConfig(**cfg))
+
+
+def _unwrap_text_model(model_cls, state: dict) -> dict:
+    """transformers >= 5.6 flattened CLIPTextModel (no ``text_model.``); the projection model still wraps."""
+    from transformers import CLIPTextModel
+    if model_cls is CLIPTextModel:
+        return {k.removeprefix("text_model."): v for k, v in state.items()}
+    return state
+
+
+def load_clip(sd: dict, prefix: str, *, path: str, dtype, device):
+    """HF-named CLIP-L text encoder (SD1, SDXL's first) -> CLIPTextModel."""
+    from transformers import CLIPTextModel
+    shapes = shapes_of({k: v for k, v in sd.items() if k.startswith(prefix)})
+    state = {"text_model." + k[len(prefix):]: v for k, v in sd.items()
+             if k.startswith(prefix) and not k.endswith("position_ids")}
+    return build_module(_clip_model(CLIPTextModel, clip_config(shapes, prefix)),
+                        _unwrap_text_model(CLIPTextModel, state), what="text encoder", path=path,
+                        dtype=dtype, device=device)
+
+
+def load_open_clip(sd: dict, prefix: str, *, path: str, dtype, device, with_projection: bool):
+    """OpenCLIP text encoder -> CLIPTextModel (SD2: last block dropped) or CLIPTextModelWithProjection."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    sub = {k: v for k, v in sd.items() if k.startswith(prefix)}
+    cfg = open_clip_config(shapes_of(sub), prefix, drop_last=not with_projection)
+    if not with_projection:  # SD2 conditions on the penultimate layer: diffusers' model ends there
+        last = f"{prefix}transformer.resblocks.{cfg['num_hidden_layers']}."
+        sub = {k: v for k, v in sub.items() if not k.startswith(last) and k != prefix + "text_projection"}
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    # convert_open_clip_checkpoint only reads .config.hidden_size from the model it is given
+    holder = type("ConfigHolder", (), {"config": CLIPTextConfig(**cfg)})()
+    state = convert_open_clip_checkpoint(holder, sub, prefix=prefix)
+    return build_module(_clip_model(cls, cfg), _unwrap_text_model(cls, state),
+                        what="OpenCLIP text encoder", path=path, dtype=dtype, device=device)
+
+
+def load_unet(sd: dict, cfg: dict, *, path: str, dtype, device):
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    state = convert_ldm_unet_checkpoint(sd, cfg)
+    return build_module(lambda: UNet2DConditionModel.from_config(cfg), state, what="UNet", path=path,
+                        dtype=dtype, device=device)
+
+
+def load_vae(sd: dict, cfg: dict, *, path: str, dtype, device, prefix: str = ""):
+    """LDM VAE tensors (``prefix`` + encoder/decoder...) -> AutoencoderKL."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    sub = {"first_stage_model." + k[len(prefix):]: v for k, v in sd.items()
+           if k.startswith(prefix) and (k[len(prefix):].startswith(("encoder.", "decoder.", "quant_conv.",
+                                                                     "post_quant_conv.")))}
+    state = convert_ldm_vae_checkpoint(sub, cfg)
+    return build_module(lambda: AutoencoderKL.from_config(cfg), state, what="VAE", path=path,
+                        dtype=dtype, device=device)
+
+
+def _prediction(explicit: str | None, sidecar: dict, notes: list[str]) -> str:
+    if explicit is not None:
+        if explicit not in PREDICTIONS:
+            raise ModelLoadError(f"Unknown prediction type {explicit!r}.", field="prediction",
+                                 fix=f"use one of {PREDICTIONS}.")
+        notes.append(f"prediction type {explicit} (set explicitly)")
+        return explicit
+    if "prediction_type" in sidecar:
+        notes.append(f"prediction type {sidecar['prediction_type']} (from {os.path.basename(sidecar['yaml_path'])})")
+        return sidecar["prediction_type"]
+    notes.append("prediction type epsilon (default; cannot be read off the weights — add a sidecar .yaml "
+                 "with parameterization: \"v\" or set it per model for v-prediction models)")
+    return "epsilon"
+
+
+def load_single_file(path, *, dtype=torch.float32, device="cpu", prediction: str | None = None) -> Components:
+    """An LDM-layout .safetensors/.ckpt checkpoint -> Components (no network)."""
+    path = os.fspath(path)
+    if path.lower().endswith(".safetensors"):  # decide from the header before reading gigabytes
+        detect_family(normalize_keys(read_header_shapes(path)), path)
+    sd = normalize_keys(read_state_dict(path))
+    shapes = shapes_of(sd)
+    family = detect_family(shapes, path)
+    notes = [f"family {family} (text-encoder layout, confirmed by cross-attention width)"]
+    sidecar = read_sidecar_yaml(path)
+    pred = _prediction(prediction, sidecar, notes)
+    kw = dict(path=path, dtype=dtype, device=device)
+
+    te = tok = te2 = tok2 = None
+    proj_dim = None
+    if family == "sd1":
+        te = load_clip(sd, CLIP_PREFIX["sd1"], **kw)
+    elif family == "sd2":
+        te = load_open_clip(sd, OPENCLIP_PREFIX["sd2"], with_projection=False, **kw)
+        notes.append("SD2 text encoder: last OpenCLIP block dropped (penultimate-layer conditioning)")
+    else:
+        if family == "sdxl":
+            te = load_clip(sd, CLIP_PREFIX["sdxl"], **kw)
+        te2 = load_open_clip(sd, OPENCLIP_PREFIX[family], with_projection=True, **kw)
+        proj_dim = te2.config.projection_dim
+        tok2 = load_clip_tokenizer(pad_token_for(family, second=True))
+    if te is not None:
+        tok = load_clip_tokenizer(pad_token_for(family))
+
+    ucfg = unet_config(shapes, family, sidecar=sidecar, text_proj_dim=proj_dim, prediction=pred)
+    unet = load_unet(sd, ucfg, **kw)
+    pre = vae_prefix(shapes)
+    vae = load_vae(sd, vae_config(shapes, family, pre), prefix=pre, **kw)
+    in_ch = ucfg["in_channels"]
+    if in_ch != 4:
+        notes.append({9: "inpainting model (9 input channels)", 8: "instruct-pix2pix model (8 input channels)",
+                      5: "depth model (5 input channels)"}.get(in_ch, f"{in_ch} input channels"))
+    del sd
+    return Components(family=family, unet=unet, vae=vae, text_encoder=te, tokenizer=tok,
+                      scheduler_config=scheduler_config(pred), text_encoder_2=te2, tokenizer_2=tok2,
+                      prediction_type=pred, in_channels=in_ch, source=path, notes=notes)
+
+
+def _diffusers_vae_config(shapes: dict, family: str | None) -> dict:
+    n = len({k.split(".")[2] for k in shapes if k.startswith("encoder.down_blocks.")})
+    ch = [int(shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"][0]) for i in range(n)]
+    lpb = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down_blocks.0.resnets.")})
+    return {"in_channels": int(shapes["encoder.conv_in.weight"][1]),
+            "out_channels": int(shapes["decoder.conv_out.weight"][0]),
+            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+            "block_out_channels": ch, "layers_per_block": lpb, "norm_num_groups": 32,
+            "latent_channels": int(shapes["encoder.conv_out.weight"][0]) // 2,
+            "scaling_factor": 0.13025 if family in ("sdxl", "sdxl_refiner") else 0.18215}
+
+
+def load_vae_file(path, dtype=torch.float32, device="cpu", family: str | None = None):
+    """A standalone VAE file (models/VAE): LDM keys with or without ``first_stage_model.``, or diffusers keys.
+    ``family`` picks the latent scaling factor (SDXL 0.13025, else 0.18215) since weights do not tell."""
+    from diffusers import AutoencoderKL
+
+    path = os.fspath(path)
+    sd = read_state_dict(path)
+    shapes = shapes_of(sd)
+    try:
+        if "encoder.down_blocks.0.resnets.0.conv1.weight" in shapes:  # diffusers format
+            cfg = _diffusers_vae_config(shapes, family)
+            state = {k: v for k, v in sd.items() if k.startswith(("encoder.", "decoder.", "quant_conv.",
+                                                                   "post_quant_conv."))}
+            return build_module(lambda: AutoencoderKL.from_config(cfg), state, what="VAE", path=path,
+                                dtype=dtype, device=device)
+        pre = vae_prefix(shapes)
+    except (KeyError, ModelLoadError) as e:
+        if isinstance(e, ModelLoadError) and e.path:
+            raise
+        from .ldm_config import describe_non_checkpoint
+        what, fix = describe_non_checkpoint(shapes)
+        if any(k.startswith(UNET) for k in shapes):
+            what, fix = "a full checkpoint", "put it in models/Stable-diffusion"
+        raise ModelLoadError(f"{os.path.basename(path)} is not a VAE file; it looks like {what}.", path=path,
+                             fix=fix + ".") from None
+    return load_vae(sd, vae_config(shapes, family, pre), prefix=pre, path=path, dtype=dtype, device=device)
