@@ -263,17 +263,13 @@ def serve(args, cli) -> int:
         args.api = True
 
     if args.demo:
-        if importlib.util.find_spec("studio.demo") is None:
-            say("Note: --demo is not available yet in this checkout (studio/demo.py is missing).")
-        else:
-            from studio.demo import create_demo_checkpoint
-            made = create_demo_checkpoint(settings)
-            say(f"Demo checkpoint (untrained, random weights): {made}")
+        from studio.demo import DEMO_NAME, create_demo_checkpoint
+        made = create_demo_checkpoint(settings)
+        say(f"Demo checkpoint (untrained, random weights; its images are coloured noise): {made}")
+        if not settings.default_checkpoint:
+            settings = settings.replace(default_checkpoint=DEMO_NAME)
 
-    if importlib.util.find_spec("studio.server") is None:
-        say("The server is not available in this checkout yet (studio/server.py is missing); nothing to serve.")
-        return 1
-    from studio.server import serve as serve_studio
+    from webui.server import serve as serve_studio
     result = serve_studio(settings, args)
     return result if isinstance(result, int) else 0
 

@@ -9,6 +9,7 @@ from .hashes import HashCache
 from .jobs import Job, JobQueue
 from .outputs import OutputWriter
 from .request import GenerationRequest, GenerationResult
+from .samplers import resolve_sampler
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,9 @@ class Studio:
 
     def submit(self, request: GenerationRequest, *, task_id: str | None = None) -> Job:
         """Queue a generation; returns the Job at once (progress, preview, interrupt, wait)."""
-        request.validate(self.settings)  # bad fields fail here, before they take a place in the queue
+        # bad fields fail here, before they take a place in the queue
+        request.validate(self.settings)
+        resolve_sampler(request.sampler_name, request.scheduler)
         return self.queue.submit(lambda ctx: self.engine.generate(request, ctx), kind=request.mode,
                                  task_id=task_id, description=request.prompt[:80])
 

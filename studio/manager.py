@@ -65,6 +65,9 @@ class PipelineManager:
         # with offloading, models rest on the CPU and diffusers' hooks move each part to the GPU when it runs
         self.offloading = settings.offload != "none" and self.device.type == "cuda"
         self.placement = torch.device("cpu") if self.offloading else self.device
+        if settings.offload != "none" and not self.offloading:
+            log.warning("--%s only changes anything on a CUDA device; on %s every model part is already in the "
+                        "same memory, so it is ignored.", settings.offload, self.device)
         self._entries: OrderedDict[tuple, Entry] = OrderedDict()
         self._lock = threading.RLock()
         self._loaders = loaders or {}
