@@ -195,14 +195,16 @@ class PipelineManager:
         from .loading.single_file import load_vae_file
 
         vdtype = devices.vae_dtype(self.settings, self.dtype)
-        key = ("vae", self.registry.ensure_vae_hash(vinfo), devices.dtype_name(vdtype), str(self.device))
+        # the latent scaling factor is not in the weights: it follows the family it is used with
+        key = ("vae", self.registry.ensure_vae_hash(vinfo), components.family, devices.dtype_name(vdtype),
+               str(self.device))
         entry = self._entries.get(key)
         if entry is None:
             if vinfo.kind == "diffusers":
                 from diffusers import AutoencoderKL
                 vae = AutoencoderKL.from_pretrained(vinfo.path, torch_dtype=vdtype, local_files_only=True)
             else:
-                vae = load_vae_file(vinfo.path, dtype=vdtype, device="cpu")
+                vae = load_vae_file(vinfo.path, dtype=vdtype, device="cpu", family=components.family)
             self.loads += 1
             nbytes = _module_bytes(vae)
             self._make_room("device", nbytes)
