@@ -1,4 +1,4 @@
-"""Engine.generate: runs one GenerationRequest on the shared pipeline manager (txt2img)."""
+"""Engine.generate: runs one GenerationRequest (txt2img, img2img, inpaint, hires fix) on the shared models."""
 from __future__ import annotations
 
 import logging
@@ -7,16 +7,19 @@ import time
 from typing import Any
 
 import torch
+from PIL import Image
 
 from . import __version__
 from .errors import StudioError
+from .img2img import Prepared, prepare
 from .infotext import build_params, format_infotext
 from .manager import Loaded, PipelineManager
 from .outputs import OutputWriter
 from .prompts import encode_for_pipeline
-from .request import GenerationRequest, GenerationResult
+from .request import MASKED_CONTENT, GenerationRequest, GenerationResult
 from .samplers import make_scheduler, resolve_sampler
 from .settings import Settings
+from .upscalers import Upscalers
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +50,12 @@ class _NoContext:
 class Engine:
     """Turns requests into images. Call it from the job queue (``Studio.submit``) so jobs never overlap."""
 
-    def __init__(self, settings: Settings, manager: PipelineManager, outputs: OutputWriter):
+    def __init__(self, settings: Settings, manager: PipelineManager, outputs: OutputWriter,
+                 upscalers: Upscalers | None = None):
         self.settings = settings
         self.manager = manager
         self.outputs = outputs
+        self.upscalers = upscalers or Upscalers()
 
     # ---- seeds and noise -----------------------------------------------------------------------------
     @staticmethod
@@ -67,33 +72,33 @@ class Engine:
 
     def _variation_latents(self, request: GenerationRequest, loaded: Loaded, seeds: list[int],
                            subseeds: list[int]) -> torch.Tensor:
-        unet = loaded.components.unet
-        shape = (1, unet.config.in_channels, request.height // 8, request.width // 8)
+        shape = (1, loaded.vae.config.latent_channels, request.height // 8, request.width // 8)
         out = []
         for seed, sub in zip(seeds, subseeds):
             gen, sub_gen = self._generators([seed, sub])
             base = torch.randn(shape, generator=gen, device=gen.device)
             var = torch.randn(shape, generator=sub_gen, device=sub_gen.device)
             out.append(_slerp(request.subseed_strength, base.flatten(1), var.flatten(1)).view(shape))
-        return torch.cat(out).to(self.manager.device, unet.dtype)
+        return torch.cat(out).to(self.manager.device, loaded.components.unet.dtype)
 
-    # ---- decoding ------------------------------------------------------------------------------------
-    def decode(self, pipe: Any, latents: torch.Tensor, warnings: list[str]) -> list:
+    # ---- VAE -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _scale(vae: Any, z: torch.Tensor, decode: bool) -> torch.Tensor:
+        cfg = vae.config
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:
+            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(z)
+            std_t = torch.tensor(std).view(1, -1, 1, 1).to(z)
+            return z * std_t / cfg.scaling_factor + mean_t if decode else (z - mean_t) * cfg.scaling_factor / std_t
+        return z / cfg.scaling_factor if decode else z * cfg.scaling_factor
+
+    def decode(self, pipe: Any, latents: torch.Tensor, warnings: list[str]) -> list[Image.Image]:
         """Latents -> PIL images the way the diffusers pipeline does it, retrying in fp32 on NaNs."""
         vae = pipe.vae
-        cfg = vae.config
 
         def run() -> torch.Tensor:
-            z = latents.to(vae.device, vae.dtype)
-            mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-            if mean is not None and std is not None:
-                mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(z)
-                std_t = torch.tensor(std).view(1, -1, 1, 1).to(z)
-                z = z * std_t / cfg.scaling_factor + mean_t
-            else:
-                z = z / cfg.scaling_factor
             with torch.no_grad():
-                return vae.decode(z, return_dict=False)[0]
+                return vae.decode(self._scale(vae, latents.to(vae.device, vae.dtype), True), return_dict=False)[0]
 
         image = run()
         if torch.isnan(image).any() and vae.dtype != torch.float32:
@@ -104,81 +109,62 @@ class Engine:
             image = run()
         return pipe.image_processor.postprocess(image.float(), output_type="pil")
 
+    def encode(self, pipe: Any, image: Image.Image) -> torch.Tensor:
+        """PIL -> scaled latents (the distribution's mode: deterministic)."""
+        vae = pipe.vae
+        pixels = pipe.image_processor.preprocess(image).to(vae.device, vae.dtype)
+        with torch.no_grad():
+            return self._scale(vae, vae.encode(pixels).latent_dist.mode(), False)
+
     # ---- the job -------------------------------------------------------------------------------------
     def generate(self, request: GenerationRequest, ctx: Any = None) -> GenerationResult:
         """Run ``request``; ``ctx`` is the job context (progress, preview, interrupt/skip)."""
         ctx = ctx or _NoContext()
         request.validate(self.settings)
         sampler, schedule = resolve_sampler(request.sampler_name, request.scheduler)
+        hr_upscaler = self.upscalers.get(request.hr_upscaler) if request.enable_hr else None
+        hr_sampler = resolve_sampler(request.hr_sampler_name or sampler,
+                                     request.hr_scheduler or schedule) if request.enable_hr else None
         seeds, subseeds = self.resolve_seeds(request)
-        result = GenerationResult(request=request, job_id=ctx.job_id,
-                                  job_timestamp=time.strftime("%Y%m%d%H%M%S"))
+        result = GenerationResult(request=request, job_id=ctx.job_id, job_timestamp=time.strftime("%Y%m%d%H%M%S"))
+        prepared = None
+        if request.mode in ("img2img", "inpaint"):
+            prepared = prepare(request, self.settings.max_width * self.settings.max_height * 4, result.warnings)
         with self.manager.acquire(request.checkpoint, request.vae) as loaded:
             result.model_name = loaded.info.model_name
             result.model_hash = loaded.info.short_hash or ""
             if loaded.vae_info is not None:
-                result.vae_name = loaded.vae_info.name
-                result.vae_hash = loaded.vae_info.short_hash or ""
-            family = loaded.components.family
+                result.vae_name, result.vae_hash = loaded.vae_info.name, loaded.vae_info.short_hash or ""
+            conds = encode_for_pipeline(loaded.components, request.prompt, request.negative_prompt,
+                                        request.clip_skip)
             total = len(seeds)
             for batch in range(request.n_iter):
                 if ctx.interrupted:
                     break
                 lo, hi = batch * request.batch_size, (batch + 1) * request.batch_size
-                scheduler, sched_warnings = make_scheduler(sampler, schedule, loaded.components.scheduler_config)
-                for w in sched_warnings:
-                    if w not in result.warnings:
-                        result.warnings.append(w)
-                pipe = self.manager.pipeline(loaded, request.mode, scheduler)
-                latents = self._run_pipeline(pipe, request, loaded, seeds[lo:hi], subseeds[lo:hi], ctx, lo, total,
-                                             family)
-                images = self.decode(pipe, latents, result.warnings)
+                run = _Run(self, request, loaded, ctx, seeds[lo:hi], subseeds[lo:hi], lo, total, result)
+                if request.mode == "txt2img":
+                    images = run.txt2img(conds, sampler, schedule)
+                    if request.enable_hr and not ctx.interrupted:
+                        images = run.hires(images, hr_upscaler, hr_sampler, conds)
+                else:
+                    images = run.img2img(prepared, conds, sampler, schedule)
                 if ctx.skipped:
                     ctx.clear_skip()
                 for i, image in enumerate(images):
                     self._finish_image(result, request, image, seeds[lo + i], subseeds[lo + i], loaded, sampler,
-                                       schedule)
+                                       schedule, run.infotext)
             result.interrupted = bool(ctx.interrupted)
         return result
 
-    def _run_pipeline(self, pipe: Any, request: GenerationRequest, loaded: Loaded, seeds: list[int],
-                      subseeds: list[int], ctx: Any, first_index: int, total: int, family: str) -> torch.Tensor:
-        every = self.settings.preview_every
-
-        def on_step_end(p: Any, step: int, timestep: Any, kwargs: dict) -> dict:
-            ctx.set_progress(step + 1, request.steps, image_index=first_index, images=total)
-            if every and (step + 1) % every == 0 and step + 1 < request.steps:
-                from .preview import latents_to_preview
-                ctx.set_preview(latents_to_preview(kwargs["latents"], family))
-            if ctx.interrupted or ctx.skipped:
-                p._interrupt = True  # diffusers skips the remaining steps and returns the current latents
-            return kwargs
-
-        call: dict[str, Any] = dict(
-            **encode_for_pipeline(loaded.components, request.prompt, request.negative_prompt, request.clip_skip),
-            num_inference_steps=request.steps, guidance_scale=request.cfg_scale, width=request.width,
-            height=request.height, num_images_per_prompt=request.batch_size, generator=self._generators(seeds),
-            output_type="latent", callback_on_step_end=on_step_end,
-            callback_on_step_end_tensor_inputs=["latents"],
-        )
-        if request.subseed_strength > 0:
-            call["latents"] = self._variation_latents(request, loaded, seeds, subseeds)
-        ctx.set_progress(0, request.steps, image_index=first_index, images=total)
-        with torch.inference_mode():
-            try:
-                return pipe(**call).images
-            except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
-                raise StudioError(f"Out of device memory at {request.width}x{request.height}, batch size "
-                                  f"{request.batch_size}.", fix="lower the size or batch size, or start with "
-                                  "--medvram") from exc
-
     def _finish_image(self, result: GenerationResult, request: GenerationRequest, image: Any, seed: int,
-                      subseed: int, loaded: Loaded, sampler: str, schedule: str) -> None:
-        params = build_params(request.replace(sampler_name=sampler, scheduler=schedule), seed=seed, subseed=subseed,
-                              model_name=loaded.info.model_name, model_hash=loaded.info.short_hash,
+                      subseed: int, loaded: Loaded, sampler: str, schedule: str, extra: dict) -> None:
+        shown = request.replace(sampler_name=sampler, scheduler=schedule)
+        params = build_params(shown, seed=seed, subseed=subseed, model_name=loaded.info.model_name,
+                              model_hash=loaded.info.short_hash,
                               vae_name=loaded.vae_info.name if loaded.vae_info else None,
                               vae_hash=loaded.vae_info.short_hash if loaded.vae_info else None,
-                              version=__version__, extra=dict(request.extra_infotext) or None)
+                              version=__version__, extra=extra or None)
         infotext = format_infotext(request.prompt, request.negative_prompt, params)
         result.images.append(image)
         result.seeds.append(seed)
@@ -187,5 +173,142 @@ class Engine:
         result.negative_prompts.append(request.negative_prompt)
         result.infotexts.append(infotext)
         if request.save_images and self.settings.save_images:
-            path = self.outputs.save(image, mode=request.mode, seed=seed, infotext=infotext)
+            folder = "img2img" if request.mode in ("img2img", "inpaint") else "txt2img"
+            path = self.outputs.save(image, mode=folder, seed=seed, infotext=infotext)
             result.paths.append(str(path))
+
+
+class _Run:
+    """One batch of one job: the pipeline calls for its mode and the hires pass."""
+
+    def __init__(self, engine: Engine, request: GenerationRequest, loaded: Loaded, ctx: Any, seeds: list[int],
+                 subseeds: list[int], first_index: int, total: int, result: GenerationResult):
+        self.e, self.r, self.loaded, self.ctx = engine, request, loaded, ctx
+        self.seeds, self.subseeds, self.first, self.total = seeds, subseeds, first_index, total
+        self.result = result
+        self.infotext: dict = dict(request.extra_infotext)
+
+    def _scheduler(self, sampler: str, schedule: str) -> Any:
+        scheduler, warns = make_scheduler(sampler, schedule, self.loaded.components.scheduler_config)
+        self.result.warnings.extend(w for w in warns if w not in self.result.warnings)
+        return scheduler
+
+    def _call(self, pipe: Any, conds: dict, steps: int, phase: str = "", **kw: Any) -> torch.Tensor:
+        """Run ``pipe`` with progress, live preview and interrupt/skip; returns latents."""
+        ctx, every, family = self.ctx, self.e.settings.preview_every, self.loaded.components.family
+
+        def on_step_end(p: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+            n = getattr(p, "_num_timesteps", None) or steps
+            ctx.set_progress(step + 1, n, image_index=self.first, images=self.total, textinfo=phase or None)
+            if every and (step + 1) % every == 0 and step + 1 < n:
+                from .preview import latents_to_preview
+                ctx.set_preview(latents_to_preview(kwargs["latents"], family))
+            if ctx.interrupted or ctx.skipped:
+                p._interrupt = True  # diffusers skips the remaining steps and returns the current latents
+            return kwargs
+
+        ctx.set_progress(0, steps, image_index=self.first, images=self.total, textinfo=phase or None)
+        call = dict(conds, num_inference_steps=steps, guidance_scale=self.r.cfg_scale,
+                    num_images_per_prompt=self.r.batch_size, generator=self.e._generators(self.seeds),
+                    output_type="latent", callback_on_step_end=on_step_end,
+                    callback_on_step_end_tensor_inputs=["latents"], **kw)
+        with torch.inference_mode():
+            try:
+                return pipe(**call).images
+            except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
+                raise StudioError(f"Out of device memory at {self.r.width}x{self.r.height}, batch size "
+                                  f"{self.r.batch_size}.", fix="lower the size or batch size, or start with "
+                                  "--medvram") from exc
+
+    def txt2img(self, conds: dict, sampler: str, schedule: str) -> list[Image.Image] | torch.Tensor:
+        r = self.r
+        pipe = self.e.manager.pipeline(self.loaded, "txt2img", self._scheduler(sampler, schedule))
+        kw: dict[str, Any] = dict(width=r.width, height=r.height)
+        if r.subseed_strength > 0:
+            kw["latents"] = self.e._variation_latents(r, self.loaded, self.seeds, self.subseeds)
+        if self.loaded.components.is_inpaint:  # an inpainting model draws from nothing through a full mask
+            kw.update(image=Image.new("RGB", (r.width, r.height), (127, 127, 127)),
+                      mask_image=Image.new("L", (r.width, r.height), 255), strength=1.0)
+        latents = self._call(pipe, conds, r.steps, **kw)
+        self.pipe = pipe
+        if r.enable_hr:
+            return latents  # the hires pass decides how to upscale
+        return self.e.decode(pipe, latents, self.result.warnings)
+
+    def hires(self, first: torch.Tensor, upscaler: Any, hr_sampler: tuple[str, str], conds: dict) -> list:
+        r = self.r
+        w, h = r.hr_size
+        steps = r.hr_second_pass_steps or r.steps
+        self.infotext.update({"Denoising strength": r.hr_denoising_strength})
+        if r.hr_resize_x or r.hr_resize_y:
+            self.infotext["Hires resize"] = f"{w}x{h}"
+        else:
+            self.infotext["Hires upscale"] = r.hr_scale
+        if r.hr_second_pass_steps:
+            self.infotext["Hires steps"] = r.hr_second_pass_steps
+        self.infotext["Hires upscaler"] = upscaler.name
+        if r.hr_sampler_name:
+            self.infotext["Hires sampler"] = hr_sampler[0]
+        if r.hr_prompt:
+            self.infotext["Hires prompt"] = r.hr_prompt
+            conds = encode_for_pipeline(self.loaded.components, r.hr_prompt, r.hr_negative_prompt or
+                                        r.negative_prompt, r.clip_skip)
+        if upscaler.is_latent:
+            image: Any = self.e.upscalers.latent(upscaler, first, w, h)
+        else:
+            decoded = self.e.decode(self.pipe, first, self.result.warnings)
+            image = [upscaler.fn(img, w, h) for img in decoded]
+        if r.hr_denoising_strength <= 0 or steps * r.hr_denoising_strength < 1:
+            return image if isinstance(image, list) else self.e.decode(self.pipe, image, self.result.warnings)
+        pipe = self.e.manager.pipeline(self.loaded, "img2img", self._scheduler(*hr_sampler))
+        kw: dict[str, Any] = dict(image=image, strength=r.hr_denoising_strength)
+        if self.loaded.components.is_inpaint:
+            kw.update(mask_image=Image.new("L", (w, h), 255), width=w, height=h)
+        latents = self._call(pipe, conds, steps, phase="Hires fix", **kw)
+        return self.e.decode(pipe, latents, self.result.warnings)
+
+    def img2img(self, prep: Prepared, conds: dict, sampler: str, schedule: str) -> list[Image.Image]:
+        r, comps = self.r, self.loaded.components
+        self.infotext.update(prep.infotext)
+        mode = "inpaint" if r.mode == "inpaint" else "img2img"
+        pipe = self.e.manager.pipeline(self.loaded, mode, self._scheduler(sampler, schedule))
+        image: Any = prep.init
+        if prep.latent_source is not None:
+            latents = self.e.encode(pipe, prep.latent_source)
+            image = torch.nn.functional.interpolate(latents, size=(r.height // 8, r.width // 8), mode="bilinear")
+        if r.denoising_strength <= 0 or r.steps * r.denoising_strength < 1:
+            # nothing to denoise: the init image goes through the VAE and back, as a 0-step sampler would
+            z = image if isinstance(image, torch.Tensor) else self.e.encode(pipe, image)
+            images = self.e.decode(pipe, z.repeat(r.batch_size, 1, 1, 1), self.result.warnings)
+            return [prep.finish(im) for im in images]
+        kw: dict[str, Any] = dict(image=image, strength=r.denoising_strength)
+        mask = prep.mask
+        if mode == "inpaint" or comps.is_inpaint:
+            if mask is None:
+                mask = Image.new("L", (r.width, r.height), 255)
+            kw.update(mask_image=mask, width=r.width, height=r.height)
+            content = MASKED_CONTENT[r.inpainting_fill] if mode == "inpaint" else "original"
+            if content in ("latent noise", "latent nothing"):
+                kw.update(self._latent_content(pipe, prep.init, mask, content))
+        latents = self._call(pipe, conds, r.steps, **kw)
+        return [prep.finish(im) for im in self.e.decode(pipe, latents, self.result.warnings)]
+
+    def _latent_content(self, pipe: Any, init: Image.Image, mask: Image.Image, content: str) -> dict:
+        """A1111's latent noise / latent nothing: the masked area of the init latents is noise or zeros."""
+        z = self.e.encode(pipe, init)
+        m = pipe.mask_processor.preprocess(mask, height=init.height, width=init.width)
+        m = torch.nn.functional.interpolate(m, size=z.shape[-2:]).to(z) >= 0.5
+        if content == "latent noise":
+            gen = self.e._generators(self.seeds[:1])[0]
+            fill = torch.randn(z.shape, generator=gen, device=gen.device).to(z)
+        else:
+            fill = torch.zeros_like(z)
+        out: dict[str, Any] = {"image": torch.where(m, fill, z)}
+        # given latents, the pipeline cannot mask the image itself; a 9-channel model is conditioned on this
+        pixels = pipe.image_processor.preprocess(init).to(z)
+        pm = pipe.mask_processor.preprocess(mask, height=init.height, width=init.width).to(z)
+        vae = pipe.vae
+        with torch.no_grad():
+            masked = vae.encode((pixels * (pm < 0.5)).to(vae.dtype)).latent_dist.mode()
+        out["masked_image_latents"] = self.e._scale(vae, masked, False)
+        return out

@@ -12,7 +12,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .settings import Settings
 
-MODES = ("txt2img",)
+MODES = ("txt2img", "img2img", "inpaint")
+RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 
 
 @dataclass(frozen=True)
@@ -38,12 +40,46 @@ class GenerationRequest:
     mode: str = "txt2img"
     save_images: bool = True
     extra_infotext: tuple[tuple[str, str], ...] = ()   # extra "Key: value" pairs for the infotext
+    # img2img / inpaint (A1111 names; images are PIL images)
+    init_images: tuple = ()
+    mask: Any = None                 # PIL "L"/RGB(A) image: white = change (before inpainting_mask_invert)
+    resize_mode: int = 0             # index into RESIZE_MODES
+    denoising_strength: float = 0.75
+    mask_blur: int = 4
+    inpainting_fill: int = 1         # index into MASKED_CONTENT (UI default "original"; A1111's API sends 0)
+    inpaint_full_res: bool = False   # inpaint area: False = whole picture, True = only masked
+    inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: int = 0  # 1 = inpaint what is NOT masked
+    # hires fix (txt2img)
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = 0    # 0 = same as steps
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_denoising_strength: float = 0.7
+    hr_sampler_name: str = ""        # "" = same as the first pass
+    hr_scheduler: str = ""
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
 
     def replace(self, **changes: Any) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain fields only (images are left out: they are not JSON)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("init_images", "mask")}
+
+    @property
+    def hr_size(self) -> tuple[int, int]:
+        """Final size of a hires-fix job: hr_resize_x/y when set, else width/height × hr_scale (multiples of 8)."""
+        if self.hr_resize_x or self.hr_resize_y:
+            w = self.hr_resize_x or round(self.width * self.hr_resize_y / self.height)
+            h = self.hr_resize_y or round(self.height * self.hr_resize_x / self.width)
+        else:
+            w, h = int(self.width * self.hr_scale), int(self.height * self.hr_scale)
+        return w // 8 * 8, h // 8 * 8
 
     @classmethod
     def from_dict(cls, data: dict) -> "GenerationRequest":
@@ -56,6 +92,8 @@ class GenerationRequest:
         data = dict(data)
         if "extra_infotext" in data:
             data["extra_infotext"] = tuple(tuple(p) for p in data["extra_infotext"])
+        if "init_images" in data:
+            data["init_images"] = tuple(data["init_images"] or ())
         return cls(**data)
 
     def validate(self, settings: "Settings | None" = None) -> "GenerationRequest":
@@ -74,7 +112,8 @@ class GenerationRequest:
                 raise StudioError(f"'{name}' is {value}; it must be between {lo} and {hi}.{extra}", field=name,
                                   fix=f"set {name} to a value from {lo} to {hi}")
 
-        for name in ("prompt", "negative_prompt", "sampler_name", "scheduler", "checkpoint", "vae"):
+        for name in ("prompt", "negative_prompt", "sampler_name", "scheduler", "checkpoint", "vae", "hr_upscaler",
+                     "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise StudioError(f"'{name}' must be text, got {type(getattr(self, name)).__name__}.", field=name)
         if self.mode not in MODES:
@@ -91,7 +130,29 @@ class GenerationRequest:
         need_int("clip_skip", 1, 12)
         need_int("seed", -1, 2**32 - 1)
         need_int("subseed", -1, 2**32 - 1)
-        for name, lo, hi in (("cfg_scale", 0.0, 30.0), ("subseed_strength", 0.0, 1.0)):
+        need_int("resize_mode", 0, len(RESIZE_MODES) - 1)
+        need_int("mask_blur", 0, 64)
+        need_int("inpainting_fill", 0, len(MASKED_CONTENT) - 1)
+        need_int("inpaint_full_res_padding", 0, 256)
+        need_int("inpainting_mask_invert", 0, 1)
+        need_int("hr_second_pass_steps", 0, max_steps)
+        need_int("hr_resize_x", 0, max_w)
+        need_int("hr_resize_y", 0, max_h)
+        if self.mode in ("img2img", "inpaint") and not self.init_images:
+            raise StudioError(f"{self.mode} needs an init image.", field="init_images",
+                              fix="drop an image into the image box (or send one from a gallery)")
+        if self.mode == "inpaint" and self.mask is None:
+            raise StudioError("Inpaint needs a mask.", field="mask", fix="paint over the area to change")
+        if self.enable_hr:
+            if self.mode != "txt2img":
+                raise StudioError("Hires fix is a txt2img option.", field="enable_hr")
+            w, h = self.hr_size
+            if not (64 <= w <= max_w and 64 <= h <= max_h):
+                raise StudioError(f"Hires fix would make a {w}x{h} image; the limit is {max_w}x{max_h}.",
+                                  field="hr_scale", fix="lower the upscale factor or the hires size")
+        for name, lo, hi in (("cfg_scale", 0.0, 30.0), ("subseed_strength", 0.0, 1.0),
+                             ("denoising_strength", 0.0, 1.0), ("hr_denoising_strength", 0.0, 1.0),
+                             ("hr_scale", 1.0, 8.0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
                 raise StudioError(f"'{name}' is {value!r}; it must be a number from {lo} to {hi}.", field=name)

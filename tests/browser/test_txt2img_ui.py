@@ -1,0 +1,130 @@
+"""txt2img in a real browser: generate, live progress + interrupt, errors, two pages sharing the one queue."""
+from __future__ import annotations
+
+import re
+
+from tests.browser.conftest import open_app
+
+TIMEOUT = 60_000
+
+
+def set_slider(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def fill_prompt(page, text: str) -> None:
+    page.locator("#txt2img_prompt textarea").fill(text)
+
+
+def small(page, steps: int = 3) -> None:
+    set_slider(page, "txt2img_width", 64)
+    set_slider(page, "txt2img_height", 64)
+    set_slider(page, "txt2img_steps", steps)
+
+
+def wait_for_images(page, count: int = 1) -> None:
+    page.locator("#txt2img_gallery button.thumbnail-small").nth(count - 1).wait_for(timeout=TIMEOUT)
+
+
+def info_text(page) -> str:
+    page.locator("#txt2img_info .infotext").wait_for(timeout=TIMEOUT)
+    return page.locator("#txt2img_info .infotext").inner_text()
+
+
+def test_generate_shows_image_and_infotext(page, shoot):
+    fill_prompt(page, "a red lighthouse on a cliff")
+    page.locator("#txt2img_neg_prompt textarea").fill("blurry")
+    small(page)
+    page.locator("#txt2img_seed input").fill("1234")
+    set_slider(page, "txt2img_batch_size", 2)
+    # the token counter counts CLIP tokens of the prompt
+    page.wait_for_function("document.querySelector('#txt2img_token_counter').innerText.startsWith('6/75')",
+                           timeout=TIMEOUT)
+    page.locator("#txt2img_generate").click()
+    wait_for_images(page, 2)
+    text = info_text(page)
+    assert text.startswith("a red lighthouse on a cliff")
+    assert "Negative prompt: blurry" in text
+    assert "Steps: 3" in text and "Seed: 1234" in text and "Size: 64x64" in text
+    assert "Model: demo-untrained" in text
+    # images of the untrained demo model are labelled as such
+    assert page.locator("#txt2img_demo_note").is_visible()
+    assert "untrained demo model" in page.locator("#txt2img_gallery").inner_text()
+    # selecting the second image shows its own infotext; ♻️ takes its seed
+    page.locator("#txt2img_gallery button.thumbnail-small").nth(1).click()
+    page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('Seed: 1235')",
+                           timeout=TIMEOUT)
+    page.keyboard.press("Escape")
+    page.locator("#txt2img_reuse_seed").click()
+    page.wait_for_function("document.querySelector('#txt2img_seed input').value === '1235'", timeout=TIMEOUT)
+    page.locator("#txt2img_random_seed").click()
+    page.wait_for_function("document.querySelector('#txt2img_seed input').value === '-1'", timeout=TIMEOUT)
+    shoot(page, "txt2img")
+
+
+def test_width_height_swap(page):
+    set_slider(page, "txt2img_width", 128)
+    set_slider(page, "txt2img_height", 64)
+    page.locator("#txt2img_swap").click()
+    page.wait_for_function("document.querySelector('#txt2img_width input[type=number]').value === '64' && "
+                           "document.querySelector('#txt2img_height input[type=number]').value === '128'",
+                           timeout=TIMEOUT)
+
+
+def test_interrupt_ends_a_long_job_early(page, live, shoot):
+    fill_prompt(page, "a very long job")
+    small(page, steps=2000)
+    page.locator("#txt2img_generate").click()
+    page.wait_for_function("/step [1-9]/.test(document.querySelector('#txt2img_progress').innerText)",
+                           timeout=TIMEOUT)
+    assert page.locator("#txt2img_preview").is_visible()
+    shoot(page, "txt2img-progress")
+    page.locator("#txt2img_interrupt").click()
+    wait_for_images(page)
+    text = page.locator("#txt2img_info").inner_text()
+    m = re.search(r"Interrupted at step (\d+)/2000", text)
+    assert m and int(m.group(1)) < 2000, text
+    assert live[1].queue.current() is None
+
+
+def test_bad_input_gives_a_clear_message(page, live):
+    # a checkpoint that is not there: the switch fails with a message, the loaded model stays loaded
+    box = page.locator("#setting_sd_model_checkpoint input[role=combobox]")
+    box.fill("no-such-model.safetensors")
+    box.press("Enter")
+    status = page.locator("#quicksettings_status .studio-error")
+    status.wait_for(timeout=TIMEOUT)
+    assert "no-such-model.safetensors" in status.inner_text() and "Fix:" in status.inner_text()
+    assert live[1].manager.current is not None
+    # a bad field: the message names it, and no traceback reaches the page
+    fill_prompt(page, "x")
+    small(page, steps=1)
+    page.locator("#txt2img_seed input").fill("-5")
+    page.locator("#txt2img_generate").click()
+    error = page.locator("#txt2img_error .studio-error")
+    error.wait_for(timeout=TIMEOUT)
+    assert "'seed' is -5" in error.inner_text()
+    assert "Traceback" not in page.content()
+
+
+def test_two_pages_both_get_results_in_order(browser, live, shoot):
+    studio = live[1]
+    pages = [open_app(browser, live[0]) for _ in range(2)]
+    try:
+        for i, p in enumerate(pages):
+            fill_prompt(p, f"page {i} prompt")
+            small(p, steps=40)
+        before = {j.id for j in studio.queue.history()}
+        for p in pages:
+            p.locator("#txt2img_generate").click()
+        for i, p in enumerate(pages):
+            wait_for_images(p)
+            assert info_text(p).startswith(f"page {i} prompt")
+        jobs = sorted((j for j in studio.queue.history() if j.id not in before), key=lambda j: j.seq)
+        assert [j.description for j in jobs] == ["page 0 prompt", "page 1 prompt"]
+        assert jobs[0].finished <= jobs[1].started  # one device: the second ran after the first
+    finally:
+        for p in pages:
+            p.context.close()
