@@ -253,8 +253,11 @@ def _split_sampler(res: dict) -> None:
 
 
 _INT_FIELDS = {"Steps": "steps", "Seed": "seed", "Size-1": "width", "Size-2": "height", "Clip skip": "clip_skip",
-               "Variation seed": "subseed"}
-_FLOAT_FIELDS = {"CFG scale": "cfg_scale", "Variation seed strength": "subseed_strength"}
+               "Variation seed": "subseed", "Hires steps": "hr_second_pass_steps", "Hires resize-1": "hr_resize_x",
+               "Hires resize-2": "hr_resize_y", "Mask blur": "mask_blur",
+               "Masked area padding": "inpaint_full_res_padding"}
+_FLOAT_FIELDS = {"CFG scale": "cfg_scale", "Variation seed strength": "subseed_strength",
+                 "Denoising strength": "denoising_strength", "Hires upscale": "hr_scale"}
 _TEXT_FIELDS = {"Prompt": "prompt", "Negative prompt": "negative_prompt", "Sampler": "sampler_name",
                 "Schedule type": "scheduler"}
 
@@ -281,7 +284,31 @@ def params_to_request_fields(parsed: dict) -> dict:
     checkpoint = parsed.get("Model hash") or parsed.get("Model")
     if checkpoint:
         out["checkpoint"] = str(checkpoint)
+    _img2img_fields(parsed, out)
     return out
+
+
+_MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
+
+
+def _img2img_fields(parsed: dict, out: dict) -> None:
+    """Hires-fix and inpaint keys, whose text values become the request's switches and indices."""
+    if any(k in parsed for k in ("Hires upscale", "Hires upscaler")) or out.get("hr_resize_x"):
+        out["enable_hr"] = True
+        if "denoising_strength" in out:
+            out["hr_denoising_strength"] = out["denoising_strength"]
+        if parsed.get("Hires upscaler"):
+            out["hr_upscaler"] = str(parsed["Hires upscaler"])
+        sampler = parsed.get("Hires sampler")
+        if sampler and sampler != "Use same sampler":
+            out["hr_sampler_name"] = str(sampler)
+        for key, name in (("Hires prompt", "hr_prompt"), ("Hires negative prompt", "hr_negative_prompt")):
+            if parsed.get(key):
+                out[name] = str(parsed[key])
+    if str(parsed.get("Masked content", "")) in _MASKED_CONTENT:
+        out["inpainting_fill"] = _MASKED_CONTENT.index(str(parsed["Masked content"]))
+    out["inpaint_full_res"] = str(parsed.get("Inpaint area", "")) == "Only masked"
+    out["inpainting_mask_invert"] = 1 if str(parsed.get("Mask mode", "")) == "Inpaint not masked" else 0
 
 
 def _to_int(value: Any) -> int:

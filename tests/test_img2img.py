@@ -174,3 +174,18 @@ def test_non_image_and_bomb_refused(studio, tmp_path):
     with pytest.raises(StudioError) as err:
         studio.generate(img2img(init_images=(str(huge),)))
     assert "over the limit" in str(err.value)
+
+
+def test_hires_and_inpaint_keys_read_back(studio):
+    from studio.infotext import params_to_request_fields, parse_infotext
+
+    res = studio.generate(GenerationRequest(**{**BASE, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Lanczos",
+                                               "hr_second_pass_steps": 2, "hr_denoising_strength": 0.55}))
+    f = params_to_request_fields(parse_infotext(res.infotexts[0]))
+    assert (f["enable_hr"], f["hr_scale"], f["hr_upscaler"], f["hr_second_pass_steps"], f["hr_denoising_strength"]) \
+        == (True, 1.5, "Lanczos", 2, 0.55)
+    res = studio.generate(inpaint(inpainting_fill=2, inpaint_full_res=True, inpaint_full_res_padding=16,
+                                  inpainting_mask_invert=1, mask_blur=6))
+    f = params_to_request_fields(parse_infotext(res.infotexts[0]))
+    assert (f["inpainting_fill"], f["inpaint_full_res"], f["inpaint_full_res_padding"], f["inpainting_mask_invert"],
+            f["mask_blur"], f["denoising_strength"]) == (2, True, 16, 1, 6, 0.9)

@@ -182,7 +182,10 @@ def test_parse_old_a1111_docstring_example():
     fields = params_to_request_fields(parsed)
     assert fields == {"prompt": parsed["Prompt"], "negative_prompt": parsed["Negative prompt"],
                       "sampler_name": "Euler a", "scheduler": "Automatic", "steps": 20, "seed": 965400086,
-                      "width": 512, "height": 512, "clip_skip": 1, "cfg_scale": 7.0, "checkpoint": "45dee52b"}
+                      "width": 512, "height": 512, "clip_skip": 1, "cfg_scale": 7.0, "checkpoint": "45dee52b",
+                      # A1111's defaults for the img2img keys the text leaves out
+                      "hr_resize_x": 0, "hr_resize_y": 0, "inpaint_full_res": False, "inpaint_full_res_padding": 32,
+                      "inpainting_fill": 1, "inpainting_mask_invert": 0}
 
 
 def test_parse_v16_text_with_legacy_sampler_hires_and_hashes():
@@ -251,7 +254,8 @@ def test_params_to_request_fields_errors_and_fallbacks():
     with pytest.raises(StudioError) as err:
         params_to_request_fields({"Steps": "many"})
     assert err.value.field == "steps"
-    assert params_to_request_fields({"Steps": "20.0", "Model": "v1-5"}) == {"steps": 20, "checkpoint": "v1-5"}
+    assert params_to_request_fields({"Steps": "20.0", "Model": "v1-5"}) == {
+        "steps": 20, "checkpoint": "v1-5", "inpaint_full_res": False, "inpainting_mask_invert": 0}
 
 
 # ---- files --------------------------------------------------------------------------------------------------
