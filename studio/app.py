@@ -8,6 +8,7 @@ from .errors import StudioError
 from .hashes import HashCache
 from .jobs import Job, JobQueue
 from .outputs import OutputWriter
+from .prompts import PromptEncoder
 from .request import GenerationRequest, GenerationResult
 from .samplers import resolve_sampler
 from .settings import Settings
@@ -29,7 +30,8 @@ class Studio:
         self.manager = PipelineManager(settings, self.registry)
         self.queue = JobQueue()
         self.outputs = OutputWriter(settings.outdir)
-        self.engine = Engine(settings, self.manager, self.outputs)
+        self.prompts = PromptEncoder()
+        self.engine = Engine(settings, self.manager, self.outputs, prompts=self.prompts)
 
     def submit(self, request: GenerationRequest, *, task_id: str | None = None) -> Job:
         """Queue a generation; returns the Job at once (progress, preview, interrupt, wait)."""

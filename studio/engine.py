@@ -15,7 +15,8 @@ from .img2img import Prepared, prepare
 from .infotext import build_params, format_infotext
 from .manager import Loaded, PipelineManager
 from .outputs import OutputWriter
-from .prompts import encode_for_pipeline
+from .prompt_parser import extract_extra_networks
+from .prompts import Conditioning, PromptEncoder
 from .request import MASKED_CONTENT, GenerationRequest, GenerationResult
 from .samplers import make_scheduler, resolve_sampler
 from .settings import Settings
@@ -51,11 +52,12 @@ class Engine:
     """Turns requests into images. Call it from the job queue (``Studio.submit``) so jobs never overlap."""
 
     def __init__(self, settings: Settings, manager: PipelineManager, outputs: OutputWriter,
-                 upscalers: Upscalers | None = None):
+                 upscalers: Upscalers | None = None, prompts: PromptEncoder | None = None):
         self.settings = settings
         self.manager = manager
         self.outputs = outputs
         self.upscalers = upscalers or Upscalers()
+        self.prompts = prompts or PromptEncoder()
 
     # ---- seeds and noise -----------------------------------------------------------------------------
     @staticmethod
@@ -135,8 +137,15 @@ class Engine:
             result.model_hash = loaded.info.short_hash or ""
             if loaded.vae_info is not None:
                 result.vae_name, result.vae_hash = loaded.vae_info.name, loaded.vae_info.short_hash or ""
-            conds = encode_for_pipeline(loaded.components, request.prompt, request.negative_prompt,
-                                        request.clip_skip)
+            prompt, networks = extract_extra_networks(request.prompt)
+            negative, _ = extract_extra_networks(request.negative_prompt)
+            for net in networks:
+                result.warnings.append(f"Extra network <{net.kind}:{net.name}> is not available yet and was ignored.")
+
+            def conds(steps: int, text: str = prompt, neg: str = negative) -> Conditioning:
+                return self.prompts.encode(loaded.components, text, neg, steps=steps, clip_skip=request.clip_skip,
+                                           state_key=loaded.key)
+
             total = len(seeds)
             for batch in range(request.n_iter):
                 if ctx.interrupted:
@@ -193,7 +202,7 @@ class _Run:
         self.result.warnings.extend(w for w in warns if w not in self.result.warnings)
         return scheduler
 
-    def _call(self, pipe: Any, conds: dict, steps: int, phase: str = "", **kw: Any) -> torch.Tensor:
+    def _call(self, pipe: Any, conds: Any, steps: int, phase: str = "", **kw: Any) -> torch.Tensor:
         """Run ``pipe`` with progress, live preview and interrupt/skip; returns latents."""
         ctx, every, family = self.ctx, self.e.settings.preview_every, self.loaded.components.family
 
@@ -205,13 +214,20 @@ class _Run:
                 ctx.set_preview(latents_to_preview(kwargs["latents"], family))
             if ctx.interrupted or ctx.skipped:
                 p._interrupt = True  # diffusers skips the remaining steps and returns the current latents
-            return kwargs
+            return {**kwargs, **cond.update(step + 1, kwargs, self.r.batch_size)}
 
+        # the schedule ([a:b:0.5], [a|b]) runs over the steps the sampler really takes (img2img: steps × strength)
+        strength = kw.get("strength", 1.0)
+        actual = max(1, int(steps * strength)) if "image" in kw and strength < 1 else steps
+        cond: Conditioning = conds(actual)
+        inputs = ["latents"]
+        if cond.scheduled:
+            inputs += ["prompt_embeds"] + (["add_text_embeds"] if cond.xl else [])
         ctx.set_progress(0, steps, image_index=self.first, images=self.total, textinfo=phase or None)
-        call = dict(conds, num_inference_steps=steps, guidance_scale=self.r.cfg_scale,
+        call = dict(cond.kwargs(), num_inference_steps=steps, guidance_scale=self.r.cfg_scale,
                     num_images_per_prompt=self.r.batch_size, generator=self.e._generators(self.seeds),
                     output_type="latent", callback_on_step_end=on_step_end,
-                    callback_on_step_end_tensor_inputs=["latents"], **kw)
+                    callback_on_step_end_tensor_inputs=inputs, **kw)
         with torch.inference_mode():
             try:
                 return pipe(**call).images
@@ -220,7 +236,7 @@ class _Run:
                                   f"{self.r.batch_size}.", fix="lower the size or batch size, or start with "
                                   "--medvram") from exc
 
-    def txt2img(self, conds: dict, sampler: str, schedule: str) -> list[Image.Image] | torch.Tensor:
+    def txt2img(self, conds: Any, sampler: str, schedule: str) -> list[Image.Image] | torch.Tensor:
         r = self.r
         pipe = self.e.manager.pipeline(self.loaded, "txt2img", self._scheduler(sampler, schedule))
         kw: dict[str, Any] = dict(width=r.width, height=r.height)
@@ -235,7 +251,7 @@ class _Run:
             return latents  # the hires pass decides how to upscale
         return self.e.decode(pipe, latents, self.result.warnings)
 
-    def hires(self, first: torch.Tensor, upscaler: Any, hr_sampler: tuple[str, str], conds: dict) -> list:
+    def hires(self, first: torch.Tensor, upscaler: Any, hr_sampler: tuple[str, str], conds: Any) -> list:
         r = self.r
         w, h = r.hr_size
         steps = r.hr_second_pass_steps or r.steps
@@ -251,8 +267,11 @@ class _Run:
             self.infotext["Hires sampler"] = hr_sampler[0]
         if r.hr_prompt:
             self.infotext["Hires prompt"] = r.hr_prompt
-            conds = encode_for_pipeline(self.loaded.components, r.hr_prompt, r.hr_negative_prompt or
-                                        r.negative_prompt, r.clip_skip)
+            first_pass = conds
+
+            def conds(steps: int) -> Conditioning:  # noqa: F811 - the second pass has its own prompt
+                return first_pass(steps, extract_extra_networks(r.hr_prompt)[0],
+                                  extract_extra_networks(r.hr_negative_prompt or r.negative_prompt)[0])
         if upscaler.is_latent:
             image: Any = self.e.upscalers.latent(upscaler, first, w, h)
         else:
@@ -267,7 +286,7 @@ class _Run:
         latents = self._call(pipe, conds, steps, phase="Hires fix", **kw)
         return self.e.decode(pipe, latents, self.result.warnings)
 
-    def img2img(self, prep: Prepared, conds: dict, sampler: str, schedule: str) -> list[Image.Image]:
+    def img2img(self, prep: Prepared, conds: Any, sampler: str, schedule: str) -> list[Image.Image]:
         r, comps = self.r, self.loaded.components
         self.infotext.update(prep.infotext)
         mode = "inpaint" if r.mode == "inpaint" else "img2img"

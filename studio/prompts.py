@@ -1,58 +1,275 @@
-"""Prompt encoding into the embeddings the diffusers pipelines take.
+"""Encoding A1111 prompts into pipeline embeddings: emphasis, 75-token chunks, BREAK, embeddings, schedules.
 
-We encode ourselves rather than letting the pipeline do it: diffusers 0.42's clip-skip path reaches for
-``text_encoder.text_model``, which transformers 5 removed from CLIPTextModel, and the A1111 prompt language
-(weights, chunks, BREAK) needs its own encoder anyway. Plain prompts give bit-identical embeddings to diffusers'.
+We encode ourselves rather than letting diffusers do it: its prompt path truncates at 77 tokens, knows no
+weights, and its clip-skip branch reaches for ``text_encoder.text_model`` which transformers 5 removed from
+CLIPTextModel. A plain prompt of up to 75 tokens gives embeddings bit-identical to diffusers' own.
+Conditioning is cached per (model, text, clip skip, text-encoder adapter state, embeddings), so a new seed
+with the same prompt does not run the text encoder again.
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import torch
 
+from .prompt_parser import parse_attention, prompt_schedule
 
-def _final_norm(text_encoder: Any) -> Any:
-    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
-
-
-def _tokens(tokenizer: Any, text: str, device: torch.device) -> torch.Tensor:
-    ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return ids.to(device)
+CHUNK = 75
+COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack: move the last words after a close comma to the next chunk
 
 
-def _encode_sd(text_encoder: Any, tokenizer: Any, text: str, clip_skip: int) -> torch.Tensor:
-    """SD1/SD2: last hidden state, or the one ``clip_skip - 1`` layers earlier with the final layer norm."""
-    ids = _tokens(tokenizer, text, text_encoder.device)
-    if clip_skip <= 1:
-        out = text_encoder(ids)[0]
-    else:
-        hidden = text_encoder(ids, output_hidden_states=True).hidden_states
-        out = _final_norm(text_encoder)(hidden[-clip_skip])
-    return out.to(text_encoder.dtype)
+@dataclass
+class _Chunk:
+    tokens: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    fixes: list[tuple[int, Any]] = field(default_factory=list)   # (offset in chunk, embedding)
 
 
-def _encode_sdxl(components: Any, text: str, clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL: penultimate layers of both encoders concatenated, pooled output of the second."""
-    parts, pooled = [], None
-    for tok, enc in ((components.tokenizer, components.text_encoder),
-                     (components.tokenizer_2, components.text_encoder_2)):
-        if enc is None:
-            continue
-        out = enc(_tokens(tok, text, enc.device), output_hidden_states=True)
-        pooled = out[0]
-        parts.append(out.hidden_states[-(clip_skip + 1)])
-    return torch.cat(parts, dim=-1), pooled
+def _embedding_vectors(embedding: Any, encoder_index: int) -> torch.Tensor:
+    """The vectors of a textual-inversion embedding for text encoder 0 (CLIP-L / SD2) or 1 (SDXL bigG)."""
+    return embedding.vectors_for(encoder_index)
 
 
-@torch.no_grad()
-def encode_for_pipeline(components: Any, prompt: str, negative_prompt: str, clip_skip: int = 1) -> dict:
-    """Keyword arguments (``prompt_embeds`` ...) for a txt2img pipeline call, batch of one."""
-    if components.family in ("sdxl", "sdxl_refiner"):
-        cond, pooled = _encode_sdxl(components, prompt, clip_skip)
-        uncond, neg_pooled = _encode_sdxl(components, negative_prompt, clip_skip)
-        return {"prompt_embeds": cond, "negative_prompt_embeds": uncond, "pooled_prompt_embeds": pooled,
-                "negative_pooled_prompt_embeds": neg_pooled}
-    cond = _encode_sd(components.text_encoder, components.tokenizer, prompt, clip_skip)
-    uncond = _encode_sd(components.text_encoder, components.tokenizer, negative_prompt, clip_skip)
-    return {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
+class _TextModel:
+    """One tokenizer + text encoder pair and the A1111 chunking rules for it."""
+
+    def __init__(self, tokenizer: Any, encoder: Any, index: int, embeddings: dict):
+        self.tok, self.enc, self.index = tokenizer, encoder, index
+        vocab = tokenizer.get_vocab()
+        self.id_start, self.id_end = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.id_pad = tokenizer.pad_token_id
+        self.comma = vocab.get(",</w>")
+        # embeddings matched by the token ids of their name, longest first
+        self.by_first: dict[int, list[tuple[list[int], Any]]] = {}
+        for name, emb in embeddings.items():
+            ids = tokenizer(name, add_special_tokens=False).input_ids
+            if ids:
+                self.by_first.setdefault(ids[0], []).append((ids, emb))
+        for items in self.by_first.values():
+            items.sort(key=lambda x: -len(x[0]))
+
+    def chunks(self, text: str) -> tuple[list[_Chunk], int]:
+        """A1111's tokenization into 75-token chunks (with BREAK and comma backtracking); returns token count."""
+        parsed = parse_attention(text)
+        ids_list = self.tok([t for t, _ in parsed], add_special_tokens=False, verbose=False).input_ids
+        chunks: list[_Chunk] = []
+        chunk = _Chunk()
+        count = 0
+        last_comma = -1
+
+        def close(last: bool = False) -> None:
+            nonlocal chunk, count, last_comma
+            count += len(chunk.tokens) if last else CHUNK
+            pad = CHUNK - len(chunk.tokens)
+            chunk.tokens = [self.id_start] + chunk.tokens + [self.id_end] * pad + [self.id_end]
+            chunk.weights = [1.0] + chunk.weights + [1.0] * pad + [1.0]
+            chunks.append(chunk)
+            chunk, last_comma = _Chunk(), -1
+
+        for (piece, weight), ids in zip(parsed, ids_list):
+            if piece == "BREAK" and weight == -1:
+                close()
+                continue
+            pos = 0
+            while pos < len(ids):
+                token = ids[pos]
+                emb, span = self._embedding_at(ids, pos)
+                if emb is None:
+                    if token == self.comma:
+                        last_comma = len(chunk.tokens)
+                    elif (len(chunk.tokens) == CHUNK and last_comma != -1
+                          and len(chunk.tokens) - last_comma <= COMMA_BACKTRACK):
+                        cut = last_comma + 1
+                        moved_t, moved_w = chunk.tokens[cut:], chunk.weights[cut:]
+                        chunk.tokens, chunk.weights = chunk.tokens[:cut], chunk.weights[:cut]
+                        close()
+                        chunk.tokens, chunk.weights = moved_t, moved_w
+                    if len(chunk.tokens) == CHUNK:
+                        close()
+                    chunk.tokens.append(token)
+                    chunk.weights.append(weight)
+                    pos += 1
+                    continue
+                n = int(emb.n_vectors)
+                if len(chunk.tokens) + n > CHUNK:
+                    close()
+                chunk.fixes.append((len(chunk.tokens), emb))
+                chunk.tokens += [0] * n
+                chunk.weights += [weight] * n
+                pos += span
+        if chunk.tokens or not chunks:
+            close(last=True)
+        return chunks, count
+
+    def _embedding_at(self, ids: list[int], pos: int) -> tuple[Any, int]:
+        for name_ids, emb in self.by_first.get(ids[pos], ()):
+            if ids[pos:pos + len(name_ids)] == name_ids:
+                return emb, len(name_ids)
+        return None, 0
+
+    @contextlib.contextmanager
+    def _fixes(self, fixes: list[tuple[int, Any]]) -> Iterator[None]:
+        """Put embedding vectors into the token-embedding output at their positions (A1111's approach)."""
+        if not fixes:
+            yield
+            return
+        layer = self.enc.get_input_embeddings()
+
+        def hook(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+            out = output.clone()
+            for offset, emb in fixes:
+                vec = _embedding_vectors(emb, self.index).to(out)
+                out[0, 1 + offset:1 + offset + vec.shape[0]] = vec
+            return out
+
+        handle = layer.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def encode(self, chunk: _Chunk, clip_skip: int, xl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens = list(chunk.tokens)
+        if self.id_pad != self.id_end:  # after the first end token, pad with the pad token (SD2, SDXL's bigG)
+            first_end = tokens.index(self.id_end)
+            tokens[first_end + 1:] = [self.id_pad] * (len(tokens) - first_end - 1)
+        ids = torch.tensor([tokens], device=self.enc.device)
+        with self._fixes(chunk.fixes):
+            if xl:
+                out = self.enc(ids, output_hidden_states=True)
+                z, pooled = out.hidden_states[-(clip_skip + 1)], out[0]
+            elif clip_skip <= 1:
+                z, pooled = self.enc(ids)[0], None
+            else:
+                hidden = self.enc(ids, output_hidden_states=True).hidden_states
+                z, pooled = getattr(self.enc, "text_model", self.enc).final_layer_norm(hidden[-clip_skip]), None
+        weights = torch.tensor(chunk.weights, device=z.device, dtype=z.dtype)
+        if (weights != 1).any():  # A1111 emphasis: scale token vectors, then restore the original mean
+            mean = z.mean()
+            z = z * weights.reshape(1, -1, 1)
+            z = z * (mean / z.mean())
+        return z, pooled
+
+
+@dataclass
+class Conditioning:
+    """Encoded positive and negative prompts, each as a step schedule of embeddings."""
+
+    positive: list[tuple[int, torch.Tensor, torch.Tensor | None]]   # (end_step, embeds [1,77n,d], pooled)
+    negative: list[tuple[int, torch.Tensor, torch.Tensor | None]]
+    xl: bool
+
+    @staticmethod
+    def _at(schedule: list, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        for end, z, pooled in schedule:
+            if step <= end:
+                return z, pooled
+        return schedule[-1][1], schedule[-1][2]
+
+    def kwargs(self) -> dict:
+        """Pipeline keyword arguments for the first step."""
+        z, pooled = self._at(self.positive, 0)
+        nz, npooled = self._at(self.negative, 0)
+        out = {"prompt_embeds": z, "negative_prompt_embeds": nz}
+        if self.xl:
+            out.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=npooled)
+        return out
+
+    @property
+    def scheduled(self) -> bool:
+        return len(self.positive) > 1 or len(self.negative) > 1
+
+    def update(self, step: int, callback_kwargs: dict, batch: int) -> dict:
+        """Swap the embeddings in a step callback when the schedule moves on at 0-based ``step``."""
+        if not self.scheduled or "prompt_embeds" not in callback_kwargs:
+            return {}
+        z, pooled = self._at(self.positive, step)
+        nz, npooled = self._at(self.negative, step)
+        current = callback_kwargs["prompt_embeds"]
+        pos, neg = z.repeat(batch, 1, 1), nz.repeat(batch, 1, 1)
+        out = {"prompt_embeds": torch.cat([neg, pos]) if current.shape[0] == 2 * batch else pos}
+        if self.xl and "add_text_embeds" in callback_kwargs:
+            p, n = pooled.repeat(batch, 1), npooled.repeat(batch, 1)
+            out["add_text_embeds"] = torch.cat([n, p]) if current.shape[0] == 2 * batch else p
+        return {k: v.to(current.device, current.dtype) for k, v in out.items()}
+
+
+class PromptEncoder:
+    """Turns prompt text into Conditioning for a loaded checkpoint, with an LRU cache of encodings."""
+
+    def __init__(self, cache_size: int = 128):
+        self._cache: OrderedDict[tuple, tuple] = OrderedDict()
+        self.cache_size = cache_size
+        self.encoder_runs = 0   # text-encoder forward passes (tests and benchmarks read it)
+
+    def _models(self, components: Any, embeddings: dict) -> list[_TextModel]:
+        pairs = [(components.tokenizer, components.text_encoder), (components.tokenizer_2, components.text_encoder_2)]
+        return [_TextModel(tok, enc, i, embeddings) for i, (tok, enc) in enumerate(pairs) if enc is not None]
+
+    def count_tokens(self, components: Any, text: str, embeddings: dict | None = None) -> tuple[int, int]:
+        """(tokens used, tokens available in the chunks used), e.g. (80, 150), as A1111's counter shows."""
+        chunks, count = self._models(components, embeddings or {})[0].chunks(text)
+        return count, max(1, len(chunks)) * CHUNK
+
+    @torch.no_grad()
+    def _encode_text(self, components: Any, key: tuple, text: str, clip_skip: int,
+                     embeddings: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache_key = (key, text, clip_skip)
+        hit = self._cache.get(cache_key)
+        if hit is not None:
+            self._cache.move_to_end(cache_key)
+            return hit
+        xl = components.family in ("sdxl", "sdxl_refiner")
+        per_model = []
+        pooled = None
+        for model in self._models(components, embeddings):
+            chunks, _ = model.chunks(text)
+            zs = []
+            for i, chunk in enumerate(chunks):
+                z, p = model.encode(chunk, clip_skip, xl)
+                self.encoder_runs += 1
+                zs.append(z)
+                if i == 0 and p is not None:
+                    pooled = p  # A1111 pools the first chunk
+            per_model.append(zs)
+        n = max(len(zs) for zs in per_model)
+        for zs in per_model:  # SDXL encoders may chunk differently (embeddings): repeat the last chunk
+            zs.extend([zs[-1]] * (n - len(zs)))
+        z = torch.cat([torch.cat(zs, dim=-1) for zs in zip(*per_model)], dim=1)
+        self._cache[cache_key] = (z, pooled)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return z, pooled
+
+    def encode(self, components: Any, prompt: str, negative: str, *, steps: int, clip_skip: int = 1,
+               state_key: tuple = (), embeddings: dict | None = None) -> Conditioning:
+        """Encode with schedules (``[a:b:0.5]``, ``[a|b]``) for ``steps`` sampling steps.
+
+        ``state_key`` identifies the model and its text-encoder adapter state, so patched weights never hit a
+        stale cache entry.
+        """
+        embeddings = embeddings or {}
+        key = (id(components), state_key, tuple(sorted(embeddings)))
+        sides = []
+        for text in (prompt, negative):
+            sides.append([(end, *self._encode_text(components, key, t, clip_skip, embeddings))
+                          for end, t in prompt_schedule(text, steps)])
+        # every tensor must have the same length for CFG batching: pad with the empty prompt's chunk
+        longest = max(z.shape[1] for side in sides for _, z, _ in side)
+        if any(z.shape[1] != longest for side in sides for _, z, _ in side):
+            empty, _ = self._encode_text(components, key, "", clip_skip, embeddings)
+            sides = [[(end, _pad(z, longest, empty), p) for end, z, p in side] for side in sides]
+        return Conditioning(sides[0], sides[1], components.family in ("sdxl", "sdxl_refiner"))
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+def _pad(z: torch.Tensor, length: int, empty: torch.Tensor) -> torch.Tensor:
+    if z.shape[1] == length:
+        return z
+    reps = (length - z.shape[1]) // empty.shape[1]
+    return torch.cat([z] + [empty.to(z)] * reps, dim=1)
