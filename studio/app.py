@@ -31,6 +31,7 @@ class Studio:
         self.queue = JobQueue()
         self.outputs = OutputWriter(settings.outdir)
         self.prompts = PromptEncoder()
+        self._tokenizer = None
         self.engine = Engine(settings, self.manager, self.outputs, prompts=self.prompts)
 
     def submit(self, request: GenerationRequest, *, task_id: str | None = None) -> Job:
@@ -44,6 +45,15 @@ class Studio:
     def generate(self, request: GenerationRequest, *, timeout: float | None = None) -> GenerationResult:
         """Queue a generation and wait for its result."""
         return self.submit(request).wait(timeout)
+
+    def count_tokens(self, text: str) -> int:
+        """CLIP tokens of a prompt as A1111's counter counts them (BREAK closes a 75-token chunk)."""
+        from .loading.tokenizers import load_clip_tokenizer
+        from .prompt_parser import extract_extra_networks
+
+        if self._tokenizer is None:  # the shipped tokenizer: counting works before any model is loaded
+            self._tokenizer = load_clip_tokenizer()
+        return self.prompts.count_tokens(self._tokenizer, extract_extra_networks(text)[0])[0]
 
     def run_exclusive(self, fn: Any, *, kind: str = "task") -> Any:
         """Run any device work (model switch, training start) in the queue, between generations."""

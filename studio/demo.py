@@ -108,8 +108,9 @@ def create_demo_checkpoint(settings: Settings) -> Path:
     return path
 
 
-def is_demo(name: str) -> bool:
-    return Path(name).name == DEMO_NAME
+def is_demo_checkpoint(name: str) -> bool:
+    """True for the untrained demo model (its images are labelled as such)."""
+    return Path(name.split(" [")[0]).name == DEMO_NAME
 
 
 def write_single_file(components: Components, path) -> str:

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import JobInterrupted
+from .errors import JobInterrupted, StudioError
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,10 @@ class JobQueue:
             result = getattr(exc, "result", None)   # a job may attach partial results to the exception
         except BaseException as exc:  # noqa: BLE001 - the worker must outlive anything a job does
             error = exc
-            log.error("Job %s (%s) failed: %s", job.id, job.kind, exc, exc_info=exc)
+            if isinstance(exc, StudioError):  # bad input, already explained to the caller: one line is enough
+                log.warning("Job %s (%s): %s", job.id, job.kind, exc)
+            else:
+                log.error("Job %s (%s) failed: %s", job.id, job.kind, exc, exc_info=exc)
         with self._cond:
             if error is not None:
                 state = FAILED

@@ -209,9 +209,13 @@ class PromptEncoder:
         pairs = [(components.tokenizer, components.text_encoder), (components.tokenizer_2, components.text_encoder_2)]
         return [_TextModel(tok, enc, i, embeddings) for i, (tok, enc) in enumerate(pairs) if enc is not None]
 
-    def count_tokens(self, components: Any, text: str, embeddings: dict | None = None) -> tuple[int, int]:
-        """(tokens used, tokens available in the chunks used), e.g. (80, 150), as A1111's counter shows."""
-        chunks, count = self._models(components, embeddings or {})[0].chunks(text)
+    @staticmethod
+    def count_tokens(tokenizer: Any, text: str, embeddings: dict | None = None) -> tuple[int, int]:
+        """(tokens used, tokens available in the chunks used), e.g. (80, 150), as A1111's counter shows.
+
+        Needs only a tokenizer (no model), so the UI can count before any checkpoint is loaded.
+        """
+        chunks, count = _TextModel(tokenizer, None, 0, embeddings or {}).chunks(text)
         return count, max(1, len(chunks)) * CHUNK
 
     @torch.no_grad()

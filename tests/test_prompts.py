@@ -73,7 +73,7 @@ def test_long_prompt_and_break_chunk_shapes(sd1):
     assert long["prompt_embeds"].shape[1] == 154 and long["negative_prompt_embeds"].shape[1] == 154
     broken = enc.encode(sd1, "a cat BREAK a dog", "", steps=4).kwargs()["prompt_embeds"]
     assert broken.shape[1] == 154
-    used, available = enc.count_tokens(sd1, long_text)
+    used, available = enc.count_tokens(sd1.tokenizer, long_text)
     assert available == 150 and 75 < used <= 150
 
 

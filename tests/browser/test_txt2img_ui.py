@@ -128,3 +128,41 @@ def test_two_pages_both_get_results_in_order(browser, live, shoot):
     finally:
         for p in pages:
             p.context.close()
+
+
+def test_skip_ends_the_current_image_only(page):
+    fill_prompt(page, "skip me")
+    small(page, steps=2000)
+    set_slider(page, "txt2img_batch_count", 2)
+    page.locator("#txt2img_generate").click()
+    progress = "document.querySelector('#txt2img_progress').innerText"
+    page.wait_for_function(f"/image 1\\/2 · step [1-9]/.test({progress})", timeout=TIMEOUT)
+    page.locator("#txt2img_skip").click()
+    page.wait_for_function(f"/image 2\\/2 · step [1-9]/.test({progress})", timeout=TIMEOUT)
+    page.locator("#txt2img_interrupt").click()
+    wait_for_images(page, 2)  # the skipped image and the interrupted one, both early
+    assert "Interrupted at step" in page.locator("#txt2img_info").inner_text()
+
+
+def test_interrupt_acts_on_this_pages_own_job(browser, live):
+    first, second = (open_app(browser, live[0]) for _ in range(2))
+    try:
+        for p, prompt in ((first, "runs on"), (second, "waits then is cancelled")):
+            fill_prompt(p, prompt)
+            small(p, steps=2000 if p is first else 2)
+        first.locator("#txt2img_generate").click()
+        first.wait_for_function("/step [1-9]/.test(document.querySelector('#txt2img_progress').innerText)",
+                                timeout=TIMEOUT)
+        second.locator("#txt2img_generate").click()
+        second.wait_for_function("document.querySelector('#txt2img_progress').innerText.includes('queue')",
+                                 timeout=TIMEOUT)
+        second.locator("#txt2img_interrupt").click()  # cancels the second page's queued job only
+        second.locator("#txt2img_info .studio-note").wait_for(timeout=TIMEOUT)
+        assert "Interrupted before" in second.locator("#txt2img_info").inner_text()
+        running = live[1].queue.current()
+        assert running is not None and running.description == "runs on"
+        first.locator("#txt2img_interrupt").click()
+        wait_for_images(first)
+    finally:
+        first.context.close()
+        second.context.close()

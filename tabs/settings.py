@@ -1,0 +1,141 @@
+"""Settings: edit the typed settings, save them to <data-dir>/settings.json and apply what can be applied live.
+
+Device, precision and offload decide how models are placed when the pipeline manager is built, so they take
+effect at the next start; folders, budgets, output options, defaults and limits apply at once.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from studio.errors import StudioError
+from studio.settings import DEVICES, OFFLOAD_MODES, PRECISIONS, Settings
+from webui.common import error_html
+
+# (section, [(field, label)]) in display order
+SECTIONS = [
+    ("Device and memory", [
+        ("device", "Device"), ("precision", "Precision (dtype)"), ("offload", "Offload mode (medvram / lowvram)"),
+        ("no_half_vae", "Keep the VAE in fp32 (--no-half-vae)"), ("xformers", "xformers attention (CUDA only)"),
+        ("vram_budget_mb", "Device memory budget for cached models, MB (0: from free memory)"),
+        ("ram_budget_mb", "RAM budget for cached models, MB (0: from system RAM)"),
+    ]),
+    ("Outputs", [
+        ("outdir", "Output folder"), ("filename_pattern", "File name pattern"),
+        ("save_images", "Save every generated image"),
+    ]),
+    ("Defaults and limits", [
+        ("default_checkpoint", "Checkpoint to use when none is chosen"), ("default_vae", "Default VAE"),
+        ("preview_every", "Live preview every N steps (0: off)"), ("max_steps", "Max sampling steps"),
+        ("max_width", "Max width"), ("max_height", "Max height"), ("max_batch_size", "Max batch size"),
+        ("max_batch_count", "Max batch count"), ("allow_download", "Allow Hugging Face downloads"),
+    ]),
+    ("Model folders (empty: inside the models folder)", [
+        ("models_dir", "Models folder"), ("ckpt_dir", "Checkpoints (Stable-diffusion)"), ("vae_dir", "VAE"),
+        ("lora_dir", "Lora"), ("lycoris_dir", "LyCORIS"), ("embeddings_dir", "Embeddings"),
+        ("controlnet_dir", "ControlNet"), ("annotators_dir", "Annotators"),
+    ]),
+]
+CHOICES = {"device": list(DEVICES), "precision": list(PRECISIONS), "offload": list(OFFLOAD_MODES)}
+# placement and dtype are fixed when the pipeline manager is built; downloads are allowed (or not) at start
+RESTART = {"device", "precision", "offload", "no_half_vae", "xformers", "allow_download"}
+FOLDERS = {"models_dir", "ckpt_dir", "vae_dir", "lora_dir", "lycoris_dir", "embeddings_dir", "controlnet_dir",
+           "annotators_dir"}
+# slider ranges on the txt2img tab are drawn once; the limits themselves are checked live on every request
+RELOAD = {"max_steps", "max_width", "max_height", "max_batch_size", "max_batch_count"}
+
+
+def build(studio: Any) -> dict:
+    s = studio.settings
+    names = [name for _, fields in SECTIONS for name, _ in fields]
+    widgets: dict[str, Any] = {}
+    status = gr.Markdown(lambda: _status(studio), elem_id="settings_status")  # a callable re-reads per page load
+    with gr.Row():
+        save = gr.Button("Save settings", variant="primary", elem_id="settings_save", scale=0, min_width=200)
+        message = gr.HTML("", elem_id="settings_message")
+    for title, fields in SECTIONS:
+        with gr.Accordion(title, open=True):
+            with gr.Row():
+                for name, label in fields:
+                    widgets[name] = _widget(name, label, getattr(s, name))
+    gr.Markdown(f"Settings file: `{Path(s.settings_file).resolve()}`. Flags given to launch.py override the file "
+                "for the run they are given to.")
+    save.click(lambda *values: _save(studio, dict(zip(names, values))), [widgets[n] for n in names],
+               [message, status], api_visibility="private", queue=False)
+    return {"widgets": widgets, "save": save, "message": message}
+
+
+def _widget(name: str, label: str, value: Any) -> Any:
+    elem_id = f"setting_{name}"
+    if name in CHOICES:
+        return gr.Dropdown(CHOICES[name], value=value, label=label, elem_id=elem_id, allow_custom_value=True)
+    if isinstance(value, bool):
+        return gr.Checkbox(value=value, label=label, elem_id=elem_id)
+    if isinstance(value, int):
+        return gr.Number(value=value, precision=0, label=label, elem_id=elem_id, minimum=0)
+    # paths and names need room: a narrow box wraps them over several lines
+    return gr.Textbox(value=str(value), label=label, elem_id=elem_id, lines=1, max_lines=1, min_width=320)
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        return bool(value)
+    if isinstance(default, int):
+        if value is None or float(value) != int(float(value)):
+            raise StudioError(f"Setting '{name}' must be a whole number, got {value!r}.", field=name)
+        return int(float(value))
+    return "" if value is None else str(value).strip()
+
+
+def _save(studio: Any, values: dict) -> tuple[str, str]:
+    live = studio.settings
+    try:
+        changes = {n: _coerce(n, v, getattr(live, n)) for n, v in values.items()}
+        changes = {n: v for n, v in changes.items() if v != getattr(live, n)}
+        live.replace(**changes)  # validates the combination before anything is written or applied
+        # the file keeps what the user saved before plus these changes, not this run's command-line flags
+        stored, _ = Settings.load(live.data_dir)
+        path = stored.replace(**changes).save()
+    except (StudioError, OSError) as exc:
+        return error_html(f"Not saved: {exc}"), _status(studio)
+    if not changes:
+        return f"<p class='studio-note'>Nothing changed; {html.escape(str(path))} is up to date.</p>", _status(studio)
+    applied = _apply(studio, {n: v for n, v in changes.items() if n not in RESTART})
+    restart = sorted(set(changes) & RESTART)
+    parts = [f"Saved to {html.escape(str(path))}."]
+    if applied:
+        parts.append(f"Applied now: {', '.join(applied)}.")
+    if restart:
+        parts.append(f"<b>Restart the studio</b> for: {', '.join(restart)}.")
+    if set(changes) & RELOAD:
+        parts.append("Reload the page to see the new slider ranges.")
+    return "<p class='studio-note'>" + " ".join(parts) + "</p>", _status(studio)
+
+
+def _apply(studio: Any, changes: dict) -> list[str]:
+    """Write live-applicable values into the shared Settings object every engine part reads from."""
+    for name, value in changes.items():
+        setattr(studio.settings, name, value)
+    if "outdir" in changes and hasattr(studio, "outputs"):
+        studio.outputs.outdir = Path(studio.settings.outdir)
+    if FOLDERS & set(changes):
+        studio.registry.refresh()
+    return sorted(changes)
+
+
+def _status(studio: Any) -> str:
+    try:
+        st = studio.manager.stats()
+    except Exception:  # noqa: BLE001 - the status line must never break the tab
+        return ""
+    mb = 1024 ** 2
+    loaded = ", ".join(e["label"] for e in st.get("entries", [])) or "none"
+    current = getattr(studio.manager, "current", None)
+    return (f"**Running on** `{st['device']}` in `{st['dtype']}` · current checkpoint: "
+            f"`{current.title if current else 'none loaded yet'}` · cached models: {loaded} · "
+            f"RAM cache {st['ram_used'] // mb} / {st['ram_budget'] // mb} MB · "
+            f"device cache {st['device_used'] // mb} / {st['device_budget'] // mb} MB")
+

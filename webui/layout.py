@@ -1,0 +1,116 @@
+"""The page: the quicksettings row (checkpoint + VAE) above all tabs, then the tabs from ``tabs.TABS``."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import gradio as gr
+
+import tabs
+from studio.errors import StudioError
+from webui.common import (NO_CHECKPOINT_HELP, checkpoint_titles, current_checkpoint_title, error_html, note_html,
+                          vae_choices)
+
+log = logging.getLogger(__name__)
+
+CSS = """
+#quicksettings { align-items: end; gap: 8px; }
+#quicksettings .refresh-button { max-width: 44px; min-width: 44px; height: 40px; }
+/* token counters sit over the top-right corner of their prompt box, as in A1111 */
+#txt2img_token_counter, #txt2img_neg_token_counter { margin-bottom: calc(-1 * var(--layout-gap) - 22px);
+    z-index: 5; text-align: right; padding-right: 12px; pointer-events: none; }
+.token-counter { font-size: 0.8em; opacity: 0.75; }
+.token-counter-over { color: #d97706; opacity: 1; }
+.studio-error { border: 1px solid #dc2626; background: #fef2f2; color: #991b1b; padding: 8px 12px;
+                border-radius: 6px; }
+.studio-note { opacity: 0.85; font-size: 0.9em; margin: 4px 0; }
+.studio-progress { position: relative; height: 26px; border-radius: 6px; background: var(--block-background-fill);
+                   border: 1px solid var(--border-color-primary); overflow: hidden; }
+.studio-progress-bar { position: absolute; top: 0; bottom: 0; left: 0; background: #f97316; opacity: 0.55;
+                       transition: width 0.2s; }
+.studio-progress-text { position: relative; padding-left: 8px; line-height: 26px; font-size: 0.9em; }
+.studio-infotext { font-size: 0.9em; word-break: break-word; }
+.studio-params th { text-align: left; padding-right: 12px; vertical-align: top; white-space: nowrap; }
+#txt2img_demo_note, .no-checkpoint { border-left: 4px solid #f59e0b; padding-left: 10px; }
+"""
+
+# Browser tests (and humans with a slow machine) wait for this marker: the load chain has finished.
+READY_JS = "() => { document.body.dataset.appReady = '1'; }"
+
+
+def build_blocks(studio: Any) -> gr.Blocks:
+    """The whole UI. Tab modules are imported here, so a broken tab fails at start with its name."""
+    specs = [(spec, tabs.load(spec)) for spec in tabs.TABS]
+    ui: dict[str, Any] = {}
+    with gr.Blocks(title="Studio", analytics_enabled=False) as blocks:
+        ui["quick"] = quick = _quicksettings(studio)
+        helps = []
+        with gr.Tabs(elem_id="tabs") as tab_bar:
+            for spec, module in specs:
+                with gr.Tab(spec.label, id=spec.id, elem_id=f"tab_{spec.id}"):
+                    helps.append(gr.Markdown(_help_text(studio), visible=not _has_checkpoints(studio),
+                                             elem_classes=["no-checkpoint"]))
+                    ui[spec.id] = module.build(studio)
+        ui["tabs"] = tab_bar
+        for _, module in specs:
+            if hasattr(module, "connect"):
+                module.connect(studio, ui)
+
+        listing = [quick["checkpoint"], quick["vae"], *helps]
+        quick["refresh"].click(lambda: _listing(studio, refresh=True), None, listing, queue=False,
+                               api_visibility="private")
+        quick["checkpoint"].input(lambda name: _switch(studio, name), quick["checkpoint"],
+                                  [quick["checkpoint"], quick["status"]], concurrency_id="gpu",
+                                  concurrency_limit=None, api_name="switch_checkpoint")
+        # every page load re-reads the lists (another page may have added or loaded a model), then marks ready
+        blocks.load(lambda: _listing(studio), None, listing, queue=False, api_visibility="private") \
+              .then(None, None, None, js=READY_JS, queue=False, api_visibility="private")
+    return blocks
+
+
+def _quicksettings(studio: Any) -> dict:
+    with gr.Row(elem_id="quicksettings"):
+        checkpoint = gr.Dropdown(checkpoint_titles(studio), value=current_checkpoint_title(studio),
+                                 label="Stable Diffusion checkpoint", elem_id="setting_sd_model_checkpoint",
+                                 allow_custom_value=True, scale=4, min_width=300)
+        refresh = gr.Button("🔄", elem_id="refresh_sd_model_checkpoint", elem_classes=["refresh-button"], scale=0,
+                            min_width=44)
+        vae = gr.Dropdown(vae_choices(studio), value=studio.settings.default_vae or "Automatic", label="SD VAE",
+                          elem_id="setting_sd_vae", allow_custom_value=True, scale=2, min_width=200)
+        status = gr.HTML("", elem_id="quicksettings_status")
+    return {"checkpoint": checkpoint, "refresh": refresh, "vae": vae, "status": status}
+
+
+def _has_checkpoints(studio: Any) -> bool:
+    return bool(studio.registry.checkpoints())
+
+
+def _help_text(studio: Any) -> str:
+    return NO_CHECKPOINT_HELP.format(ckpt_dir=studio.settings.ckpt_path.resolve())
+
+
+def _listing(studio: Any, refresh: bool = False) -> list:
+    if refresh:
+        studio.registry.refresh()
+    titles = checkpoint_titles(studio)
+    current = current_checkpoint_title(studio)
+    show_help = not titles
+    helps = [gr.update(visible=show_help, value=_help_text(studio))] * len(tabs.TABS)
+    return [gr.update(choices=titles, value=current), gr.update(choices=vae_choices(studio)), *helps]
+
+
+def _switch(studio: Any, name: str) -> tuple:
+    """Load the chosen checkpoint now (through the engine's queue, between jobs) so the first Generate is quick."""
+    if not name:
+        return gr.update(), ""
+    try:
+        title = studio.switch_checkpoint(name)
+    except StudioError as exc:
+        gr.Warning(str(exc))
+        return gr.update(value=current_checkpoint_title(studio)), error_html(str(exc))
+    except Exception as exc:  # noqa: BLE001 - a bad file must not take the page down
+        log.exception("Loading checkpoint %r failed", name)
+        message = f"Could not load {name!r}: {type(exc).__name__}: {exc}"
+        gr.Warning(message)
+        return gr.update(value=current_checkpoint_title(studio)), error_html(message)
+    return gr.update(choices=checkpoint_titles(studio), value=title), note_html(f"Loaded {title}")
