@@ -133,8 +133,6 @@ def to_request(body: Txt2ImgRequest, studio: "Studio", options: "OptionsStore") 
         hr_scheduler="" if body.hr_scheduler in (None, "Use same scheduler") else body.hr_scheduler,
         hr_prompt=value(body, "hr_prompt"), hr_negative_prompt=value(body, "hr_negative_prompt"),
     )
-    if request.enable_hr:
-        notes.append("enable_hr: hires fix runs once the engine supports it")
     return request, notes
 
 
@@ -171,6 +169,7 @@ def decode_image(data: Any, field: str = "image") -> "Image":
                           fix="send the image itself, base64-encoded")
     if text.startswith("data:"):
         text = text.partition(",")[2]
+    text = "".join(text.split())   # line-wrapped base64 (e.g. from the base64 tool) is fine
     try:
         raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):

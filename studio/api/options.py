@@ -22,6 +22,8 @@ from ..errors import StudioError
 log = logging.getLogger(__name__)
 
 FILE_NAME = "api-options.json"
+# keys the manager owns (what is loaded): never stored
+OVERRIDE_CHECKPOINT_KEYS = ("sd_model_checkpoint", "sd_checkpoint_hash")
 
 
 class OptionsStore:

@@ -1,0 +1,222 @@
+"""Textual-inversion embeddings from ``models/embeddings`` (sub-folders too).
+
+Formats: A1111 ``.pt`` (``string_to_param: {"*": [n, dim]}``), ``.safetensors`` with ``emb_params`` or a single
+``{token: [n, dim]}`` (diffusers), SDXL ``{"clip_l": [n, 768], "clip_g": [n, 1280]}``. The prompt token is the
+file stem. ``Embedding.vectors`` is keyed by the Components attribute of the text encoder each tensor is for:
+``"text_encoder"`` (CLIP-L of SD1 / SDXL, OpenCLIP-H of SD2) and ``"text_encoder_2"`` (SDXL's OpenCLIP-bigG);
+the prompt encoder puts ``vectors[attr]`` at the ``n_vectors`` token positions where the name appears.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import StudioError
+from ..hashes import HashCache, short_hash
+from ..loading.state_dict import _read_pickle, read_state_dict
+from .keys import FAMILY_LABEL
+from .library import scan_files
+from .lora_files import file_ident
+
+EMBEDDING_EXTS = (".pt", ".safetensors", ".bin")
+
+
+@dataclass
+class EmbeddingFile:
+    """A parsed embedding file. ``parts``: {"single": t} for one-encoder files, {"clip_l", "clip_g"} for SDXL."""
+
+    name: str
+    path: Path
+    parts: dict[str, torch.Tensor]
+    step: int | None = None
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
+
+    @property
+    def n_vectors(self) -> int:
+        return next(iter(self.parts.values())).shape[0]
+
+    @property
+    def shape(self) -> int:
+        """A1111's ``shape``: the vector width (CLIP-L's for SDXL files)."""
+        return int(self.parts.get("clip_l", next(iter(self.parts.values()))).shape[-1])
+
+    def api_dict(self) -> dict:
+        return {"step": self.step, "sd_checkpoint": self.sd_checkpoint,
+                "sd_checkpoint_name": self.sd_checkpoint_name, "shape": self.shape, "vectors": self.n_vectors}
+
+
+@dataclass
+class Embedding:
+    """An embedding fitted to the loaded model: what the prompt encoder needs."""
+
+    name: str                                  # the token to look for in prompts (file stem)
+    n_vectors: int
+    vectors: dict[str, torch.Tensor]           # "text_encoder" / "text_encoder_2" -> [n_vectors, width]
+    path: Path
+    file: EmbeddingFile = field(repr=False, default=None)
+
+
+def parse_embedding(data: dict, name: str, path: Path) -> EmbeddingFile:
+    """Any supported layout -> EmbeddingFile; StudioError naming the file if it holds no embedding."""
+    def bad(why: str) -> StudioError:
+        return StudioError(f"Embedding file {path} {why}.", path=str(path),
+                           fix="use an A1111 / diffusers textual-inversion file.")
+
+    parts: dict[str, torch.Tensor]
+    if isinstance(data.get("string_to_param"), dict):
+        params = [v for v in data["string_to_param"].values() if isinstance(v, torch.Tensor)]
+        if len(params) != 1:
+            raise bad("has more than one term in string_to_param")
+        parts = {"single": params[0]}
+    elif "clip_l" in data or "clip_g" in data:
+        parts = {k: data[k] for k in ("clip_l", "clip_g") if isinstance(data.get(k), torch.Tensor)}
+    elif isinstance(data.get("emb_params"), torch.Tensor):
+        parts = {"single": data["emb_params"]}
+    else:
+        tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
+        if len(tensors) != 1:
+            raise bad(f"holds {len(tensors)} tensors and none of the known keys")
+        parts = {"single": tensors[0]}
+    parts = {k: (v[None] if v.ndim == 1 else v).detach().float().cpu() for k, v in parts.items()}
+    if any(v.ndim != 2 for v in parts.values()):
+        raise bad("holds vectors that are not 2-D [n_vectors, width]")
+    if len({v.shape[0] for v in parts.values()}) > 1:
+        raise bad("has clip_l and clip_g parts of different lengths")
+
+    def meta(key):
+        v = data.get(key)
+        return v if isinstance(v, (int, str)) else None
+    return EmbeddingFile(name=name, path=path, parts=parts, step=meta("step"),
+                         sd_checkpoint=meta("sd_checkpoint"), sd_checkpoint_name=meta("sd_checkpoint_name"))
+
+
+def load_embedding_file(path: str | os.PathLike) -> EmbeddingFile:
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        data = read_state_dict(os.fspath(path))
+    else:  # A1111 .pt keeps nested dicts (string_to_param) that read_state_dict would flatten away
+        data = _read_pickle(os.fspath(path))
+        if not isinstance(data, dict):
+            raise StudioError(f"Embedding file {path} holds a {type(data).__name__}, not a dictionary.",
+                              path=str(path), fix="use an A1111 / diffusers textual-inversion file.")
+    return parse_embedding(data, path.stem, path)
+
+
+def _width(te) -> int | None:
+    return None if te is None else int(te.config.hidden_size)
+
+
+def fit(ef: EmbeddingFile, components) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """(vectors by encoder attribute, "") if the file fits the model, else (None, reason)."""
+    fam = FAMILY_LABEL.get(components.family, components.family)
+    w1, w2 = _width(components.text_encoder), _width(components.text_encoder_2)
+    if w2 is not None:  # SDXL (both encoders) or the refiner (bigG only)
+        if "clip_g" not in ef.parts:
+            return None, f"made for one text encoder (width {ef.shape}); {fam} needs clip_l and clip_g parts"
+        out = {"text_encoder_2": ef.parts["clip_g"]}
+        if w1 is not None:
+            if "clip_l" not in ef.parts:
+                return None, f"has no clip_l part; {fam} needs clip_l and clip_g parts"
+            out["text_encoder"] = ef.parts["clip_l"]
+        for attr, t in out.items():
+            want = w1 if attr == "text_encoder" else w2
+            if t.shape[1] != want:
+                return None, f"{'clip_l' if attr == 'text_encoder' else 'clip_g'} width {t.shape[1]} does " \
+                             f"not fit the {fam} text encoder ({want})"
+        return out, ""
+    if "single" not in ef.parts:
+        return None, f"is an SDXL embedding (clip_l / clip_g); the loaded checkpoint is {fam}"
+    t = ef.parts["single"]
+    if t.shape[1] != w1:
+        return None, f"width {t.shape[1]} does not fit the {fam} text encoder ({w1})"
+    return {"text_encoder": t}, ""
+
+
+class EmbeddingLibrary:
+    """Embedding files on disk, parsed lazily and cached per file version (they are small)."""
+
+    def __init__(self, settings, hash_cache: HashCache | None = None):
+        self.settings = settings
+        self.hashes = hash_cache or HashCache(None)
+        self._lock = threading.RLock()
+        self._paths: dict[str, Path] = {}
+        self._cache: dict[str, EmbeddingFile] = {}
+        self._errors: dict[str, str] = {}     # name -> why the file could not be read
+        self.reads = 0
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Rescan the folder (sub-folders too). The first file with a given stem wins."""
+        paths: dict[str, Path] = {}
+        for _, path in scan_files([Path(self.settings.embeddings_path)], EMBEDDING_EXTS):
+            paths.setdefault(path.stem, path)
+        with self._lock:
+            self._paths = paths
+            self._errors = {}
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._paths)
+
+    def file(self, name: str) -> EmbeddingFile | None:
+        """The parsed file for a name (None if unreadable: see ``errors``)."""
+        with self._lock:
+            path = self._paths.get(name)
+        if path is None:
+            return None
+        try:
+            ident = file_ident(path)
+        except OSError:
+            return None
+        with self._lock:
+            if ident in self._cache:
+                return self._cache[ident]
+        try:
+            ef = load_embedding_file(path)
+        except StudioError as e:
+            with self._lock:
+                self._errors[name] = str(e)
+            return None
+        with self._lock:
+            self.reads += 1
+            self._cache[ident] = ef
+        return ef
+
+    def for_model(self, components) -> tuple[dict[str, Embedding], dict[str, str]]:
+        """(loaded: name -> Embedding fitted to ``components``, skipped: name -> reason)."""
+        loaded: dict[str, Embedding] = {}
+        skipped: dict[str, str] = {}
+        for name in self.names():
+            ef = self.file(name)
+            if ef is None:
+                skipped[name] = self._errors.get(name, "could not be read")
+                continue
+            vectors, reason = fit(ef, components)
+            if vectors is None:
+                skipped[name] = reason
+            else:
+                loaded[name] = Embedding(name, ef.n_vectors, vectors, ef.path, ef)
+        return loaded, skipped
+
+    def api_dict(self, components) -> dict:
+        """GET /sdapi/v1/embeddings: ``{"loaded": {name: {step, sd_checkpoint, sd_checkpoint_name, shape,
+        vectors}}, "skipped": {...}}`` (unreadable files are listed as skipped with zero vectors)."""
+        loaded, skipped = self.for_model(components) if components is not None else ({}, {n: "" for n in
+                                                                                        self.names()})
+        out = {"loaded": {n: e.file.api_dict() for n, e in loaded.items()}, "skipped": {}}
+        for n in skipped:
+            ef = self.file(n)
+            out["skipped"][n] = ef.api_dict() if ef else {"step": None, "sd_checkpoint": None,
+                                                           "sd_checkpoint_name": None, "shape": None, "vectors": 0}
+        return out
+
+    def hash(self, name: str) -> str | None:
+        """TI hash for infotext: full-file sha256, 12 hex (None if there is no such embedding)."""
+        with self._lock:
+            path = self._paths.get(name)
+        return short_hash(self.hashes.get_or_compute(path, "embedding"), 12) if path else None

@@ -1,0 +1,149 @@
+"""LoRA tensor names -> (component, layer name) and the lookup of those layer names in our loaded modules.
+
+A layer name is model-independent: the module path with dots turned into underscores, without the
+``text_model`` wrapper (transformers 5 flattens CLIPTextModel but not CLIPTextModelWithProjection). UNet
+layers may be in diffusers naming (SD1/SD2 kohya, diffusers / peft files) or in the original LDM layout (SDXL
+kohya: ``input_blocks_4_1_...``); ``module_index`` knows both names for every UNet module.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+# component ids inside a LoRA file; the model attribute each one patches
+COMPONENT_ATTR = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
+FAMILY_LABEL = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner", "sd3": "SD3",
+                "flux": "FLUX"}
+
+# tensor-name suffix -> role; the longest match wins (so "lora_down.weight" is not read as "weight")
+SUFFIX_ROLE = {
+    "lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "alpha": "alpha",
+    "lora.down.weight": "down", "lora.up.weight": "up",                      # old diffusers LoRACompatible*
+    "lora_linear_layer.down.weight": "down", "lora_linear_layer.up.weight": "up",
+    "lora_A.weight": "down", "lora_B.weight": "up",                          # peft
+    "lora_A.default.weight": "down", "lora_B.default.weight": "up",
+    "hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b",
+    "hada_t1": "t1", "hada_t2": "t2",
+    "lokr_w1": "k1", "lokr_w1_a": "k1a", "lokr_w1_b": "k1b", "lokr_w2": "k2", "lokr_w2_a": "k2a",
+    "lokr_w2_b": "k2b", "lokr_t2": "kt2",
+    "diff": "diff", "diff_b": "diff_b", "w_norm": "diff", "b_norm": "diff_b",
+    "dora_scale": "dora_scale", "lora_magnitude_vector": "dora_scale", "lora_magnitude_vector.weight": "dora_scale",
+}
+_SUFFIXES = sorted(SUFFIX_ROLE, key=len, reverse=True)
+# diffusers attention-processor LoRAs: "...attn1.processor.to_q_lora.down.weight"
+_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+# underscore-separated kohya prefixes; te1/te2 before te
+_KOHYA_PREFIX = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te1"))
+# dotted prefixes of diffusers / peft files
+_DOTTED_PREFIX = (("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder.", "te1"),
+                  ("base_model.model.", "unet"))
+_UNET_TOP = ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks", "middle_block",
+             "conv_in", "conv_out", "time_embedding")
+
+
+def split_key(key: str) -> tuple[str, str, str, bool] | None:
+    """``(component, layer, role, dotted)`` for one tensor name, or None if it is not a known LoRA tensor."""
+    m = _PROCESSOR.search(key)
+    if m:
+        target = "to_out.0" if m.group(1) == "to_out" else m.group(1)
+        base, role = key[:m.start()] + "." + target, m.group(2)
+    else:
+        suffix = next((s for s in _SUFFIXES if key.endswith("." + s)), None)
+        if suffix is None:
+            return None
+        base, role = key[: -len(suffix) - 1], SUFFIX_ROLE[suffix]
+    for prefix, comp in _KOHYA_PREFIX:
+        if base.startswith(prefix):
+            return comp, _norm(base[len(prefix):], comp), role, False
+    for prefix, comp in _DOTTED_PREFIX:
+        if base.startswith(prefix):
+            rest = base[len(prefix):]
+            if prefix == "base_model.model." and not rest.startswith(_UNET_TOP):
+                comp = "te1"
+            return comp, _norm(rest.replace(".", "_"), comp), role, True
+    if base.startswith(_UNET_TOP):  # unet.save_attn_procs() files have no prefix
+        return "unet", _norm(base.replace(".", "_"), "unet"), role, True
+    return None
+
+
+def _norm(name: str, comp: str) -> str:
+    if comp != "unet":
+        return name.removeprefix("text_model_")
+    return name.removeprefix("model_diffusion_model_")
+
+
+def _weighted_modules(module) -> list[tuple[str, Any]]:
+    import torch
+    return [(n, m) for n, m in module.named_modules()
+            if isinstance(getattr(m, "weight", None), torch.nn.Parameter)]
+
+
+def module_index(components) -> dict[str, dict[str, Any]]:
+    """component id -> {layer name: torch module} for every module with a weight, in both UNet namings."""
+    from ..loading.ldm_export import UNET_RESNET, UNET_TOP, _map_key, _unet_prefix_map
+    out: dict[str, dict[str, Any]] = {}
+    unet = getattr(components, "unet", None)
+    if unet is not None:
+        prefixes = {**UNET_TOP, **_unet_prefix_map(unet.config)}
+        idx: dict[str, Any] = {}
+        for name, mod in _weighted_modules(unet):
+            idx[name.replace(".", "_")] = mod
+            try:
+                idx.setdefault(_map_key(name + ".", prefixes, UNET_RESNET)[:-1].replace(".", "_"), mod)
+            except KeyError:
+                pass  # modules with no LDM name (none in practice) keep their diffusers name only
+        out["unet"] = idx
+    for comp in ("te1", "te2"):
+        te = getattr(components, COMPONENT_ATTR[comp], None)
+        if te is not None:
+            out[comp] = {n.removeprefix("text_model.").replace(".", "_"): m for n, m in _weighted_modules(te)}
+    return out
+
+
+# ---- family hints ----------------------------------------------------------------------------------------------
+_CROSS_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl_refiner"}
+
+
+def family_from_metadata(meta: dict) -> str | None:
+    """Family named by kohya's ``ss_base_model_version`` / ``modelspec.architecture`` / ``ss_v2`` (or None)."""
+    for key in ("ss_base_model_version", "modelspec.architecture"):
+        v = str(meta.get(key) or "").lower()
+        if not v:
+            continue
+        if "xl" in v:
+            return "sdxl_refiner" if "refiner" in v else "sdxl"
+        if "flux" in v:
+            return "flux"
+        if v.startswith(("sd_v1", "stable-diffusion-v1")):
+            return "sd1"
+        if v.startswith(("sd_v2", "stable-diffusion-v2")):
+            return "sd2"
+        if v.startswith(("sd3", "sd_3", "stable-diffusion-v3", "stable-diffusion-3")):
+            return "sd3"
+    if str(meta.get("ss_v2", "")).lower() == "true":
+        return "sd2"
+    return None
+
+
+def family_from_shapes(shapes: dict[str, tuple]) -> str | None:
+    """Family from tensor names and widths (header shapes are enough): a second text encoder means SDXL, else
+    the cross-attention input width (768 SD1, 1024 SD2, 2048 SDXL, 1280 refiner) or the text encoder width."""
+    te_width = None
+    for key, shape in shapes.items():
+        parsed = split_key(key)
+        if parsed is None:
+            continue
+        comp, layer, role, _ = parsed
+        if comp == "te2":
+            return "sdxl"
+        if role not in ("down", "w1b", "diff") or len(shape) < 2:
+            continue
+        if comp == "unet" and layer.endswith("attn2_to_k") and shape[1] in _CROSS_WIDTH:
+            return _CROSS_WIDTH[shape[1]]
+        if comp == "te1" and layer.endswith("mlp_fc1"):
+            te_width = shape[1]
+    return {768: "sd1", 1024: "sd2"}.get(te_width)
+
+
+def family_hint(meta: dict, shapes: dict[str, tuple]) -> str | None:
+    return family_from_metadata(meta) or family_from_shapes(shapes)

@@ -1,0 +1,243 @@
+"""Patch LoRA deltas into the live weights of one checkpoint and restore them bit-exactly.
+
+Weight patching (not forward hooks) keeps the per-step time equal to the time without LoRAs (memory.md). Before
+a layer is first touched its original tensor is copied to the CPU; ``restore`` copies those back, so the model
+is bit-exactly as loaded however many sets were applied. The patched state is keyed on the sorted
+(file identity, te weight, unet weight) list: applying an unchanged set costs nothing.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .deltas import LayerDelta
+from .keys import COMPONENT_ATTR, FAMILY_LABEL, module_index
+from .lora_files import LoraFile
+
+# a LoRA whose layers fit this model less than this is taken for another model and skipped whole
+MIN_FIT = 0.5
+_TE_LAYER = re.compile(r"^encoder_layers_(\d+)_")
+
+
+def _label(family: str | None) -> str:
+    return FAMILY_LABEL.get(family or "", family or "unknown")
+
+
+@dataclass
+class _Target:
+    module: Any
+    entries: list[tuple[LayerDelta, float]] = field(default_factory=list)
+
+
+@dataclass
+class _PatchedSet:
+    """A computed patch kept for quick re-activation: the patched tensors (CPU) and what apply reported."""
+
+    tensors: dict[tuple[int, str], tuple[Any, str, torch.Tensor]]
+    warnings: list[str]
+    applied: list[tuple[str, float, float]]
+    te_key: tuple
+    nbytes: int
+
+
+class AdapterPatcher:
+    """LoRA patch state of one ``Components``. Thread-safe; ``apply`` / ``restore`` may be called per job.
+
+    Originals of touched tensors are kept (CPU) until ``release``; the last patched sets are kept too (CPU, in
+    the model's dtype, under ``cache_bytes``) so switching back to a recent set is a copy, not a recompute.
+    Call ``release()`` before the weights are changed by anything else (merge, training, unloading).
+    """
+
+    def __init__(self, components, cache_bytes: int = 512 << 20):
+        self.components = components
+        self.cache_bytes = cache_bytes
+        self._lock = threading.RLock()
+        self._index: dict[str, dict[str, Any]] | None = None
+        self._originals: dict[tuple[int, str], tuple[Any, str, torch.Tensor]] = {}
+        self._dirty: set[tuple[int, str]] = set()
+        self._sets: OrderedDict[tuple, _PatchedSet] = OrderedDict()
+        self._key: tuple = ()
+        self._warnings: list[str] = []
+        self.applied: list[tuple[str, float, float]] = []   # (name, te, unet) of LoRAs actually patched in
+        self._te_key: tuple = ()
+        self.patch_count = 0                                  # sets computed (not counting cache hits)
+
+    # ---- state ---------------------------------------------------------------------------------------------
+    @property
+    def key(self) -> tuple:
+        """The currently patched set: sorted (file identity, te weight, unet weight); () when unpatched."""
+        return self._key
+
+    @property
+    def te_key(self) -> tuple:
+        """The part of ``key`` that changes text-encoder weights: the prompt encoder's cache key component."""
+        return self._te_key
+
+    @property
+    def patched_params(self) -> int:
+        return len(self._dirty)
+
+    def index(self) -> dict[str, dict[str, Any]]:
+        if self._index is None:
+            self._index = module_index(self.components)
+        return self._index
+
+    @staticmethod
+    def set_key(active) -> tuple:
+        return tuple(sorted((lf.ident or str(lf.path), float(te), float(un)) for lf, te, un in active
+                            if te != 0 or un != 0))
+
+    # ---- public --------------------------------------------------------------------------------------------
+    def apply(self, active: list[tuple[LoraFile, float, float]]) -> list[str]:
+        """Make the weights equal original + Σ weight × ΔW for ``active`` [(file, te_weight, unet_weight)].
+
+        Returns warnings (skipped files, missing layers, unknown keys). Weight 0 skips that part."""
+        active = [(lf, float(te), float(un)) for lf, te, un in active if te != 0 or un != 0]
+        key = self.set_key(active)
+        with self._lock, torch.no_grad():
+            if key == self._key:
+                return list(self._warnings)
+            self.restore()
+            if not key:
+                return []
+            cached = self._sets.get(key)
+            if cached is not None:
+                self._sets.move_to_end(key)
+                for okey, (module, attr, tensor) in cached.tensors.items():
+                    self._save_original(okey, module, attr)
+                    getattr(module, attr).data.copy_(tensor)
+                    self._dirty.add(okey)
+            else:
+                cached = self._compute(active)
+                self._remember(key, cached)
+            self._key, self._warnings, self.applied, self._te_key = \
+                key, cached.warnings, cached.applied, cached.te_key
+            return list(cached.warnings)
+
+    def restore(self) -> None:
+        """Put every touched tensor back exactly as loaded (no-op when nothing is patched)."""
+        with self._lock, torch.no_grad():
+            for okey in self._dirty:
+                module, attr, orig = self._originals[okey]
+                getattr(module, attr).data.copy_(orig)
+            self._dirty.clear()
+            self._key, self._warnings, self.applied, self._te_key = (), [], [], ()
+
+    def release(self) -> None:
+        """Restore, then drop the kept originals and cached sets (frees their RAM)."""
+        with self._lock:
+            self.restore()
+            self._originals.clear()
+            self._sets.clear()
+            self._index = None
+
+    # ---- internals -----------------------------------------------------------------------------------------
+    def _plan(self, lf: LoraFile, te: float, un: float, targets: dict, warnings: list[str]) -> bool:
+        """Resolve a file's layers against this model; add them to ``targets`` unless it does not fit."""
+        family = self.components.family
+        if lf.family and lf.family != family:
+            warnings.append(f"LoRA '{lf.name}' is for {_label(lf.family)}; the loaded checkpoint is "
+                            f"{_label(family)} – skipped.")
+            return False
+        index = self.index()
+        found, missing, mismatched, unused = [], 0, 0, 0
+        for (comp, layer), delta in lf.layers.items():
+            module = index.get(comp, {}).get(layer)
+            if module is None and self._unused_te_layer(comp, layer):
+                unused += 1
+            elif module is None:
+                missing += 1
+            elif not delta.fits(tuple(module.weight.shape)):
+                mismatched += 1
+            else:
+                found.append((comp, module, delta))
+        total = len(lf.layers) - unused
+        if total == 0 or len(found) < MIN_FIT * total:
+            hint = f" (made for {_label(lf.family)})" if lf.family else ""
+            warnings.append(f"LoRA '{lf.name}'{hint} does not fit the loaded {_label(family)} checkpoint: only "
+                            f"{len(found)} of {total} layers match – skipped.")
+            return False
+        if missing or mismatched:
+            warnings.append(f"LoRA '{lf.name}': {missing} layers not in this model, {mismatched} with other "
+                            f"shapes – those layers were skipped.")
+        if lf.unknown_keys:
+            warnings.append(f"LoRA '{lf.name}': {len(lf.unknown_keys)} keys not understood (e.g. "
+                            f"{lf.unknown_keys[0]}) – ignored.")
+        for comp, module, delta in found:
+            w = un if comp == "unet" else te
+            if w == 0:
+                continue
+            if delta.shape() is not None:
+                targets.setdefault((id(module), "weight"), _Target(module)).entries.append((delta, w))
+            if "diff_b" in delta.t and getattr(module, "bias", None) is not None:
+                targets.setdefault((id(module), "bias"), _Target(module)).entries.append((delta, w))
+        return True
+
+    def _unused_te_layer(self, comp: str, layer: str) -> bool:
+        """SD2's diffusers text encoder lacks OpenCLIP's last block (SD2 conditions on the penultimate layer):
+        LoRA layers for it have nothing to change and are not worth a warning."""
+        m = _TE_LAYER.match(layer)
+        te = getattr(self.components, COMPONENT_ATTR.get(comp, ""), None)
+        return bool(m and te is not None and int(m.group(1)) >= te.config.num_hidden_layers)
+
+    def _compute(self, active) -> _PatchedSet:
+        warnings: list[str] = []
+        targets: dict[tuple[int, str], _Target] = {}
+        applied, te_key = [], []
+        for lf, te, un in active:
+            if self._plan(lf, te, un, targets, warnings):
+                applied.append((lf.name, te, un))
+                if te != 0 and any(comp != "unet" for comp, _ in lf.layers):
+                    te_key.append((lf.ident or str(lf.path), te))
+        size = sum(getattr(t.module, okey[1]).numel() * getattr(t.module, okey[1]).element_size()
+                   for okey, t in targets.items())
+        keep = size <= self.cache_bytes  # a set too big for the cache is recomputed when it comes back
+        tensors = {}
+        for okey, target in targets.items():
+            patched = self._patch(target, okey, keep)
+            if keep:
+                tensors[okey] = (target.module, okey[1], patched)
+        self.patch_count += 1
+        return _PatchedSet(tensors, warnings, applied, tuple(sorted(te_key)), size if keep else 0)
+
+    def _remember(self, key: tuple, patched: _PatchedSet) -> None:
+        if not patched.tensors:
+            return
+        self._sets[key] = patched
+        while sum(p.nbytes for p in self._sets.values()) > self.cache_bytes:
+            self._sets.popitem(last=False)
+
+    def _save_original(self, okey, module, attr) -> None:
+        if okey not in self._originals:
+            self._originals[okey] = (module, attr, getattr(module, attr).detach().to("cpu", copy=True))
+
+    def _patch(self, target: _Target, okey: tuple[int, str], keep: bool) -> torch.Tensor | None:
+        """Write original + Σ weight × ΔW into one tensor; returns a CPU copy of the result if ``keep``."""
+        attr = okey[1]
+        param = getattr(target.module, attr)
+        self._save_original(okey, target.module, attr)
+        self._dirty.add(okey)
+        # sum every delta in float32 and round once, so several LoRAs on an fp16 layer lose no precision
+        w = param.detach().float()
+        total = torch.zeros_like(w)
+        for delta, weight in target.entries:
+            d = delta.weight_delta(w) if attr == "weight" else delta.bias_delta(w)
+            if d is not None:
+                total += d * weight
+        patched = (w + total).to(param.dtype)
+        param.data.copy_(patched)
+        return patched.to("cpu", copy=True) if keep else None
+
+
+def patcher_for(components) -> AdapterPatcher:
+    """The one patcher of a Components (created on first use, stored on the object so it lives and dies with
+    the loaded model). ``dict.setdefault`` keeps two racing callers on the same patcher."""
+    existing = components.__dict__.get("_adapter_patcher")
+    if existing is not None:
+        return existing
+    return components.__dict__.setdefault("_adapter_patcher", AdapterPatcher(components))
