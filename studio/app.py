@@ -32,7 +32,11 @@ class Studio:
         self.outputs = OutputWriter(settings.outdir)
         self.prompts = PromptEncoder()
         self._tokenizer = None
-        self.engine = Engine(settings, self.manager, self.outputs, prompts=self.prompts)
+        from .adapters import EmbeddingLibrary, LoraLibrary
+        self.loras = LoraLibrary(settings, self.hashes)
+        self.embeddings = EmbeddingLibrary(settings, self.hashes)
+        self.engine = Engine(settings, self.manager, self.outputs, prompts=self.prompts, loras=self.loras,
+                             embeddings=self.embeddings)
 
     def submit(self, request: GenerationRequest, *, task_id: str | None = None) -> Job:
         """Queue a generation; returns the Job at once (progress, preview, interrupt, wait)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from pathlib import Path
 import time
 from typing import Any
 
@@ -52,8 +53,11 @@ class Engine:
     """Turns requests into images. Call it from the job queue (``Studio.submit``) so jobs never overlap."""
 
     def __init__(self, settings: Settings, manager: PipelineManager, outputs: OutputWriter,
-                 upscalers: Upscalers | None = None, prompts: PromptEncoder | None = None):
+                 upscalers: Upscalers | None = None, prompts: PromptEncoder | None = None,
+                 loras: Any = None, embeddings: Any = None):
         self.settings = settings
+        self.loras = loras
+        self.embeddings = embeddings
         self.manager = manager
         self.outputs = outputs
         self.upscalers = upscalers or Upscalers()
@@ -139,12 +143,15 @@ class Engine:
                 result.vae_name, result.vae_hash = loaded.vae_info.name, loaded.vae_info.short_hash or ""
             prompt, networks = extract_extra_networks(request.prompt)
             negative, _ = extract_extra_networks(request.negative_prompt)
-            for net in networks:
-                result.warnings.append(f"Extra network <{net.kind}:{net.name}> is not available yet and was ignored.")
+            adapter_key, lora_hashes = self._activate_networks(loaded, networks, result.warnings)
+            embeddings = self._embeddings(loaded)
+            used_embeddings: set[str] = set()
 
             def conds(steps: int, text: str = prompt, neg: str = negative) -> Conditioning:
-                return self.prompts.encode(loaded.components, text, neg, steps=steps, clip_skip=request.clip_skip,
-                                           state_key=loaded.key)
+                cond = self.prompts.encode(loaded.components, text, neg, steps=steps, clip_skip=request.clip_skip,
+                                           state_key=(loaded.key, adapter_key), embeddings=embeddings)
+                used_embeddings.update(cond.embeddings_used)
+                return cond
 
             total = len(seeds)
             for batch in range(request.n_iter):
@@ -160,11 +167,49 @@ class Engine:
                     images = run.img2img(prepared, conds, sampler, schedule)
                 if ctx.skipped:
                     ctx.clear_skip()
+                if lora_hashes:
+                    run.infotext["Lora hashes"] = lora_hashes
+                if used_embeddings and self.embeddings is not None:
+                    pairs = [(n, self.embeddings.hash(n)) for n in sorted(used_embeddings)]
+                    run.infotext["TI hashes"] = self.loras.infotext_hashes([p for p in pairs if p[1]])
                 for i, image in enumerate(images):
                     self._finish_image(result, request, image, seeds[lo + i], subseeds[lo + i], loaded, sampler,
                                        schedule, run.infotext)
             result.interrupted = bool(ctx.interrupted)
         return result
+
+    def _activate_networks(self, loaded: Loaded, networks: list, warnings: list[str]) -> tuple[tuple, str]:
+        """Patch the job's LoRAs into the live weights (an unchanged set costs nothing); (te state, hashes)."""
+        from .adapters import patcher_for
+
+        loras = [n for n in networks if n.kind == "lora"]
+        for net in networks:
+            if net.kind != "lora":
+                warnings.append(f"<{net.kind}:{net.name}> is not supported by this studio and was ignored.")
+        if self.loras is None:
+            return (), ""
+        try:
+            tags = [(n.name, n.te_weight, n.unet_weight) for n in loras]
+        except ValueError:
+            raise StudioError("A <lora:name:weight> tag has a weight that is not a number.", field="prompt",
+                              fix="write it like <lora:name:0.8>") from None
+        active, warns = self.loras.resolve(tags)
+        patcher = patcher_for(loaded.components)
+        warns += patcher.apply(active)
+        warnings.extend(w for w in warns if w not in warnings)
+        applied = {name for name, _, _ in patcher.applied}
+        pairs = []
+        for net in loras:  # A1111 lists each LoRA by the name written in the prompt
+            info = self.loras.find(net.name)
+            if info is not None and Path(info.path).stem in applied:
+                pairs.append((net.name, self.loras.hash(info)))
+        return patcher.te_key, self.loras.infotext_hashes(pairs) if pairs else ""
+
+    def _embeddings(self, loaded: Loaded) -> dict:
+        if self.embeddings is None:
+            return {}
+        fitted, _skipped = self.embeddings.for_model(loaded.components)
+        return fitted
 
     def _finish_image(self, result: GenerationResult, request: GenerationRequest, image: Any, seed: int,
                       subseed: int, loaded: Loaded, sampler: str, schedule: str, extra: dict) -> None:

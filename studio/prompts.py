@@ -30,7 +30,7 @@ class _Chunk:
 
 def _embedding_vectors(embedding: Any, encoder_index: int) -> torch.Tensor:
     """The vectors of a textual-inversion embedding for text encoder 0 (CLIP-L / SD2) or 1 (SDXL bigG)."""
-    return embedding.vectors_for(encoder_index)
+    return embedding.vectors["text_encoder" if encoder_index == 0 else "text_encoder_2"]
 
 
 class _TextModel:
@@ -161,6 +161,7 @@ class Conditioning:
     positive: list[tuple[int, torch.Tensor, torch.Tensor | None]]   # (end_step, embeds [1,77n,d], pooled)
     negative: list[tuple[int, torch.Tensor, torch.Tensor | None]]
     xl: bool
+    embeddings_used: set = field(default_factory=set)   # textual-inversion names found in the texts
 
     @staticmethod
     def _at(schedule: list, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -220,7 +221,7 @@ class PromptEncoder:
 
     @torch.no_grad()
     def _encode_text(self, components: Any, key: tuple, text: str, clip_skip: int,
-                     embeddings: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     embeddings: dict) -> tuple[torch.Tensor, torch.Tensor | None, frozenset]:
         cache_key = (key, text, clip_skip)
         hit = self._cache.get(cache_key)
         if hit is not None:
@@ -229,8 +230,10 @@ class PromptEncoder:
         xl = components.family in ("sdxl", "sdxl_refiner")
         per_model = []
         pooled = None
+        used: set[str] = set()
         for model in self._models(components, embeddings):
             chunks, _ = model.chunks(text)
+            used.update(emb.name for chunk in chunks for _, emb in chunk.fixes)
             zs = []
             for i, chunk in enumerate(chunks):
                 z, p = model.encode(chunk, clip_skip, xl)
@@ -243,10 +246,10 @@ class PromptEncoder:
         for zs in per_model:  # SDXL encoders may chunk differently (embeddings): repeat the last chunk
             zs.extend([zs[-1]] * (n - len(zs)))
         z = torch.cat([torch.cat(zs, dim=-1) for zs in zip(*per_model)], dim=1)
-        self._cache[cache_key] = (z, pooled)
+        self._cache[cache_key] = (z, pooled, frozenset(used))
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
-        return z, pooled
+        return z, pooled, frozenset(used)
 
     def encode(self, components: Any, prompt: str, negative: str, *, steps: int, clip_skip: int = 1,
                state_key: tuple = (), embeddings: dict | None = None) -> Conditioning:
@@ -257,16 +260,20 @@ class PromptEncoder:
         """
         embeddings = embeddings or {}
         key = (id(components), state_key, tuple(sorted(embeddings)))
-        sides = []
+        sides, used = [], set()
         for text in (prompt, negative):
-            sides.append([(end, *self._encode_text(components, key, t, clip_skip, embeddings))
-                          for end, t in prompt_schedule(text, steps)])
+            side = []
+            for end, t in prompt_schedule(text, steps):
+                z, pooled, names = self._encode_text(components, key, t, clip_skip, embeddings)
+                used |= names
+                side.append((end, z, pooled))
+            sides.append(side)
         # every tensor must have the same length for CFG batching: pad with the empty prompt's chunk
         longest = max(z.shape[1] for side in sides for _, z, _ in side)
         if any(z.shape[1] != longest for side in sides for _, z, _ in side):
-            empty, _ = self._encode_text(components, key, "", clip_skip, embeddings)
+            empty = self._encode_text(components, key, "", clip_skip, embeddings)[0]
             sides = [[(end, _pad(z, longest, empty), p) for end, z, p in side] for side in sides]
-        return Conditioning(sides[0], sides[1], components.family in ("sdxl", "sdxl_refiner"))
+        return Conditioning(sides[0], sides[1], components.family in ("sdxl", "sdxl_refiner"), used)
 
     def clear(self) -> None:
         self._cache.clear()

@@ -1,0 +1,271 @@
+"""Checkpoint merger: weighted sum, add difference, no interpolation; block weights; fp16; VAE bake; discard.
+
+Behaves like A1111's ``run_modelmerger`` (extras.py) where that is defined: only keys containing ``model``
+merge, keys missing from B (or C) keep A's value, a 9-/8-channel A with a 4-channel B merges the first four
+input channels of ``input_blocks.0.0`` only, fp16 halves float32 tensors, a baked VAE replaces A's
+``first_stage_model.*`` tensors, the discard regex drops keys from the result, and the metadata carries
+``sd_merge_recipe`` / ``sd_merge_models``. Unlike A1111 nothing is held in memory: each output tensor is
+computed from one tensor per input and appended to the output file (see stio.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import StudioError
+from .blocks import multiplier_for, parse_block_weights
+from .sources import family_label, family_of, open_checkpoint, output_path, vae_tensors
+from .stio import TensorInfo, temp_path, write_streaming
+
+METHODS = {"weighted_sum": "Weighted sum", "add_difference": "Add difference", "no_interpolation": "No interpolation"}
+FORMATS = ("safetensors", "diffusers")
+INPUT_CONV = "model.diffusion_model.input_blocks.0.0.weight"
+SKIP_ON_MERGE = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class MergeSpec:
+    """What to merge. Model names are anything the registry resolves (name, title, stem, hash)."""
+
+    a: str
+    b: str | None = None
+    c: str | None = None
+    method: str = "weighted_sum"            # weighted_sum | add_difference | no_interpolation
+    multiplier: float = 0.5                 # M
+    block_weights: list[float] | str | None = None   # 25 values (IN00–IN11, M00, OUT00–OUT11) or a preset name
+    te_multiplier: float | None = None      # text encoder multiplier (default: M)
+    output_name: str = ""                   # default: derived from the inputs like A1111
+    output_format: str = "safetensors"      # safetensors (single file, LDM layout) | diffusers (folder)
+    fp16: bool = False
+    bake_vae: str | None = None             # a models/VAE name
+    discard: str = ""                       # regex; matching keys are left out of the result
+    save_metadata: bool = True
+    overwrite: bool = False
+
+
+@dataclass
+class _Plan:
+    action: str                  # copy | merge | inpaint | vae
+    info: TensorInfo             # output dtype and shape
+    m: float = 0.0
+
+
+@dataclass
+class MergeReport:
+    """What happened besides the formula (shown to the user)."""
+
+    copied_from_a: list[str] = field(default_factory=list)     # missing / mismatched in B or C
+    discarded: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _validate(spec: MergeSpec) -> tuple[re.Pattern | None, list[float] | None]:
+    if spec.method not in METHODS:
+        raise StudioError(f"Unknown merge method {spec.method!r}.", field="method", fix=f"use one of {', '.join(METHODS)}")
+    if spec.method != "no_interpolation" and not spec.b:
+        raise StudioError(f"{METHODS[spec.method]} needs model B.", field="model_b", fix="choose model B")
+    if spec.method == "add_difference" and not spec.c:
+        raise StudioError("Add difference needs model C (A + (B − C) × M).", field="model_c", fix="choose model C")
+    if spec.output_format not in FORMATS:
+        raise StudioError(f"Unknown output format {spec.output_format!r}.", field="output_format",
+                          fix="use safetensors or diffusers")
+    try:
+        discard = re.compile(spec.discard) if spec.discard else None
+    except re.error as e:
+        raise StudioError(f"The discard pattern {spec.discard!r} is not a valid regex ({e}).", field="discard",
+                          fix="fix the regular expression, or leave it empty") from None
+    weights = parse_block_weights(spec.block_weights) if spec.block_weights not in (None, "", []) else None
+    return discard, weights
+
+
+def _default_name(spec: MergeSpec, infos: list) -> str:
+    stem = [Path(i.model_name).name for i in infos]
+    if spec.method == "no_interpolation":
+        return f"{stem[0]}-converted"
+    m = round(spec.multiplier, 2)
+    return f"{stem[0]}_{round(1 - m, 2)}-{stem[1]}_{m}-{spec.method}-merged"
+
+
+def _out_dtype(dtype: torch.dtype, fp16: bool) -> torch.dtype:
+    # A1111's to_half touches float32 only; float64 joins it here (never useful in a checkpoint)
+    return torch.float16 if fp16 and dtype in (torch.float32, torch.float64) else dtype
+
+
+def _plan(spec, srcs, vae, weights, discard, report) -> dict[str, _Plan]:
+    a, b, c = srcs
+    plan: dict[str, _Plan] = {}
+    interp = spec.method != "no_interpolation"
+    for key, ia in a.infos.items():
+        if discard is not None and discard.search(key):
+            report.discarded.append(key)
+            continue
+        if vae is not None and key.startswith("first_stage_model.") and key[18:] in vae:
+            v = vae[key[18:]]
+            if v.numel() == math.prod(ia.shape):  # LDM stores the mid attention as 1x1 convs, some VAEs as linears
+                plan[key] = _Plan("vae", TensorInfo(_out_dtype(v.dtype, spec.fp16), ia.shape))
+                continue
+            report.notes.append(f"VAE tensor {key} has another shape; kept model A's")
+        out = _Plan("copy", TensorInfo(_out_dtype(ia.dtype, spec.fp16), ia.shape))
+        plan[key] = out
+        if not interp or "model" not in key or key in SKIP_ON_MERGE or not ia.is_float:
+            continue
+        others = [s.infos.get(key) for s in (b, c) if s is not None]
+        if any(o is None for o in others):
+            report.copied_from_a.append(key)
+            continue
+        m = multiplier_for(key, spec.multiplier, weights, spec.te_multiplier)
+        shapes = {o.shape for o in others}
+        dtype = torch.promote_types(ia.dtype, others[0].dtype)
+        if len(shapes) == 1 and shapes == {ia.shape}:
+            plan[key] = _Plan("merge", TensorInfo(_out_dtype(dtype, spec.fp16), ia.shape), m)
+        elif key == INPUT_CONV and len(shapes) == 1 and ia.shape[1] in (8, 9) and others[0].shape[1] == 4 \
+                and ia.shape[:1] + ia.shape[2:] == others[0].shape[:1] + others[0].shape[2:]:
+            plan[key] = _Plan("inpaint", TensorInfo(_out_dtype(dtype, spec.fp16), ia.shape), m)
+            report.notes.append(f"model A has {ia.shape[1]} input channels: only the first 4 of {key} were merged")
+        elif key == INPUT_CONV and ia.shape[1] == 4 and any(o.shape[1] in (8, 9) for o in others):
+            raise StudioError("When merging an inpainting (or instruct-pix2pix) model with a normal one, the "
+                              "inpainting model must be model A.", field="model_a", fix="swap models A and B")
+        else:
+            report.copied_from_a.append(key)
+    return plan
+
+
+def _compute(key: str, p: _Plan, srcs, vae, method: str) -> torch.Tensor:
+    a, b, c = srcs
+    ta = a.get(key)
+    if p.action == "copy":
+        return ta.to(p.info.dtype)
+    if p.action == "vae":
+        return vae[key[18:]].reshape(p.info.shape).to(p.info.dtype)
+    work = torch.float64 if ta.dtype == torch.float64 else torch.float32
+    x, y = ta.to(work), b.get(key).to(work)
+    z = c.get(key).to(work) if method == "add_difference" else None
+    part = slice(None) if p.action == "merge" else (slice(None), slice(0, 4))
+    if method == "weighted_sum":
+        x[part] = x[part] * (1 - p.m) + y * p.m
+    else:
+        x[part] = x[part] + (y - z) * p.m
+    return x.to(p.info.dtype)
+
+
+def _metadata(spec, infos, srcs, registry, weights, out_name, report) -> dict[str, str]:
+    meta = {"format": "pt"}
+    if not spec.save_metadata:
+        return meta
+    hashes = [registry.ensure_hash(i) if i is not None else None for i in infos]
+    in_ch = srcs[0].infos.get(INPUT_CONV)
+    recipe = {
+        "type": "webui",  # the value A1111 writes: tools that read sd_merge_recipe look for it
+        "primary_model_hash": hashes[0], "secondary_model_hash": hashes[1], "tertiary_model_hash": hashes[2],
+        "primary_model": infos[0].name, "secondary_model": infos[1].name if infos[1] else None,
+        "tertiary_model": infos[2].name if infos[2] else None,
+        "interp_method": METHODS[spec.method], "method": spec.method, "multiplier": spec.multiplier,
+        "block_weights": weights, "te_multiplier": spec.te_multiplier, "save_as_half": spec.fp16,
+        "custom_name": out_name, "bake_in_vae": spec.bake_vae or "None", "discard_weights": spec.discard,
+        "is_inpainting": bool(in_ch and in_ch.shape[1] == 9 and spec.method != "no_interpolation"),
+        "is_instruct_pix2pix": bool(in_ch and in_ch.shape[1] == 8 and spec.method != "no_interpolation"),
+    }
+    models: dict = {}
+    for info, sha, src in zip(infos, hashes, srcs):
+        if info is None:
+            continue
+        legacy = registry.hashes.get_or_compute(info.path, "legacy") if info.kind == "file" else None
+        own = _json_or_none(src.metadata.get("sd_merge_recipe"))
+        models[sha] = {"name": info.name, "legacy_hash": legacy, "sd_merge_recipe": own}
+        models.update(_json_or_none(src.metadata.get("sd_merge_models")) or {})
+    meta["sd_merge_recipe"] = json.dumps(recipe)
+    meta["sd_merge_models"] = json.dumps(models)
+    return meta
+
+
+def _json_or_none(text):
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
+def merge_checkpoints(spec: MergeSpec, registry, settings, progress: Progress | None = None,
+                      report: MergeReport | None = None) -> Path:
+    """Merge per ``spec`` into ``models/Stable-diffusion``; returns the new file (or folder) path.
+
+    ``progress(done, total, text)`` is called once per output tensor. ``report`` (optional) collects keys
+    copied from A, discarded keys and notes. The registry is refreshed so the result is listed at once."""
+    report = report if report is not None else MergeReport()
+    discard, weights = _validate(spec)
+    infos = [registry.find_checkpoint(spec.a, "model_a"),
+             registry.find_checkpoint(spec.b, "model_b") if spec.b and spec.method != "no_interpolation" else None,
+             registry.find_checkpoint(spec.c, "model_c") if spec.c and spec.method == "add_difference" else None]
+    ext = ".safetensors" if spec.output_format == "safetensors" else None
+    out_name = spec.output_name or _default_name(spec, [i for i in infos if i])
+    dest = output_path(settings.ckpt_path, out_name, ext=ext, overwrite=spec.overwrite)
+    srcs = [open_checkpoint(i) if i is not None else None for i in infos]
+    try:
+        fams = [family_of(s, i.name) if s is not None else None for s, i in zip(srcs, infos)]
+        for fam, info, label in zip(fams[1:], infos[1:], ("model_b", "model_c")):
+            if fam is not None and fam != fams[0]:
+                raise StudioError(f"Model {label[-1].upper()} {info.name!r} is {family_label(fam)} but model A "
+                                  f"{infos[0].name!r} is {family_label(fams[0])}; only models of one family merge.",
+                                  field=label, fix=f"pick a {family_label(fams[0])} model")
+        vae = vae_tensors(registry, spec.bake_vae) if spec.bake_vae and spec.bake_vae != "None" else None
+        plan = _plan(spec, srcs, vae, weights, discard, report)
+        meta = _metadata(spec, infos, srcs, registry, weights, dest.name, report)
+        total, done = len(plan), [0]
+
+        def produce(key):
+            t = _compute(key, plan[key], srcs, vae, spec.method)
+            done[0] += 1
+            if progress:
+                progress(done[0], total, key)
+            return t
+
+        if spec.output_format == "safetensors":
+            write_streaming(dest, {k: p.info for k, p in plan.items()}, produce, meta)
+        else:
+            single = dest.with_name(f".{dest.name}.{os.getpid()}.single.safetensors")  # the loader wants the suffix
+            try:
+                write_streaming(single, {k: p.info for k, p in plan.items()}, produce, meta)
+                _to_diffusers(single, dest, spec.fp16, meta)
+            finally:
+                single.unlink(missing_ok=True)
+    finally:
+        for s in srcs:
+            if s is not None:
+                s.close()
+    if report.copied_from_a:
+        report.notes.append(f"{len(report.copied_from_a)} tensors are missing or shaped differently in B/C and "
+                            f"were copied from A (e.g. {report.copied_from_a[0]})")
+    registry.refresh()
+    return dest
+
+
+def _to_diffusers(single: Path, dest: Path, fp16: bool, meta: dict) -> None:
+    """Re-express a written single file as a diffusers folder (loads it whole: folders are not streamed)."""
+    from ..demo import write_diffusers_folder
+    from ..loading.single_file import load_single_file
+
+    comps = load_single_file(single, dtype=torch.float16 if fp16 else torch.float32)
+    tmp = temp_path(dest)
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_diffusers_folder(comps, tmp)
+    if "sd_merge_recipe" in meta:
+        (tmp / "sd_merge_recipe.json").write_text(json.dumps({k: _json_or_none(v) or v for k, v in meta.items()},
+                                                             indent=1))
+    if dest.exists():  # overwrite was allowed: move the old one aside first so the swap is one rename
+        old = temp_path(dest.with_name(dest.name + ".old"))
+        os.replace(dest, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, dest)
+
+
+def spec_dict(spec: MergeSpec) -> dict:
+    return asdict(spec)

@@ -1,0 +1,199 @@
+"""Streaming safetensors I/O: read one tensor at a time, write a file whose header is known up front.
+
+Inputs are read with ``os.pread`` into a fresh buffer per tensor rather than through a memory map: pages of a
+mapped file that were touched count towards the process' resident set until the kernel reclaims them, so a
+merge over two 7 GB files would *look* like it holds 14 GB. ``pread`` goes through the page cache too (same
+speed when warm) but leaves nothing mapped. Output is written in one pass: the header (every name, dtype,
+shape and offset) is computed from the input headers before the first tensor is merged.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..loading.ldm_config import normalize_keys
+from ..loading.state_dict import read_header
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES[dtype]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+class TensorSource:
+    """Named tensors read lazily. ``infos`` is known without reading data; ``get`` returns a CPU tensor."""
+
+    infos: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+    def get(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class SafetensorsSource(TensorSource):
+    """A .safetensors file read tensor by tensor (keys normalised like the loader does)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        header, self.metadata = read_header(self.path)
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+        self._base = 8 + n
+        renamed = normalize_keys({k: k for k in header})     # new name -> stored name
+        self._entries = {new: header[old] for new, old in renamed.items()}
+        self.infos = {k: TensorInfo(DTYPES[e["dtype"]], tuple(e["shape"])) for k, e in self._entries.items()}
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def get(self, key: str) -> torch.Tensor:
+        e = self._entries[key]
+        start, end = e["data_offsets"]
+        info = self.infos[key]
+        buf = bytearray(end - start)
+        view, done = memoryview(buf), 0
+        while done < len(buf):  # pread may return less than asked for
+            got = os.preadv(self._fd, [view[done:]], self._base + start + done)
+            if got <= 0:
+                raise OSError(f"{self.path} ended early while reading {key}")
+            done += got
+        if not buf:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class DictSource(TensorSource):
+    """Tensors already in memory (pickled .ckpt files, diffusers folders converted to LDM keys)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
+        self._t = tensors
+        self.metadata = dict(metadata or {})
+        self.infos = {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._t[key].detach().cpu()
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().cpu().contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class StreamWriter:
+    """Write a .safetensors file tensor by tensor, in the order of ``plan`` (name -> TensorInfo).
+
+    The header is written first; ``write`` must then be called once per planned name, in order. Writes go to
+    ``path`` as given: callers pass a temp path and rename it when ``close`` returned.
+    """
+
+    def __init__(self, path: str | os.PathLike, plan: dict[str, TensorInfo], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self._order = list(plan)
+        header: dict = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        offset = 0
+        for name, info in plan.items():
+            header[name] = {"dtype": dtype_name(info.dtype), "shape": list(info.shape),
+                            "data_offsets": [offset, offset + info.nbytes]}
+            offset += info.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as safetensors does
+        self._plan = plan
+        self._next = 0
+        self._f = open(self.path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)))
+        self._f.write(raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expect = self._order[self._next] if self._next < len(self._order) else None
+        if name != expect:
+            raise ValueError(f"tensor {name!r} written out of order (expected {expect!r})")
+        info = self._plan[name]
+        if tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
+            raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, planned {info.dtype} {info.shape}")
+        self._f.write(_tensor_bytes(tensor))
+        self._next += 1
+
+    def close(self) -> None:
+        """Flush to disk; raises if tensors are missing (a partial file must never be renamed into place)."""
+        if self._f.closed:
+            return
+        try:
+            if self._next != len(self._order):
+                raise ValueError(f"only {self._next} of {len(self._order)} tensors were written")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        finally:
+            self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()
+        self.path.unlink(missing_ok=True)
+
+
+def write_streaming(path, plan: dict[str, TensorInfo], produce, metadata=None) -> None:
+    """Write ``plan`` to ``path`` atomically, asking ``produce(name)`` for each tensor in order."""
+    path = Path(path)
+    tmp = temp_path(path)
+    w = StreamWriter(tmp, plan, metadata)
+    try:
+        for name in plan:
+            w.write(name, produce(name))
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        w.abort()
+        raise
+
+
+def temp_path(path: Path) -> Path:
+    """A hidden sibling (the registry skips dot-files) so a crash never leaves a half file in the list."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def save_small(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Atomically write a small in-memory state dict (LoRA outputs) with the same writer."""
+    plan = {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    write_streaming(path, plan, tensors.__getitem__, metadata)

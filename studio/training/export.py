@@ -1,0 +1,194 @@
+"""Write what was trained in the ecosystem's formats: kohya LoRA / LyCORIS ``.safetensors`` with ``ss_*`` /
+``sshs_*`` / ``modelspec.*`` metadata, and A1111 embeddings. Files appear atomically (temp + os.replace).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import write_with
+from .config import TrainConfig
+
+BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
+_LORA = ("lora_A", "lora_B")
+_LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+_LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
+@dataclass
+class RunInfo:
+    """Facts about the run that go into the metadata."""
+
+    family: str = "sd1"
+    prediction: str = "epsilon"
+    steps: int = 0
+    epoch: int = 0
+    num_train_images: int = 0
+    tag_frequency: dict = field(default_factory=dict)
+    dataset_dirs: dict = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    base_hash: str = ""          # full sha256 of the base checkpoint file
+    base_legacy_hash: str = ""   # A1111's old 8-hex hash
+
+
+# ---- tensor names --------------------------------------------------------------------------------------------
+def _unet_name(name: str, family: str, unet) -> str:
+    if family.startswith("sdxl"):
+        # SDXL kohya files name UNet modules in the original (LDM) layout
+        from ..loading.ldm_export import UNET_RESNET, UNET_TOP, _map_key, _unet_prefix_map
+        name = _map_key(name + ".", {**UNET_TOP, **_unet_prefix_map(unet.config)}, UNET_RESNET)[:-1]
+    return "lora_unet_" + name.replace(".", "_")
+
+
+def _te_name(name: str, part: str, family: str) -> str:
+    prefix = {"text_encoder": "lora_te1_" if family.startswith("sdxl") else "lora_te_",
+              "text_encoder_2": "lora_te2_"}[part]
+    # kohya names text-encoder modules with ``text_model_`` even where transformers 5 dropped the wrapper
+    name = name if name.startswith("text_model.") else "text_model." + name
+    return prefix + name.replace(".", "_")
+
+
+def _tensors_of(module, adapter: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for attr in _LORA + _LOHA + _LOKR:
+        holder = getattr(module, attr, None)
+        if holder is None or adapter not in holder:
+            continue
+        t = holder[adapter]
+        out[attr] = (t.weight if isinstance(t, torch.nn.Module) else t).detach().float().cpu()
+    return out
+
+
+def network_state_dict(modules: dict[str, Any], family: str, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """kohya / LyCORIS tensors for every peft-injected layer of ``modules`` ("unet", "text_encoder", ...).
+
+    Alphas are written so that alpha / rank (as A1111, LyCORIS and our adapter engine read it) equals peft's
+    scaling; a LoKr layer with no decomposed factor is read with scale 1, so its scaling is baked into w2."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out: dict[str, torch.Tensor] = {}
+    for part, model in modules.items():
+        for name, module in model.named_modules():
+            if not isinstance(module, BaseTunerLayer):
+                continue
+            t = _tensors_of(module, adapter)
+            if not t:
+                continue
+            key = _unet_name(name, family, model) if part == "unet" else _te_name(name, part, family)
+            scaling = float(module.scaling[adapter])
+            if "lora_A" in t:
+                out[f"{key}.lora_down.weight"] = t["lora_A"]
+                out[f"{key}.lora_up.weight"] = t["lora_B"]
+                rank = t["lora_A"].shape[0]
+            elif "hada_w1_a" in t:
+                out.update({f"{key}.{k}": v for k, v in t.items()})
+                rank = t["hada_w1_b"].shape[0]
+            else:
+                rank = next((t[k].shape[0] for k in ("lokr_w1_b", "lokr_w2_b") if k in t), None)
+                if rank is None:
+                    t["lokr_w2"] = t["lokr_w2"] * scaling
+                    rank, scaling = 1, 1.0
+                out.update({f"{key}.{k}": v for k, v in t.items()})
+            out[f"{key}.alpha"] = torch.tensor(scaling * rank, dtype=torch.float32)
+    return out
+
+
+# ---- hashes --------------------------------------------------------------------------------------------------
+def tensor_bytes_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """(addnet hash, legacy hash) as kohya precomputes them: over the file with only the ``ss_*`` metadata.
+
+    The addnet hash covers only the bytes after the header, so it equals ``hashes.addnet_hash_raw`` of the
+    written file whatever other metadata it carries."""
+    from safetensors.torch import save
+    data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    n = struct.unpack("<Q", data[:8])[0]
+    addnet = hashlib.sha256(data[8 + n:]).hexdigest()
+    legacy = hashlib.sha256(io.BytesIO(data).getbuffer()[0x100000:0x110000]).hexdigest()[:8]
+    return addnet, legacy
+
+
+def base_hashes(path: str) -> tuple[str, str]:
+    from ..hashes import legacy_model_hash, sha256_file
+    if not os.path.isfile(path):
+        return "", ""
+    return sha256_file(path), legacy_model_hash(path)
+
+
+# ---- metadata ------------------------------------------------------------------------------------------------
+def lora_metadata(cfg: TrainConfig, info: RunInfo) -> dict[str, str]:
+    v = info.prediction == "v_prediction"
+    args = {"conv_dim": cfg.conv_rank, "conv_alpha": cfg.conv_alpha} if cfg.conv_rank or cfg.method == "locon" else {}
+    if cfg.method in ("loha", "lokr"):
+        args["algo"] = cfg.method
+    base = BASE_VERSION.get(info.family, info.family) + ("_v" if v and info.family == "sd2" else "")
+    kind = "textual-inversion" if cfg.is_ti else "lora"
+    meta = {
+        "ss_network_module": cfg.network_module, "ss_network_dim": str(cfg.rank), "ss_network_alpha": str(cfg.alpha),
+        "ss_network_args": json.dumps(args), "ss_base_model_version": base, "ss_v2": str(info.family == "sd2"),
+        "ss_resolution": f"({cfg.resolution}, {cfg.resolution})", "ss_learning_rate": str(cfg.learning_rate),
+        "ss_unet_lr": str(cfg.lr_for("unet")), "ss_text_encoder_lr": str(cfg.lr_for("text_encoder")),
+        "ss_optimizer": cfg.optimizer, "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_num_train_images": str(info.num_train_images), "ss_num_epochs": str(cfg.epochs),
+        "ss_steps": str(info.steps), "ss_epoch": str(info.epoch), "ss_seed": str(cfg.seed),
+        "ss_mixed_precision": cfg.mixed_precision, "ss_clip_skip": str(cfg.clip_skip),
+        "ss_noise_offset": str(cfg.noise_offset), "ss_min_snr_gamma": str(cfg.min_snr_gamma),
+        "ss_tag_frequency": json.dumps(info.tag_frequency), "ss_dataset_dirs": json.dumps(info.dataset_dirs),
+        "ss_sd_model_name": Path(cfg.base_model).name, "ss_sd_model_hash": info.base_legacy_hash,
+        "ss_new_sd_model_hash": info.base_hash, "ss_training_started_at": str(info.started_at),
+        "ss_training_finished_at": str(info.finished_at or time.time()),
+        "ss_training_comment": f"trained by the studio ({cfg.method})",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{ARCH.get(info.family, info.family)}{'-v' if v else ''}/{kind}",
+        "modelspec.implementation": "diffusers", "modelspec.title": cfg.output_name,
+        "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(info.finished_at or time.time())),
+        "modelspec.prediction_type": "v" if v else "epsilon",
+    }
+    trigger = cfg.token if cfg.is_ti else (cfg.instance_prompt.split()[0] if cfg.instance_prompt else "")
+    if not trigger:
+        top = [t for freq in info.tag_frequency.values() for t in list(freq)[:1]]
+        trigger = top[0] if top else ""
+    if trigger:
+        meta["modelspec.trigger_phrase"] = trigger
+    return meta
+
+
+def _cast(tensors: dict[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
+    return {k: (v.to(dtype) if v.is_floating_point() and not k.endswith(".alpha") else v).contiguous()
+            for k, v in tensors.items()}
+
+
+def save_lora(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+              dtype=torch.float32) -> Path:
+    """Write a kohya-format file with the hashes filled in, atomically."""
+    from safetensors.torch import save_file
+    tensors = _cast(tensors, dtype)
+    addnet, legacy = tensor_bytes_hashes(tensors, metadata)
+    metadata = {**metadata, "sshs_model_hash": addnet, "sshs_legacy_hash": legacy}
+    return write_with(path, lambda p: save_file(tensors, p, metadata=metadata))
+
+
+def save_embedding(path: str | os.PathLike, rows: torch.Tensor | dict[str, torch.Tensor],
+                   metadata: dict[str, str] | None = None) -> Path:
+    """A1111-loadable embedding: ``emb_params`` [n, dim], or SDXL ``clip_l`` / ``clip_g`` given as a dict."""
+    from safetensors.torch import save_file
+    tensors = rows if isinstance(rows, dict) else {"emb_params": rows}
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    return write_with(path, lambda p: save_file(tensors, p, metadata=metadata or {}))
+
+
+def output_path(cfg: TrainConfig, step: int | None = None) -> Path:
+    """``<output_dir>/<name>.safetensors``; intermediate saves get a kohya-style ``-000123`` step suffix."""
+    suffix = f"-{step:06d}" if step is not None else ""
+    return Path(cfg.output_dir) / f"{cfg.output_name}{suffix}.safetensors"

@@ -1,0 +1,36 @@
+"""Optimizer and learning-rate scheduler from the config (per-part learning rates as param groups)."""
+from __future__ import annotations
+
+from ..errors import StudioError
+from .config import TrainConfig
+
+
+def make_optimizer(cfg: TrainConfig, params: dict[str, list]):
+    """``params``: part ("unet", "text_encoder", "text_encoder_2") -> parameters."""
+    wd = 0.0 if cfg.is_ti else cfg.weight_decay  # TI: the restore after each step would fight weight decay anyway
+    groups = [{"params": ps, "lr": cfg.lr_for("unet" if part == "unet" else "text_encoder")}
+              for part, ps in params.items() if ps]
+    if not groups:
+        raise StudioError("Nothing to train.", field="network.train_unet", fix="enable the UNet or text encoder")
+    name = cfg.optimizer
+    if name == "AdamW":
+        import torch
+        return torch.optim.AdamW(groups, weight_decay=wd)
+    if name == "Adafactor":
+        from transformers.optimization import Adafactor
+        return Adafactor(groups, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=wd)
+    if name == "Prodigy":
+        import prodigyopt
+        return prodigyopt.Prodigy(groups, weight_decay=wd)
+    if name in ("AdamW8bit", "Lion8bit"):
+        import bitsandbytes as bnb
+        cls = bnb.optim.AdamW8bit if name == "AdamW8bit" else bnb.optim.Lion8bit
+        return cls(groups, weight_decay=wd)
+    raise StudioError(f"Unknown optimizer {name!r}.", field="optimizer.optimizer", fix="use AdamW")
+
+
+def make_scheduler(cfg: TrainConfig, optimizer, total_steps: int, num_processes: int = 1):
+    from diffusers.optimization import get_scheduler
+    # accelerate steps a prepared scheduler once per process per optimizer step (as diffusers' examples count)
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * num_processes,
+                         num_training_steps=total_steps * num_processes, num_cycles=cfg.lr_num_cycles)

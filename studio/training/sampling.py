@@ -1,0 +1,106 @@
+"""Sample images during training from a kohya-style prompt list, with the weights being trained.
+
+The pipeline is a view over the training modules (no reload, no copy). Line format:
+``a photo of sks dog --n blurry --w 512 --h 512 --d 1 --l 7.5 --s 20`` (negative, width, height, seed, CFG, steps).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_OPT = re.compile(r"\s--(\w+)\s*")
+
+
+@dataclass
+class SamplePrompt:
+    prompt: str
+    negative: str = ""
+    width: int = 512
+    height: int = 512
+    seed: int = 0
+    cfg: float = 7.0
+    steps: int = 20
+
+
+def parse_prompt_line(line: str, *, width: int = 512, height: int = 512, steps: int = 20, seed: int = 0
+                      ) -> SamplePrompt | None:
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return None
+    parts = _OPT.split(" " + line)
+    sp = SamplePrompt(parts[0].strip(), width=width, height=height, steps=steps, seed=seed)
+    for key, value in zip(parts[1::2], parts[2::2]):
+        value = value.strip()
+        try:
+            if key == "n":
+                sp.negative = value
+            elif key == "w":
+                sp.width = int(value)
+            elif key == "h":
+                sp.height = int(value)
+            elif key == "d":
+                sp.seed = int(value)
+            elif key == "l":
+                sp.cfg = float(value)
+            elif key == "s":
+                sp.steps = int(value)
+        except ValueError:
+            continue  # kohya ignores options it cannot read; so do we
+    sp.width, sp.height = max(8, sp.width // 8 * 8), max(8, sp.height // 8 * 8)
+    return sp
+
+
+def read_prompts(source: str, **defaults) -> list[SamplePrompt]:
+    """``source`` is a prompt file path or the prompt lines themselves."""
+    text = source
+    if source and "\n" not in source and Path(source).is_file():
+        text = Path(source).read_text(encoding="utf-8")
+    out = [parse_prompt_line(line, **defaults) for line in (text or "").splitlines()]
+    return [p for p in out if p is not None]
+
+
+def make_pipeline(components, text_encoder=None, tokenizer=None):
+    """A txt2img pipeline over the (training) modules."""
+    import diffusers
+
+    c = components
+    sched = diffusers.DDIMScheduler.from_config(c.scheduler_config)
+    if c.family.startswith("sdxl"):
+        pipe = diffusers.StableDiffusionXLPipeline(
+            vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, tokenizer=c.tokenizer,
+            tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=sched)
+    else:
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=c.vae, text_encoder=text_encoder or c.text_encoder, tokenizer=tokenizer or c.tokenizer, unet=c.unet,
+            scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def render_samples(components, prompts: list[SamplePrompt], folder: Path, step: int, *, clip_skip: int = 1,
+                   prompt_filter=None) -> list[dict]:
+    """Render every prompt; PNGs go to ``folder/step{N}_{i}.png`` atomically. Returns progress events."""
+    from .atomic import save_image
+
+    pipe = make_pipeline(components)
+    modes = {m: m.training for m in components.modules().values()}
+    for m in modes:
+        m.eval()
+    events = []
+    try:
+        for i, sp in enumerate(prompts):
+            prompt = prompt_filter(sp.prompt) if prompt_filter else sp.prompt
+            gen = torch.Generator("cpu").manual_seed(sp.seed)
+            kw = {"clip_skip": clip_skip - 1} if clip_skip > 1 else {}
+            image = pipe(prompt, negative_prompt=sp.negative or None, width=sp.width, height=sp.height,
+                         num_inference_steps=sp.steps, guidance_scale=sp.cfg, generator=gen, **kw).images[0]
+            path = save_image(folder / f"step{step:06d}_{i:02d}.png", image)
+            events.append({"type": "sample", "step": step, "index": i, "path": str(path), "prompt": sp.prompt})
+    finally:
+        for m, was_training in modes.items():
+            m.train(was_training)
+    return events

@@ -1,0 +1,124 @@
+"""``TrainingService``: what the Train tab (and the API) call. Owns the training queue of one Studio."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import StudioError
+from .config import TrainConfig
+from .dataset import DatasetScan, ImportReport, import_into, scan_dataset
+from .runner import TrainingQueue
+
+
+class TrainingService:
+    """Start / stop / watch trainings of a ``Studio``.
+
+    ``start`` fills the paths the studio knows (checkpoint by name, models/Lora or models/embeddings, the run
+    folder under ``data/training/<name>``), validates, writes ``run.toml`` into the run folder and queues it.
+    Before a run starts, DreamBooth class images are generated through ``studio.generate`` and the pipeline
+    manager frees device memory."""
+
+    def __init__(self, studio, num_processes: int = 1):
+        self.studio = studio
+        self.settings = studio.settings
+        self.queue = TrainingQueue(before_start=self._before_start, after_end=self._after_end,
+                                   num_processes=num_processes)
+
+    # ---- config --------------------------------------------------------------------------------------------
+    @property
+    def runs_dir(self) -> Path:
+        return Path(self.settings.data_dir) / "training"
+
+    def datasets_dir(self) -> Path:
+        return Path(self.settings.data_dir) / "datasets"
+
+    def complete(self, cfg: TrainConfig | dict) -> TrainConfig:
+        """Fill studio-derived paths into a config (a checkpoint may be given by its name)."""
+        if isinstance(cfg, dict):
+            cfg = TrainConfig.from_dict(cfg)
+        cfg = dataclasses.replace(cfg)
+        s = self.settings
+        if cfg.base_model and not Path(cfg.base_model).exists():
+            cfg.base_model = str(self.studio.registry.find_checkpoint(cfg.base_model, "model.base_model").path)
+        cfg.models_dir = cfg.models_dir or str(Path(s.models_dir).resolve())
+        cfg.output_dir = cfg.output_dir or str((s.embeddings_path if cfg.is_ti else s.lora_path).resolve())
+        cfg.run_dir = cfg.run_dir or str((self.runs_dir / cfg.output_name).resolve())
+        return cfg.resolved().validate()
+
+    def write_config(self, cfg: TrainConfig | dict) -> Path:
+        cfg = self.complete(cfg)
+        return cfg.save(Path(cfg.run_dir) / "run.toml")
+
+    # ---- datasets (the tab's drop zone and caption editor) --------------------------------------------------
+    def import_dataset(self, source, name: str) -> tuple[Path, ImportReport]:
+        """Dropped files / a folder / a zip -> ``data/datasets/<name>`` (nothing is written outside it)."""
+        if not name or any(c in name for c in "/\\") or name.startswith("."):
+            raise StudioError(f"Dataset name {name!r} is not a folder name.", field="dataset_name",
+                              fix="use letters, digits, '-' and '_'")
+        dest = self.datasets_dir() / name
+        return dest, import_into(source, dest)
+
+    def scan(self, folder: str | os.PathLike, cfg: TrainConfig | None = None) -> DatasetScan:
+        cfg = cfg or TrainConfig()
+        return scan_dataset(folder, min_side=cfg.min_image_side, repeats=cfg.repeats,
+                            caption_extension=cfg.caption_extension)
+
+    # ---- runs ----------------------------------------------------------------------------------------------
+    def start(self, cfg: TrainConfig | dict | str | os.PathLike, *, resume: bool = False) -> str:
+        """Queue a run (a config object, a dict as the tab's form gives it, or a TOML path); returns its id."""
+        if isinstance(cfg, (str, os.PathLike)):
+            cfg = TrainConfig.load(cfg)
+        path = self.write_config(cfg)
+        return self.queue.submit(path, resume=resume)
+
+    def resume(self, run_name: str) -> str:
+        path = self.runs_dir / run_name / "run.toml"
+        if not path.is_file():
+            raise StudioError(f"No run named {run_name!r}.", field="run", fix="pick a run from the history")
+        return self.queue.submit(path, resume=True)
+
+    def stop(self) -> bool:
+        """Stop the running training (it saves state and a usable LoRA first)."""
+        return self.queue.stop_current()
+
+    def cancel(self, job_id: str) -> bool:
+        return self.queue.cancel(job_id)
+
+    def status(self) -> dict[str, Any]:
+        cur = self.queue.current
+        proc = cur and cur.get("process")
+        return {"current": {"id": cur["id"], **(proc.status() if proc else {"state": cur["state"]})} if cur else None,
+                "queued": [{"id": j["id"], "config": j["config"]} for j in self.queue.pending()]}
+
+    def history(self) -> list[dict]:
+        """Runs of this session first (newest first), then run folders found on disk."""
+        out = [{"id": j["id"], "config": j["config"], "state": j["state"], "error": j["error"],
+                **({"outputs": j["process"].status()["outputs"]} if j.get("process") else {})}
+               for j in reversed(self.queue.finished)]
+        seen = {o["config"] for o in out}
+        for toml in sorted(self.runs_dir.glob("*/run.toml"), key=lambda p: p.stat().st_mtime, reverse=True):
+            if str(toml) not in seen:
+                out.append({"id": None, "config": str(toml), "state": "on disk",
+                            "resumable": (toml.parent / "state" / "trainer.json").is_file()})
+        return out
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.queue.wait_idle(timeout)
+
+    # ---- hooks ---------------------------------------------------------------------------------------------
+    def _before_start(self, job: dict) -> None:
+        from .runner import prepare_class_images
+        cfg = TrainConfig.load(job["config"])
+        job["state"] = "preparing"
+        prepare_class_images(cfg, self.studio)          # through the normal queue (studio.generate)
+        self.studio.run_exclusive(self.studio.manager.unload_all, kind="train-start")
+
+    def _after_end(self, job: dict) -> None:
+        # new files in models/Lora: let whatever lists them rescan (the extra-networks panel)
+        for name in ("loras", "lora_library", "adapters"):
+            lib = getattr(self.studio, name, None)
+            refresh = getattr(lib, "refresh", None)
+            if callable(refresh):
+                refresh()

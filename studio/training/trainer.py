@@ -1,0 +1,339 @@
+"""The training loop: one ``Trainer`` runs a ``TrainConfig`` through accelerate.
+
+Determinism for resume: the batch order is a function of (seed, epoch), and noise, timesteps, caption shuffles,
+flips and class-image picks are drawn from generators seeded by (seed, micro-batch index). The saved state is the
+trained tensors, optimizer, lr scheduler and RNG (accelerate ``save_state``) plus ``trainer.json`` (position), so
+a resumed run continues with exactly the losses of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import StudioError
+from . import export
+from .buckets import LatentCache, epoch_batches, plan_buckets
+from .captions import tag_frequency, training_caption
+from .config import TrainConfig
+from .dataset import scan_dataset
+from .losses import diffusion_loss, encode_text, step_generator
+from .networks import build_network, with_ti_tokens
+from .optim import make_optimizer, make_scheduler
+from .progress import SAMPLES_DIR, STATE_DIR, ProgressWriter, StopRequest
+from .sampling import read_prompts, render_samples
+
+TEXT_CACHE_MAX = 4096
+
+
+@dataclass
+class TrainResult:
+    output: Path | None
+    steps: int
+    total_steps: int
+    losses: list[float] = field(default_factory=list)      # per optimizer step, this session
+    stopped: bool = False
+    samples: list[str] = field(default_factory=list)
+    vae_encodes: int = 0
+    intermediate: list[str] = field(default_factory=list)
+
+
+def load_base(cfg: TrainConfig, dtype=torch.float32, device="cpu"):
+    from ..loading.diffusers_folder import load_diffusers_folder
+    from ..loading.single_file import load_single_file
+    pred = None if cfg.prediction == "auto" else cfg.prediction
+    if Path(cfg.base_model).is_dir():
+        c = load_diffusers_folder(cfg.base_model, dtype=dtype, device=device)
+        if pred:
+            c.prediction_type = pred
+        return c
+    return load_single_file(cfg.base_model, dtype=dtype, device=device, prediction=pred)
+
+
+class Trainer:
+    """``Trainer(cfg).run()``; ``on_event`` receives every progress event in-process."""
+
+    def __init__(self, cfg: TrainConfig, *, on_event: Callable[[dict], None] | None = None,
+                 stop: StopRequest | None = None, write_progress: bool = True):
+        self.cfg = cfg.resolved().validate()
+        self.run_dir = Path(self.cfg.run_dir)
+        self.stop = stop or StopRequest(self.run_dir)
+        self.on_event = on_event
+        self.write_progress = write_progress
+
+    # ---- setup -----------------------------------------------------------------------------------------------
+    def _setup(self):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from diffusers import DDPMScheduler
+
+        cfg = self.cfg
+        self.acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                               cpu=not torch.cuda.is_available())
+        set_seed(cfg.seed)   # adapter initialisation; per-step randomness has its own generators
+        self.progress = ProgressWriter(self.run_dir / "progress.jsonl", self.on_event,
+                                       enabled=self.write_progress and self.acc.is_main_process)
+        dev = self.acc.device
+        # frozen weights in the low precision on GPUs (as diffusers' examples); CPUs compute in fp32 + autocast
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+        if dev.type == "cpu":
+            self.weight_dtype = torch.float32
+        self.c = c = load_base(cfg, dtype=self.weight_dtype, device=dev)
+        if cfg.is_ti and c.family.startswith("sdxl"):
+            raise StudioError("Textual Inversion for SDXL is not supported yet.", field="method.method",
+                              fix="train a LoRA for SDXL, or TI on an SD1/SD2 model")
+        c.vae.requires_grad_(False)
+        sched_cfg = {**c.scheduler_config, "prediction_type": c.prediction_type}
+        self.noise_sched = DDPMScheduler.from_config(sched_cfg)
+        self.net = build_network(cfg, c)
+        for ps in self.net.params.values():
+            for p in ps:
+                p.data = p.data.float()   # trained tensors stay fp32 whatever the frozen weights are
+        if cfg.gradient_checkpointing:
+            if "unet" in self.net.modules or cfg.is_ti or not cfg.train_unet:
+                c.unet.enable_gradient_checkpointing()
+            for part in ("text_encoder", "text_encoder_2"):
+                if part in self.net.modules:
+                    self.net.modules[part].gradient_checkpointing_enable()
+        self._data()
+        self.opt = make_optimizer(cfg, self.net.params)
+        self.lr_sched = make_scheduler(cfg, self.opt, self.total_steps, self.acc.num_processes)
+        parts = list(self.net.modules)
+        prepared = self.acc.prepare(*[self.net.modules[p] for p in parts], self.opt, self.lr_sched)
+        self.models = dict(zip(parts, prepared[:len(parts)]))
+        self.opt, self.lr_sched = prepared[len(parts):]
+        self.acc.register_save_state_pre_hook(self._save_hook)
+        self.acc.register_load_state_pre_hook(self._load_hook)
+
+    def _data(self):
+        cfg, c = self.cfg, self.c
+        scan = scan_dataset(cfg.dataset_dir, min_side=cfg.min_image_side, repeats=cfg.repeats,
+                            caption_extension=cfg.caption_extension)
+        if not scan.items:
+            raise StudioError(f"No usable images in {cfg.dataset_dir} ({len(scan.skipped)} skipped).",
+                              field="dataset.dataset_dir", fix="add images (png/jpg/webp) of at least "
+                              f"{cfg.min_image_side}px per side")
+        self.scan = scan
+        self.plan = plan_buckets(scan.items, resolution=cfg.resolution, enable=cfg.enable_buckets,
+                                 min_reso=cfg.min_bucket_reso, max_reso=cfg.max_bucket_reso, step=cfg.bucket_step)
+        self.cache = LatentCache(c.vae, mode=cfg.cache_latents, folder=self.run_dir / "latents")
+        self.class_items = []
+        if cfg.method == "dreambooth_lora":
+            from .dreambooth import class_items
+            self.class_items = class_items(cfg)
+        n_batches = len(self._batches(0))
+        self.steps_per_epoch = max(1, math.ceil(n_batches / cfg.grad_accum))
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.text_cache: dict[str, dict] = {}
+        self.cache_text = not cfg.train_text_encoder and not cfg.is_ti
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        b = epoch_batches(self.plan.sizes, [i.repeats for i in self.scan.items], self.cfg.batch_size,
+                          self.cfg.seed, epoch)
+        return b[self.acc.process_index::self.acc.num_processes]   # each process its own share
+
+    # ---- state -----------------------------------------------------------------------------------------------
+    def _save_hook(self, models, weights, output_dir):
+        from safetensors.torch import save_file
+        weights.clear()   # not the whole UNet: only what is trained
+        save_file(self.net.trainable_state(), os.path.join(output_dir, "trained.safetensors"))
+
+    def _load_hook(self, models, input_dir):
+        from safetensors.torch import load_file
+        models.clear()
+        self.net.load_trainable_state(load_file(os.path.join(input_dir, "trained.safetensors")))
+
+    def save_state(self, position: dict) -> None:
+        """Write the state to a temp folder, then swap it in: a crash never leaves half a state."""
+        final = self.run_dir / STATE_DIR
+        tmp, old = final.with_name(STATE_DIR + ".tmp"), final.with_name(STATE_DIR + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.acc.save_state(str(tmp))
+        if self.acc.is_main_process:
+            (tmp / "trainer.json").write_text(json.dumps(position), encoding="utf-8")
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+
+    def _resume(self) -> dict:
+        state = self.run_dir / STATE_DIR
+        if not self.cfg.resume or not (state / "trainer.json").is_file():
+            return {"step": 0, "epoch": 0, "batch": 0, "micro": 0}
+        self.acc.load_state(str(state))
+        return json.loads((state / "trainer.json").read_text(encoding="utf-8"))
+
+    # ---- one micro-batch -------------------------------------------------------------------------------------
+    def _caption(self, item, rng) -> str:
+        cfg = self.cfg
+        text = item.caption or cfg.instance_prompt
+        text = training_caption(text, rng, shuffle=cfg.shuffle_caption, keep_tokens=cfg.keep_tokens,
+                                dropout=cfg.caption_dropout)
+        return with_ti_tokens(text, self.net, cfg.token) if cfg.is_ti else text
+
+    def _cond(self, captions: list[str], sizes) -> dict:
+        kw = {p: self.models[p] for p in ("text_encoder", "text_encoder_2") if p in self.models}
+        if not self.cache_text:
+            return encode_text(self.c, captions, clip_skip=self.cfg.clip_skip, sizes=sizes, **kw)
+        key = json.dumps([captions, sizes])
+        if key not in self.text_cache:
+            with torch.no_grad():
+                if len(self.text_cache) >= TEXT_CACHE_MAX:
+                    self.text_cache.pop(next(iter(self.text_cache)))
+                self.text_cache[key] = encode_text(self.c, captions, clip_skip=self.cfg.clip_skip, sizes=sizes)
+        return self.text_cache[key]
+
+    def _micro_loss(self, batch: list[int], micro: int) -> tuple[torch.Tensor, float | None]:
+        cfg = self.cfg
+        rng = random.Random(f"{cfg.seed}:{micro}:data")
+        items = [self.scan.items[i] for i in batch]
+        size = self.plan.sizes[batch[0]]
+        latents = [self.cache.get(it.path, size, cfg.flip and rng.random() < 0.5) for it in items]
+        captions = [self._caption(it, rng) for it in items]
+        if self.class_items:   # DreamBooth: as many class images as instance images, same bucket size
+            picks = [self.class_items[rng.randrange(len(self.class_items))] for _ in items]
+            latents += [self.cache.get(it.path, size, False) for it in picks]
+            captions += [it.caption or cfg.class_prompt for it in picks]
+        lat = torch.stack(latents).to(self.acc.device)
+        cond = self._cond(captions, [size] * len(captions))
+        with self.acc.autocast():
+            loss = diffusion_loss(self.models.get("unet", self.c.unet), self.noise_sched, lat, cond,
+                                  step_generator(cfg.seed, micro), noise_offset=cfg.noise_offset,
+                                  min_snr_gamma=cfg.min_snr_gamma, weight_dtype=self.weight_dtype)
+        if not self.class_items:
+            return loss.mean(), None
+        n = len(items)
+        prior = loss[n:].mean()
+        return loss[:n].mean() + cfg.prior_loss_weight * prior, float(prior.detach())
+
+    # ---- outputs ---------------------------------------------------------------------------------------------
+    def _run_info(self, step: int, epoch: int) -> export.RunInfo:
+        return export.RunInfo(family=self.c.family, prediction=self.c.prediction_type, steps=step, epoch=epoch,
+                              num_train_images=self.scan.num_images, tag_frequency=tag_frequency(self.scan.items),
+                              dataset_dirs=self.scan.dirs, started_at=self.started,
+                              base_hash=self.base_hashes[0], base_legacy_hash=self.base_hashes[1])
+
+    def export(self, step: int, epoch: int, *, suffix: bool) -> Path:
+        cfg = self.cfg
+        path = export.output_path(cfg, step if suffix else None)
+        info = self._run_info(step, epoch)
+        info.finished_at = time.time()
+        meta = export.lora_metadata(cfg, info)
+        if cfg.is_ti:
+            rows = self.net.trainable_state()["ti_rows"]
+            export.save_embedding(path, rows, {k: v for k, v in meta.items() if k.startswith("modelspec.")
+                                               or k in ("ss_steps", "ss_sd_model_name", "ss_base_model_version")})
+        else:
+            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+            tensors = export.network_state_dict({p: self.acc.unwrap_model(m) for p, m in self.models.items()},
+                                                self.c.family)
+            export.save_lora(path, tensors, meta, dtype=dtype)
+        self.progress.emit({"type": "saved", "step": step, "path": str(path), "final": not suffix})
+        return path
+
+    def _samples(self, step: int) -> list[str]:
+        if not self.prompts or not self.acc.is_main_process:
+            return []
+        filt = (lambda p: with_ti_tokens(p, self.net, self.cfg.token)) if self.cfg.is_ti else None
+        events = render_samples(self.c, self.prompts, self.run_dir / SAMPLES_DIR, step,
+                                clip_skip=self.cfg.clip_skip, prompt_filter=filt)
+        for e in events:
+            self.progress.emit(e)
+        return [e["path"] for e in events]
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.stop.clear()
+        self.stop.install_signals()
+        try:
+            return self._run()
+        except Exception as exc:
+            ProgressWriter(self.run_dir / "progress.jsonl", self.on_event, self.write_progress).emit(
+                {"type": "error", "message": str(exc), "field": getattr(exc, "field", None)})
+            raise
+        finally:
+            self.stop.restore_signals()
+
+    def _run(self) -> TrainResult:
+        cfg = self.cfg
+        self.started = time.time()
+        self._setup()
+        self.base_hashes = export.base_hashes(cfg.base_model)
+        self.prompts = read_prompts(cfg.sample_prompts, width=cfg.resolution, height=cfg.resolution,
+                                    steps=cfg.sample_steps, seed=cfg.seed) if cfg.sample_prompts else []
+        pos = self._resume()
+        step, epoch, batch_i, micro = pos["step"], pos["epoch"], pos["batch"], pos["micro"]
+        result = TrainResult(None, step, self.total_steps)
+        self.progress.emit({"type": "start", "step": step, "total": self.total_steps, "method": cfg.method,
+                            "images": self.scan.num_images, "skipped": self.scan.skipped,
+                            "buckets": self.plan.report(self.scan.items), "resumed": step > 0})
+        self.cache.warm(self.scan.items, self.plan.sizes, cfg.flip)
+        if step == 0 and cfg.sample_at_start and cfg.sample_every:
+            result.samples += self._samples(0)
+        for m in self.models.values():
+            m.train()
+        t0, acc_losses, prior = time.time(), [], None
+        first_step = step
+        while step < self.total_steps and not self.stop():
+            batches = self._batches(epoch)
+            while batch_i < len(batches) and step < self.total_steps:
+                with self.acc.accumulate(*self.models.values()):
+                    loss, prior = self._micro_loss(batches[batch_i], micro)
+                    self.acc.backward(loss)
+                    if self.acc.sync_gradients and cfg.max_grad_norm:
+                        self.acc.clip_grad_norm_([p for ps in self.net.params.values() for p in ps],
+                                                 cfg.max_grad_norm)
+                    self.opt.step()
+                    self.lr_sched.step()
+                    self.opt.zero_grad(set_to_none=True)
+                    self.net.after_step()
+                batch_i, micro = batch_i + 1, micro + 1
+                acc_losses.append(float(loss.detach()))
+                if not self.acc.sync_gradients:
+                    continue
+                step += 1
+                mean_loss = sum(acc_losses) / len(acc_losses)
+                acc_losses = []
+                result.losses.append(mean_loss)
+                rate = (step - first_step) / max(time.time() - t0, 1e-9)
+                self.progress.emit({"type": "step", "step": step, "total": self.total_steps, "loss": mean_loss,
+                                    "prior_loss": prior, "lr": self.lr_sched.get_last_lr()[0],
+                                    "it_s": rate, "eta": (self.total_steps - step) / rate if rate else None,
+                                    "epoch": epoch})
+                position = {"step": step, "epoch": epoch, "batch": batch_i, "micro": micro}
+                if cfg.sample_every and step % cfg.sample_every == 0:
+                    result.samples += self._samples(step)
+                if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
+                    self.save_state(position)
+                    if self.acc.is_main_process:
+                        result.intermediate.append(str(self.export(step, epoch, suffix=True)))
+                if self.stop():
+                    break
+            if batch_i >= len(batches):
+                epoch, batch_i = epoch + 1, 0
+            if self.stop():
+                break
+        result.steps = step
+        result.stopped = step < self.total_steps
+        self.save_state({"step": step, "epoch": epoch, "batch": batch_i, "micro": micro})
+        if self.acc.is_main_process:
+            result.output = self.export(step, epoch, suffix=False)
+        result.vae_encodes = self.cache.encodes
+        self.progress.emit({"type": "stopped" if result.stopped else "done", "step": step,
+                            "total": self.total_steps, "output": str(result.output), "vae_encodes": result.vae_encodes})
+        self.acc.end_training()
+        return result
+
+
+def train(cfg: TrainConfig, **kw) -> TrainResult:
+    return Trainer(cfg, **kw).run()
