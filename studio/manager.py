@@ -288,6 +288,17 @@ class PipelineManager:
             for key in [k for k, e in self._entries.items() if e.locks == 0]:
                 self._drop(key)
 
+    def current_components(self) -> Components | None:
+        """The current checkpoint's components if they are in memory (never loads anything)."""
+        with self._lock:
+            if self.current is None:
+                return None
+            try:
+                entry = self._entries.get(self.key_for(self.current))
+            except (OSError, StudioError):
+                return None
+            return entry.value if entry is not None else None
+
     def is_cached(self, info: CheckpointInfo) -> bool:
         with self._lock:
             return self.key_for(info) in self._entries

@@ -102,3 +102,27 @@ def test_cached_lora_set_costs_no_read(net_studio):
     net_studio.generate(GenerationRequest(**{**BASE, "prompt": "a cube"}))
     net_studio.generate(GenerationRequest(**{**BASE, "prompt": prompt}))
     assert net_studio.loras.reads == reads
+
+
+def test_api_lists_loras_and_embeddings(net_studio):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from studio.api import build_router
+
+    app = FastAPI()
+    app.include_router(build_router(net_studio))
+    client = TestClient(app)
+    loras = client.get("/sdapi/v1/loras").json()
+    names = {item["name"] for item in loras}
+    assert {"style", "castle", "hada", "xl-only"} <= names
+    castle = next(i for i in loras if i["name"] == "castle")
+    assert castle["metadata"]["ss_base_model_version"] == "sd_v1" and castle["path"].endswith("castle.safetensors")
+    net_studio.switch_checkpoint("tiny-sd1.safetensors")
+    emb = client.get("/sdapi/v1/embeddings").json()
+    assert emb["loaded"]["shiny"]["vectors"] == 2
+    assert client.post("/sdapi/v1/refresh-loras").status_code == 200
+    assert any(u["name"] == "Lanczos" for u in client.get("/sdapi/v1/upscalers").json())
+    res = client.post("/sdapi/v1/txt2img", json={"prompt": "a cube <lora:style:0.7>", "steps": 2, "width": 64,
+                                                 "height": 64}).json()
+    assert "Lora hashes" in __import__("json").loads(res["info"])["infotexts"][0]

@@ -21,6 +21,7 @@ from ..samplers import samplers_api, schedulers_api
 from . import models as m
 from .convert import decode_image, find_checkpoint, rename_field, to_request, txt2img_response
 from .errors import StudioRoute, auth_dependency, normalise_credentials
+from .networks import register_networks
 from .options import OVERRIDE_CHECKPOINT_KEYS, OptionsStore, check_clip_skip, check_text
 from .progress import (JobMeta, JobWaiter, PreviewCache, idle_progress, internal_progress, job_progress)
 
@@ -47,6 +48,7 @@ def build_router(studio: "Studio", *, auth: Any = None, cmd_flags: dict | None =
                        responses={code: {"model": m.ErrorResponse} for code in ERROR_STATUSES})
     api = _Api(studio, cmd_flags or {}, bool(credentials))
     api.register(router)
+    register_networks(router, studio)
     return router
 
 
@@ -92,8 +94,6 @@ class _Api:
                         response_model=list[m.SDModelItem], tags=tags)
         r.add_api_route("/sdapi/v1/sd-vae", self.get_sd_vaes, methods=["GET"], response_model=list[m.SDVaeItem],
                         tags=tags)
-        r.add_api_route("/sdapi/v1/embeddings", self.get_embeddings, methods=["GET"],
-                        response_model=m.EmbeddingsResponse, tags=tags)
         r.add_api_route("/sdapi/v1/memory", self.get_memory, methods=["GET"], response_model=m.MemoryResponse,
                         tags=tags)
         r.add_api_route("/sdapi/v1/scripts", self.get_scripts, methods=["GET"], response_model=m.ScriptsList,
@@ -293,9 +293,6 @@ class _Api:
 
     def get_sd_vaes(self) -> list:
         return [{"model_name": v.name, "filename": str(v.path)} for v in self.studio.registry.vaes()]
-
-    async def get_embeddings(self) -> dict:
-        return {"loaded": {}, "skipped": {}}
 
     def get_memory(self) -> dict:
         try:

@@ -7,16 +7,17 @@ Heavy imports (torch, diffusers, peft) happen only when training starts.
 from .config import TrainConfig
 
 
+_LAZY = {"TrainingService": "service", "launch_training": "runner", "TrainingProcess": "runner",
+         "TrainingQueue": "runner", "cli_main": "runner", "run_config": "runner", "train": "trainer",
+         "Trainer": "trainer", "TrainResult": "trainer"}
+
+
 def __getattr__(name):
     # lazy: the tab imports this package for TrainConfig without pulling in torch
-    from . import runner, service, trainer
-    table = {"TrainingService": service.TrainingService, "launch_training": runner.launch_training,
-             "TrainingProcess": runner.TrainingProcess, "TrainingQueue": runner.TrainingQueue,
-             "cli_main": runner.cli_main, "run_config": runner.run_config, "train": trainer.train,
-             "Trainer": trainer.Trainer, "TrainResult": trainer.TrainResult}
-    if name in table:
-        return table[name]
-    raise AttributeError(name)
+    if name not in _LAZY:
+        raise AttributeError(name)
+    import importlib
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
 
 
 __all__ = ["TrainConfig", "TrainingService", "launch_training", "TrainingProcess", "TrainingQueue", "cli_main",

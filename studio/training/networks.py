@@ -133,7 +133,7 @@ def _textual_inversion(cfg: TrainConfig, components) -> Network:
     if not init_ids:
         raise StudioError(f"init_word {cfg.init_word!r} gives no tokens.", field="textual_inversion.init_word",
                           fix="use an ordinary word")
-    te.resize_token_embeddings(len(tok))
+    te.resize_token_embeddings(len(tok), mean_resizing=False)
     ids = tok.convert_tokens_to_ids(tokens)
     emb = te.get_input_embeddings()
     with torch.no_grad():

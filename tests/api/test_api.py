@@ -196,7 +196,7 @@ def test_lists(client):
     assert "Karras" in [s["label"] for s in schedulers]
     vaes = client.get("/sdapi/v1/sd-vae").json()
     assert vaes == [{"model_name": "tiny-vae.safetensors", "filename": vaes[0]["filename"]}]
-    assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
+    assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}  # no embeddings folder
     mem = client.get("/sdapi/v1/memory").json()
     assert mem["ram"]["total"] > mem["ram"]["used"] > 0 and "cuda" in mem
     flags = client.get("/sdapi/v1/cmd-flags").json()
