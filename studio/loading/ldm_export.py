@@ -166,6 +166,7 @@ def save_ldm_single_file(components: Components, path, *, dtype=None, metadata: 
             v = v.clone()
         seen.add(v.data_ptr())
         out[k] = v.contiguous()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     save_file(out, tmp, metadata={"format": "pt", **(metadata or {})})
     os.replace(tmp, path)
