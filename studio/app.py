@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from .errors import StudioError
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 class Studio:
     """Everything the UI tabs, the REST API and extensions share. No module-level state anywhere."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, *, load_extensions: bool = True):
         from .engine import Engine
         from .manager import PipelineManager
         from .registry import Registry
@@ -35,8 +36,32 @@ class Studio:
         from .adapters import EmbeddingLibrary, LoraLibrary
         self.loras = LoraLibrary(settings, self.hashes)
         self.embeddings = EmbeddingLibrary(settings, self.hashes)
+        from .extensions import ExtensionManager
+        self.extensions = ExtensionManager([Path(settings.extensions_dir)],
+                                           Path(settings.data_dir) / "extensions.json", self)
         self.engine = Engine(settings, self.manager, self.outputs, prompts=self.prompts, loras=self.loras,
-                             embeddings=self.embeddings)
+                             embeddings=self.embeddings, extensions=self.extensions)
+        if load_extensions:
+            self.load_extensions()
+
+    def load_extensions(self) -> None:
+        """Import enabled extensions and plug in what they add (upscalers, model-loaded listeners...)."""
+        from .upscalers import Upscaler
+
+        self.extensions.load_all()
+        for name, spec in self.extensions.collect("studio_upscalers"):
+            try:
+                self.engine.upscalers.register(Upscaler(spec.name, fn=spec.fn))
+            except (AttributeError, ValueError) as exc:
+                self.extensions._record(name, "studio_upscalers", exc)
+        if self.extensions.has("studio_model_loaded"):
+            from .extension_api import ModelInfo
+
+            def announce(info, components) -> None:
+                self.extensions.call("studio_model_loaded", model=ModelInfo(
+                    info.name, info.title, components.family, info.short_hash or ""))
+
+            self.manager.on_model_loaded.append(announce)
 
     def submit(self, request: GenerationRequest, *, task_id: str | None = None) -> Job:
         """Queue a generation; returns the Job at once (progress, preview, interrupt, wait)."""

@@ -54,8 +54,9 @@ class Engine:
 
     def __init__(self, settings: Settings, manager: PipelineManager, outputs: OutputWriter,
                  upscalers: Upscalers | None = None, prompts: PromptEncoder | None = None,
-                 loras: Any = None, embeddings: Any = None):
+                 loras: Any = None, embeddings: Any = None, extensions: Any = None):
         self.settings = settings
+        self.extensions = extensions
         self.loras = loras
         self.embeddings = embeddings
         self.manager = manager
@@ -126,6 +127,8 @@ class Engine:
     def generate(self, request: GenerationRequest, ctx: Any = None) -> GenerationResult:
         """Run ``request``; ``ctx`` is the job context (progress, preview, interrupt/skip)."""
         ctx = ctx or _NoContext()
+        if self.extensions is not None and self.extensions.has("studio_adjust_request"):
+            request = self.extensions.adjust_request(request)
         request.validate(self.settings)
         sampler, schedule = resolve_sampler(request.sampler_name, request.scheduler)
         hr_upscaler = self.upscalers.get(request.hr_upscaler) if request.enable_hr else None
@@ -155,7 +158,7 @@ class Engine:
 
             total = len(seeds)
             for batch in range(request.n_iter):
-                if ctx.interrupted:
+                if ctx.interrupted or getattr(ctx, "stopped_by_extension", False):
                     break
                 lo, hi = batch * request.batch_size, (batch + 1) * request.batch_size
                 run = _Run(self, request, loaded, ctx, seeds[lo:hi], subseeds[lo:hi], lo, total, result)
@@ -175,7 +178,7 @@ class Engine:
                 for i, image in enumerate(images):
                     self._finish_image(result, request, image, seeds[lo + i], subseeds[lo + i], loaded, sampler,
                                        schedule, run.infotext)
-            result.interrupted = bool(ctx.interrupted)
+            result.interrupted = bool(ctx.interrupted) or getattr(ctx, "stopped_by_extension", False)
         return result
 
     def _activate_networks(self, loaded: Loaded, networks: list, warnings: list[str]) -> tuple[tuple, str]:
@@ -219,6 +222,16 @@ class Engine:
                               vae_name=loaded.vae_info.name if loaded.vae_info else None,
                               vae_hash=loaded.vae_info.short_hash if loaded.vae_info else None,
                               version=__version__, extra=extra or None)
+        ext = self.extensions
+        if ext is not None and ext.has("studio_after_image"):
+            from .extension_api import ImageContext
+            for _name, keys in ext.call("studio_after_image", image=ImageContext(image, request, seed,
+                                                                               len(result.images), dict(params))):
+                if isinstance(keys, dict):
+                    version = params.pop("Version", None)
+                    params.update({str(k): v for k, v in keys.items() if v is not None})
+                    if version is not None:
+                        params["Version"] = version
         infotext = format_infotext(request.prompt, request.negative_prompt, params)
         result.images.append(image)
         result.seeds.append(seed)
@@ -230,6 +243,9 @@ class Engine:
             folder = "img2img" if request.mode in ("img2img", "inpaint") else "txt2img"
             path = self.outputs.save(image, mode=folder, seed=seed, infotext=infotext)
             result.paths.append(str(path))
+            if ext is not None and ext.has("studio_image_saved"):
+                from .extension_api import SavedImage
+                ext.call("studio_image_saved", saved=SavedImage(str(path), infotext, request))
 
 
 class _Run:
@@ -257,7 +273,17 @@ class _Run:
             if every and (step + 1) % every == 0 and step + 1 < n:
                 from .preview import latents_to_preview
                 ctx.set_preview(latents_to_preview(kwargs["latents"], family))
-            if ctx.interrupted or ctx.skipped:
+            ext = self.e.extensions
+            if ext is not None and ext.has("studio_on_step"):
+                from .extension_api import StepContext
+                sc = StepContext(step + 1, n, kwargs["latents"], self.r, getattr(ctx, "job_id", ""))
+                ext.call("studio_on_step", step=sc)
+                if sc._stop:  # the extension ends the job like the Interrupt button does
+                    ctx.stopped_by_extension = True
+                    job = getattr(ctx, "job", None)
+                    if job is not None:
+                        job.interrupt()
+            if ctx.interrupted or ctx.skipped or getattr(ctx, "stopped_by_extension", False):
                 p._interrupt = True  # diffusers skips the remaining steps and returns the current latents
             return {**kwargs, **cond.update(step + 1, kwargs, self.r.batch_size)}
 

@@ -21,8 +21,8 @@ class OutputWriter:
         self.outdir = Path(outdir)
         self._lock = threading.Lock()
 
-    def folder(self, mode: str, when: float | None = None) -> Path:
-        return self.outdir / f"{mode}-images" / time.strftime("%Y-%m-%d", time.localtime(when))
+    def folder(self, mode: str, when: float | None = None, kind: str = "images") -> Path:
+        return self.outdir / f"{mode}-{kind}" / time.strftime("%Y-%m-%d", time.localtime(when))
 
     @staticmethod
     def next_number(folder: Path) -> int:
@@ -34,12 +34,15 @@ class OutputWriter:
                     highest = max(highest, int(m.group(1)))
         return highest + 1
 
-    def save(self, image: Image.Image, *, mode: str, seed: int, infotext: str) -> Path:
-        """Write one PNG with its ``parameters`` chunk; a crash mid-write never leaves a half file."""
+    def save(self, image: Image.Image, *, mode: str, seed: int, infotext: str, kind: str = "images") -> Path:
+        """Write one PNG with its ``parameters`` chunk; a crash mid-write never leaves a half file.
+
+        ``kind`` "grids" writes to A1111's ``<mode>-grids`` folder (named ``NNNNN-grid.png`` there)."""
         with self._lock:
-            folder = self.folder(mode)
+            folder = self.folder(mode, kind=kind)
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{self.next_number(folder):05d}-{seed}.png"
+            name = "grid" if kind == "grids" else str(seed)
+            path = folder / f"{self.next_number(folder):05d}-{name}.png"
             tmp = path.with_name(f".{path.name}.tmp")
             image.save(tmp, format="PNG", pnginfo=png_text(infotext))
             os.replace(tmp, path)

@@ -57,8 +57,13 @@ class Settings:
     max_batch_count: int = 100
     save_images: bool = True
     filename_pattern: str = "[seed]"
+    lora_cache_mb: int = 1024        # parsed LoRA files kept in RAM
+    max_image_pixels: int = 4096 * 4096   # larger uploads are refused (also stops decompression bombs)
     # per-model overrides, keyed by checkpoint file name: {"prediction": "v" | "epsilon"}
     model_overrides: dict = field(default_factory=dict)
+    # settings added by extensions (studio_settings hook), keyed by their SettingSpec.key
+    extension_settings: dict = field(default_factory=dict)
+    extensions_dir: str = "extensions"
 
     # ---- derived paths -------------------------------------------------------------------------
     def _sub(self, explicit: str, name: str) -> Path:
