@@ -36,11 +36,15 @@ class Studio:
         from .adapters import EmbeddingLibrary, LoraLibrary
         self.loras = LoraLibrary(settings, self.hashes)
         self.embeddings = EmbeddingLibrary(settings, self.hashes)
+        from .controlnet import ControlNetLibrary, default_preprocessors
+        self.controlnets = ControlNetLibrary(settings, self.hashes)
+        self.preprocessors = default_preprocessors(settings.annotators_path)
         from .extensions import ExtensionManager
         self.extensions = ExtensionManager([Path(settings.extensions_dir)],
                                            Path(settings.data_dir) / "extensions.json", self)
         self.engine = Engine(settings, self.manager, self.outputs, prompts=self.prompts, loras=self.loras,
-                             embeddings=self.embeddings, extensions=self.extensions)
+                             embeddings=self.embeddings, extensions=self.extensions, controlnets=self.controlnets,
+                             preprocessors=self.preprocessors)
         if load_extensions:
             self.load_extensions()
 
@@ -54,6 +58,14 @@ class Studio:
                 self.engine.upscalers.register(Upscaler(spec.name, fn=spec.fn))
             except (AttributeError, ValueError) as exc:
                 self.extensions._record(name, "studio_upscalers", exc)
+        from .controlnet import ParamSpec
+        for name, spec in self.extensions.collect("studio_preprocessors"):
+            try:
+                params = [ParamSpec(p.name, p.label, p.minimum, p.maximum, p.default, p.step) for p in spec.params]
+                self.preprocessors.register(spec.name, _adapt_preprocessor(spec.fn), params,
+                                            resolution=spec.resolution, label=f"{spec.name} ({name})")
+            except (AttributeError, TypeError, ValueError) as exc:
+                self.extensions._record(name, "studio_preprocessors", exc)
         if self.extensions.has("studio_model_loaded"):
             from .extension_api import ModelInfo
 
@@ -95,6 +107,11 @@ class Studio:
     def close(self) -> None:
         self.queue.shutdown(wait=True)
         self.manager.unload_all()
+
+
+def _adapt_preprocessor(fn: Any) -> Any:
+    """Extension preprocessors take (image, resolution, **params); the registry calls (image, res, params, model)."""
+    return lambda image, resolution, params, model: fn(image, resolution, **dict(params))
 
 
 __all__ = ["Studio", "StudioError", "GenerationRequest", "GenerationResult", "Settings"]

@@ -1,7 +1,10 @@
 """Engine.generate: runs one GenerationRequest (txt2img, img2img, inpaint, hires fix) on the shared models."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import os
 import secrets
 from pathlib import Path
 import time
@@ -54,8 +57,11 @@ class Engine:
 
     def __init__(self, settings: Settings, manager: PipelineManager, outputs: OutputWriter,
                  upscalers: Upscalers | None = None, prompts: PromptEncoder | None = None,
-                 loras: Any = None, embeddings: Any = None, extensions: Any = None):
+                 loras: Any = None, embeddings: Any = None, extensions: Any = None, controlnets: Any = None,
+                 preprocessors: Any = None):
         self.settings = settings
+        self.controlnets = controlnets
+        self.preprocessors = preprocessors
         self.extensions = extensions
         self.loras = loras
         self.embeddings = embeddings
@@ -139,7 +145,8 @@ class Engine:
         prepared = None
         if request.mode in ("img2img", "inpaint"):
             prepared = prepare(request, self.settings.max_width * self.settings.max_height * 4, result.warnings)
-        with self.manager.acquire(request.checkpoint, request.vae) as loaded:
+        with self.manager.acquire(request.checkpoint, request.vae) as loaded, contextlib.ExitStack() as held:
+            control = self._load_controlnets(request, loaded, held)
             result.model_name = loaded.info.model_name
             result.model_hash = loaded.info.short_hash or ""
             if loaded.vae_info is not None:
@@ -161,7 +168,7 @@ class Engine:
                 if ctx.interrupted or getattr(ctx, "stopped_by_extension", False):
                     break
                 lo, hi = batch * request.batch_size, (batch + 1) * request.batch_size
-                run = _Run(self, request, loaded, ctx, seeds[lo:hi], subseeds[lo:hi], lo, total, result)
+                run = _Run(self, request, loaded, ctx, seeds[lo:hi], subseeds[lo:hi], lo, total, result, control)
                 if request.mode == "txt2img":
                     images = run.txt2img(conds, sampler, schedule)
                     if request.enable_hr and not ctx.interrupted:
@@ -178,8 +185,49 @@ class Engine:
                 for i, image in enumerate(images):
                     self._finish_image(result, request, image, seeds[lo + i], subseeds[lo + i], loaded, sampler,
                                        schedule, run.infotext)
+                if batch == 0:
+                    self._save_detected_maps(run, result)
             result.interrupted = bool(ctx.interrupted) or getattr(ctx, "stopped_by_extension", False)
         return result
+
+    def _load_controlnets(self, request: GenerationRequest, loaded: Loaded, held: contextlib.ExitStack) -> list:
+        """Load (or reuse) each enabled unit's ControlNet, locked for the job: [(unit, module)]."""
+        units = [u for u in request.controlnet_units if getattr(u, "enabled", False)]
+        if not units:
+            return []
+        from .controlnet import check_family, controlnet_family, load_controlnet
+
+        unet = loaded.components.unet
+        out = []
+        for unit in units:
+            info = self.controlnets.find(unit.model, field=unit.f("model"))
+            if info is None:
+                raise StudioError(f"ControlNet unit {unit.index} is enabled but has no model.", field=unit.f("model"),
+                                  fix="pick a ControlNet model, or disable the unit")
+            time_dim = getattr(unet.config, "addition_time_embed_dim", None)
+            key = self.controlnets.key(info) + (str(self.manager.dtype), time_dim)
+            net = held.enter_context(self.manager.acquire_module(
+                key, f"ControlNet {info.title}",
+                lambda info=info: load_controlnet(info.path, dtype=self.manager.dtype,
+                                                  addition_time_embed_dim=time_dim)[0]))
+            check_family(controlnet_family(net), loaded.components.family, (info.title, loaded.info.title),
+                         field=unit.f("model"))
+            out.append((dataclasses.replace(unit, model=info.title), net))
+        return out
+
+    def _save_detected_maps(self, run: "_Run", result: GenerationResult) -> None:
+        """Each unit's detected map, kept in the result and (setting on) saved beside the first image."""
+        maps = getattr(run, "detected_maps", [])
+        result.control_maps = [m for _, m in maps]
+        if not (maps and result.paths and self.settings.controlnet_save_maps):
+            return
+        first = Path(result.paths[0])
+        for unit, image in maps:
+            if getattr(unit, "save_detected_map", True):
+                target = first.with_name(f"{first.stem}-controlnet{unit.index}.png")
+                tmp = target.with_name(f".{target.name}.tmp")
+                image.save(tmp, format="PNG")
+                os.replace(tmp, target)
 
     def _activate_networks(self, loaded: Loaded, networks: list, warnings: list[str]) -> tuple[tuple, str]:
         """Patch the job's LoRAs into the live weights (an unchanged set costs nothing); (te state, hashes)."""
@@ -252,8 +300,10 @@ class _Run:
     """One batch of one job: the pipeline calls for its mode and the hires pass."""
 
     def __init__(self, engine: Engine, request: GenerationRequest, loaded: Loaded, ctx: Any, seeds: list[int],
-                 subseeds: list[int], first_index: int, total: int, result: GenerationResult):
+                 subseeds: list[int], first_index: int, total: int, result: GenerationResult,
+                 control: list | None = None):
         self.e, self.r, self.loaded, self.ctx = engine, request, loaded, ctx
+        self.control = control or []
         self.seeds, self.subseeds, self.first, self.total = seeds, subseeds, first_index, total
         self.result = result
         self.infotext: dict = dict(request.extra_infotext)
@@ -294,6 +344,9 @@ class _Run:
         inputs = ["latents"]
         if cond.scheduled:
             inputs += ["prompt_embeds"] + (["add_text_embeds"] if cond.xl else [])
+        if self.control:
+            pipe, control_kw = self._with_control(pipe, kw, phase)
+            kw = {**kw, **control_kw}
         ctx.set_progress(0, steps, image_index=self.first, images=self.total, textinfo=phase or None)
         call = dict(cond.kwargs(), num_inference_steps=steps, guidance_scale=self.r.cfg_scale,
                     num_images_per_prompt=self.r.batch_size, generator=self.e._generators(self.seeds),
@@ -306,6 +359,36 @@ class _Run:
                 raise StudioError(f"Out of device memory at {self.r.width}x{self.r.height}, batch size "
                                   f"{self.r.batch_size}.", fix="lower the size or batch size, or start with "
                                   "--medvram") from exc
+
+    def _with_control(self, pipe: Any, kw: dict, phase: str) -> tuple[Any, dict]:
+        """Swap in the ControlNet pipeline view for this pass and prepare the control images at its size."""
+        from .controlnet import infotext_params, prepare_control_image
+        from .controlnet.apply import build_plan, controlnet_pipeline
+
+        comps = self.loaded.components
+        w, h = kw.get("width", self.r.width), kw.get("height", self.r.height)
+        if phase == "Hires fix":
+            w, h = self.r.hr_size
+        init = self.r.init_images[0] if self.r.init_images else None
+        fallback = init if init is None or hasattr(init, "size") else None
+        units = [u for u, _ in self.control]
+        prepared = [prepare_control_image(u, w, h, self.e.preprocessors, self.e.settings.annotators_path,
+                                          fallback_image=fallback) for u in units]
+        plan = build_plan(units, [n for _, n in self.control], [p.image for p in prepared], width=w, height=h,
+                          guidance_scale=self.r.cfg_scale)
+        mode = "inpaint" if comps.is_inpaint or "mask_image" in kw else ("img2img" if "image" in kw else "txt2img")
+        cpipe = controlnet_pipeline(mode, comps.family, pipe.components, plan.controlnet)
+        self.e.manager._apply_device_options(cpipe)
+        self.infotext.update({k: v for k, v in infotext_params(plan.units).items()})
+        if not phase:
+            self.detected_maps = [(u, p.detected_map) for u, p in zip(units, prepared)]
+        extra = plan.call_kwargs(mode)
+        import inspect
+        accepted = inspect.signature(cpipe.__call__).parameters
+        for key in [k for k in kw if k not in accepted]:
+            self.result.warnings.append(f"ControlNet with {mode}: option {key!r} is not supported and was left out.")
+            kw.pop(key)
+        return cpipe, extra
 
     def txt2img(self, conds: Any, sampler: str, schedule: str) -> list[Image.Image] | torch.Tensor:
         r = self.r

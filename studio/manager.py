@@ -303,6 +303,33 @@ class PipelineManager:
         with self._lock:
             return self.key_for(info) in self._entries
 
+    @contextlib.contextmanager
+    def acquire_module(self, key: tuple, label: str, load: Callable[[], Any]) -> Iterator[Any]:
+        """An extra module (e.g. a ControlNet) cached under ``key`` in the same LRU and budgets as checkpoints;
+        ``load()`` runs only on a miss (on the CPU; it is moved to the device here). Locked for the ``with``."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                module = load()
+                self.loads += 1
+                nbytes = _module_bytes(module)
+                self._make_room("device", nbytes)
+                module.to(self.placement)
+                entry = Entry(key, label, module, nbytes, "device")
+                self._entries[key] = entry
+            else:
+                self._entries.move_to_end(key)
+                entry.last_used = time.monotonic()
+                if entry.tier != "device":
+                    self._make_room("device", entry.nbytes, keep=key)
+                    self._move(entry, "device")
+            entry.locks += 1
+        try:
+            yield entry.value
+        finally:
+            with self._lock:
+                entry.locks -= 1
+
     # ---- pipelines as views ------------------------------------------------------------------------
     def pipeline(self, loaded: Loaded, mode: str, scheduler: Any) -> Any:
         """A diffusers pipeline for ``mode`` over the SAME modules (no copies, no dtype changes).

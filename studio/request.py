@@ -62,6 +62,8 @@ class GenerationRequest:
     hr_scheduler: str = ""
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
+    # ControlNet units (studio.controlnet.ControlUnit, A1111 extension field names)
+    controlnet_units: tuple = ()
 
     def replace(self, **changes: Any) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)
@@ -69,7 +71,7 @@ class GenerationRequest:
     def to_dict(self) -> dict:
         """Plain fields only (images are left out: they are not JSON)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("init_images", "mask")}
+                if f.name not in ("init_images", "mask", "controlnet_units")}
 
     @property
     def hr_size(self) -> tuple[int, int]:
@@ -177,5 +179,6 @@ class GenerationResult:
     vae_name: str = ""
     vae_hash: str = ""
     interrupted: bool = False
+    control_maps: list = field(default_factory=list)   # detected ControlNet maps, one per enabled unit
     job_id: str = ""
     job_timestamp: str = ""

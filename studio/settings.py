@@ -58,6 +58,8 @@ class Settings:
     save_images: bool = True
     filename_pattern: str = "[seed]"
     lora_cache_mb: int = 1024        # parsed LoRA files kept in RAM
+    controlnet_units: int = 3        # ControlNet units shown per tab
+    controlnet_save_maps: bool = True   # save each unit's detected map beside the output
     max_image_pixels: int = 4096 * 4096   # larger uploads are refused (also stops decompression bombs)
     # per-model overrides, keyed by checkpoint file name: {"prediction": "v" | "epsilon"}
     model_overrides: dict = field(default_factory=dict)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from studio.controlnet import (ControlNetLibrary, ControlUnit, ParamSpec, Preprocessors, check_family,
-                               default_preprocessors, infotext_params, load_controlnet, peek_family,
+                               controlnet_family, default_preprocessors, infotext_params, load_controlnet, peek_family,
                                pixel_perfect_resolution, prepare_control_image, units_from_params)
 from studio.controlnet.apply import build_plan, controlnet_pipeline, make_controlnet_set, soft_scales
 from studio.errors import ModelLoadError, StudioError
@@ -240,6 +240,7 @@ def test_module_detail_has_the_extension_shape(preps):
         {"name": "Canny Low Threshold", "value": 100, "min": 1, "max": 255, "step": 1.0},
         {"name": "Canny High Threshold", "value": 200, "min": 1, "max": 255, "step": 1.0}]}
     assert detail["none"] == {"model_free": True, "sliders": []}
+    assert preps.get("hed").name == "softedge_hed" and "hed" not in detail  # old names still accepted
     assert detail["softedge_hed"]["model_free"] is False
     for name in ("openpose_full", "depth_midas", "lineart_anime", "mlsd", "normal_bae", "mediapipe_face"):
         assert name in preps.names()
@@ -319,7 +320,8 @@ def test_unit_from_api_accepts_strings_and_ints(preps):
     assert (u.resize_mode, u.control_mode, u.weight, u.pixel_perfect) == \
         ("Resize and Fill", "ControlNet is more important", 0.5, True)
     assert u.image.size == (64, 64) and u.mask.mode == "L"
-    u = ControlUnit.from_api({"resize_mode": "Inner Fit (Scale to Fit)", "control_mode": 1, "input_image": b64(img)})
+    u = ControlUnit.from_api({"resize_mode": "Inner Fit (Scale to Fit)", "control_mode": 1, "input_image": b64(img),
+                              "threshold_a": None})
     assert u.resize_mode == "Crop and Resize" and u.control_mode == "My prompt is more important" and u.image
     for bad, field in (({"resize_mode": "Stretch"}, "resize_mode"), ({"control_mode": 7}, "control_mode"),
                        ({"weight": 3}, "weight"), ({"guidance_start": 0.8, "guidance_end": 0.2}, "guidance_start"),
@@ -362,3 +364,50 @@ def test_pixel_perfect_and_resize_modes(preps):
     with pytest.raises(StudioError, match="no input image") as err:
         prepare_control_image(ControlUnit(index=2).validate(), 64, 64, preps)
     assert err.value.field == "controlnet.units[2].image"
+
+
+# ---- the integration recipe (what the engine does) ------------------------------------------------
+
+def _generate_with_units(studio, lib, preps, unit_dicts, comps):
+    """The engine's recipe: resolve models, cache them in the manager, preprocess (cached), plan, pipe view."""
+    import contextlib
+    units = [ControlUnit.from_api(d, i, preps) for i, d in enumerate(unit_dicts)]
+    units = [u for u in units if u.enabled]
+    with contextlib.ExitStack() as stack:
+        nets = []
+        for u in units:
+            info = lib.find(u.model, field=u.f("model"))
+            net = stack.enter_context(studio.manager.acquire_module(
+                lib.key(info), f"ControlNet {info.title}",
+                lambda info=info: load_controlnet(info.path, dtype=studio.manager.dtype)[0]))
+            check_family(controlnet_family(net), comps.family, (info.title, "tiny-sd1"), field=u.f("model"))
+            u.model = info.title  # the infotext names the model by its title
+            nets.append(net)
+        prepared = [prepare_control_image(u, 64, 64, preps) for u in units]
+        plan = build_plan(units, nets, [p.image for p in prepared], width=64, height=64, guidance_scale=6.0)
+        pipe = controlnet_pipeline("txt2img", comps.family, tinymodels.make_pipeline(comps).components,
+                                   plan.controlnet)
+        return run(pipe, **plan.call_kwargs("txt2img")), infotext_params(plan.units)
+
+
+def test_second_generation_loads_nothing_and_preprocesses_nothing(studio, tiny, tmp_path):
+    comps, cn_a, cn_b = tiny
+    root = studio.settings.controlnet_path
+    root.mkdir(parents=True, exist_ok=True)
+    controlnets.write_ldm(cn_a, root / "control_a.safetensors")
+    controlnets.write_diffusers(cn_b, root / "control_b")
+    lib = ControlNetLibrary(studio.settings, studio.hashes)
+    preps = default_preprocessors(studio.settings.annotators_path)
+    units = [{"module": "canny", "model": "control_a", "image": b64(rect_image()), "weight": 0.8},
+             {"module": "invert", "model": "control_b", "image": b64(rect_image()), "guidance_end": 0.5},
+             {"enabled": False, "model": "missing-model"}]
+    loads = studio.manager.loads
+    first, info = _generate_with_units(studio, lib, preps, units, comps)
+    assert studio.manager.loads == loads + 2 and dict(preps.runs) == {"canny": 1, "invert": 1}
+    second, _ = _generate_with_units(studio, lib, preps, units, comps)
+    assert studio.manager.loads == loads + 2 and dict(preps.runs) == {"canny": 1, "invert": 1}
+    np.testing.assert_array_equal(first, second)
+    assert info["ControlNet 0"].startswith(f"Module: canny, Model: {lib.find('control_a').title}, Weight: 0.8")
+    with pytest.raises(StudioError, match="control_a.*is for SDXL but checkpoint tiny-sd1") as err:
+        check_family("sdxl", "sd1", (lib.find("control_a").title, "tiny-sd1"), field="controlnet.units[0].model")
+    assert err.value.field == "controlnet.units[0].model"

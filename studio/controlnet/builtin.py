@@ -8,7 +8,6 @@ when given a folder; torch.load runs with its safe weights_only default).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -189,3 +188,11 @@ def register_builtins(reg: Preprocessors) -> None:
       [ParamSpec("max_faces", "Max Faces", 1, 10, 1), ParamSpec("min_confidence", "Min Face Confidence", 0.01, 1, 0.5,
                                                                 0.01)],
       loader=_mediapipe_loader, model_key="mediapipe", requires="mediapipe")
+    # names older API scripts still send (the extension keeps the same aliases)
+    for old, new in (("hed", "softedge_hed"), ("hed_safe", "softedge_hedsafe"), ("pidinet", "softedge_pidinet"),
+                     ("pidinet_safe", "softedge_pidisafe"), ("depth", "depth_midas"), ("depth_zoe", "depth_zoe"),
+                     ("lineart", "lineart_realistic"), ("normal_bae", "normal_bae"), ("threshold", "binary"),
+                     ("invert (from white bg & black line)", "invert"),
+                     ("lineart_standard (from white bg & black line)", "lineart_standard")):
+        if old != new:
+            reg.alias(old, new)

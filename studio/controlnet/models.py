@@ -103,7 +103,8 @@ class ControlNetLibrary:
             return None
         if os.path.isabs(query) or ".." in re.split(r"[\\/]", query):
             raise StudioError(f"ControlNet model {name_or_title!r} contains a path; only names inside "
-                              f"{self.root} are allowed.", field=field, fix="pass the title from /controlnet/model_list")
+                              f"{self.root} are allowed.", field=field,
+                              fix="pass the title from /controlnet/model_list")
         for attempt in (0, 1):
             items = self.list()
             for info in items:
@@ -136,7 +137,7 @@ class ControlNetLibrary:
         if info.family is None:
             try:
                 info.family = peek_family(info.path)
-            except StudioError:
+            except (StudioError, OSError, ValueError):
                 info.family = None
         return info.family
 
@@ -163,6 +164,11 @@ def _family_from_config(cfg) -> str:
     get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
     return convert.family_of(int(get("cross_attention_dim", 768)), get("addition_embed_type") == "text_time",
                              bool(get("use_linear_projection", False)))
+
+
+def controlnet_family(model) -> str:
+    """Family of a loaded ControlNetModel (from its config)."""
+    return _family_from_config(model.config)
 
 
 def peek_family(path) -> str | None:
@@ -227,7 +233,8 @@ def load_controlnet(path, dtype=torch.float32, device="cpu", *, addition_time_em
 
 
 def check_family(controlnet_family: str | None, checkpoint_family: str | None,
-                 names: tuple[str, str] = ("the ControlNet", "the checkpoint"), field: str = "controlnet.model") -> None:
+                 names: tuple[str, str] = ("the ControlNet", "the checkpoint"),
+                 field: str = "controlnet.model") -> None:
     """Raise StudioError naming both models when a ControlNet is for another base family."""
     if not controlnet_family or not checkpoint_family or controlnet_family == checkpoint_family:
         return

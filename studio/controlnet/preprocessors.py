@@ -111,6 +111,7 @@ class Preprocessors:
         self.annotators_dir = Path(annotators_dir) if annotators_dir else None
         self.max_models, self.max_model_bytes, self.max_results = max_models, max_model_bytes, max_results
         self._items: dict[str, Preprocessor] = {}
+        self._aliases: dict[str, str] = {}
         self._models: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
         self._results: OrderedDict[tuple, Image.Image] = OrderedDict()
         self._lock = threading.RLock()
@@ -137,6 +138,11 @@ class Preprocessors:
             self._results = OrderedDict((k, v) for k, v in self._results.items() if k[1] != name)
             return item
 
+    def alias(self, old: str, name: str) -> None:
+        """Accept ``old`` (e.g. the extension's pre-1.1 module names such as "hed") for ``name``."""
+        with self._lock:
+            self._aliases[old] = name
+
     def names(self) -> list[str]:
         with self._lock:
             return list(self._items)
@@ -144,6 +150,7 @@ class Preprocessors:
     def get(self, name: str, field: str = "controlnet.module") -> Preprocessor:
         key = (name or "none").strip()
         with self._lock:
+            key = self._aliases.get(key, key)
             item = self._items.get(key) or next((p for n, p in self._items.items() if n.lower() == key.lower()), None)
         if item is None:
             raise StudioError(f"Unknown ControlNet preprocessor {name!r}.", field=field,

@@ -105,6 +105,9 @@ class ControlUnit:
         self.save_detected_map = _bool(self.save_detected_map, self.f("save_detected_map"))
         self.resize_mode = _enum(self.resize_mode, RESIZE_MODES, RESIZE_ALIASES, self.f("resize_mode"))
         self.control_mode = _enum(self.control_mode, CONTROL_MODES, {}, self.f("control_mode"))
+        for name in ("processor_res", "threshold_a", "threshold_b"):  # null from JSON means "default"
+            if getattr(self, name) is None:
+                setattr(self, name, -1)
         self.weight = _number(self.weight, self.f("weight"), 0.0, 2.0)
         self.processor_res = int(_number(self.processor_res, self.f("processor_res"), -1, 4096))
         self.threshold_a = _number(self.threshold_a, self.f("threshold_a"))
