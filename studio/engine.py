@@ -6,8 +6,8 @@ import dataclasses
 import logging
 import os
 import secrets
-from pathlib import Path
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,15 +15,16 @@ from PIL import Image
 
 from . import __version__
 from .errors import StudioError
-from .img2img import Prepared, prepare
+from .img2img import prepare
 from .infotext import build_params, format_infotext
 from .manager import Loaded, PipelineManager
 from .outputs import OutputWriter
 from .prompt_parser import extract_extra_networks
 from .prompts import Conditioning, PromptEncoder
-from .request import MASKED_CONTENT, GenerationRequest, GenerationResult
-from .samplers import make_scheduler, resolve_sampler
+from .request import GenerationRequest, GenerationResult
+from .samplers import resolve_sampler
 from .settings import Settings
+from .passes import BatchRun
 from .upscalers import Upscalers
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ class Engine:
                 if ctx.interrupted or getattr(ctx, "stopped_by_extension", False):
                     break
                 lo, hi = batch * request.batch_size, (batch + 1) * request.batch_size
-                run = _Run(self, request, loaded, ctx, seeds[lo:hi], subseeds[lo:hi], lo, total, result, control)
+                run = BatchRun(self, request, loaded, ctx, seeds[lo:hi], subseeds[lo:hi], lo, total, result, control)
                 if request.mode == "txt2img":
                     images = run.txt2img(conds, sampler, schedule)
                     if request.enable_hr and not ctx.interrupted:
@@ -215,7 +216,7 @@ class Engine:
             out.append((dataclasses.replace(unit, model=info.title), net))
         return out
 
-    def _save_detected_maps(self, run: "_Run", result: GenerationResult) -> None:
+    def _save_detected_maps(self, run: "BatchRun", result: GenerationResult) -> None:
         """Each unit's detected map, kept in the result and (setting on) saved beside the first image."""
         maps = getattr(run, "detected_maps", [])
         result.control_maps = [m for _, m in maps]
@@ -294,194 +295,3 @@ class Engine:
             if ext is not None and ext.has("studio_image_saved"):
                 from .extension_api import SavedImage
                 ext.call("studio_image_saved", saved=SavedImage(str(path), infotext, request))
-
-
-class _Run:
-    """One batch of one job: the pipeline calls for its mode and the hires pass."""
-
-    def __init__(self, engine: Engine, request: GenerationRequest, loaded: Loaded, ctx: Any, seeds: list[int],
-                 subseeds: list[int], first_index: int, total: int, result: GenerationResult,
-                 control: list | None = None):
-        self.e, self.r, self.loaded, self.ctx = engine, request, loaded, ctx
-        self.control = control or []
-        self.seeds, self.subseeds, self.first, self.total = seeds, subseeds, first_index, total
-        self.result = result
-        self.infotext: dict = dict(request.extra_infotext)
-
-    def _scheduler(self, sampler: str, schedule: str) -> Any:
-        scheduler, warns = make_scheduler(sampler, schedule, self.loaded.components.scheduler_config)
-        self.result.warnings.extend(w for w in warns if w not in self.result.warnings)
-        return scheduler
-
-    def _call(self, pipe: Any, conds: Any, steps: int, phase: str = "", **kw: Any) -> torch.Tensor:
-        """Run ``pipe`` with progress, live preview and interrupt/skip; returns latents."""
-        ctx, every, family = self.ctx, self.e.settings.preview_every, self.loaded.components.family
-
-        def on_step_end(p: Any, step: int, timestep: Any, kwargs: dict) -> dict:
-            n = getattr(p, "_num_timesteps", None) or steps
-            ctx.set_progress(step + 1, n, image_index=self.first, images=self.total, textinfo=phase or None)
-            if every and (step + 1) % every == 0 and step + 1 < n:
-                from .preview import latents_to_preview
-                ctx.set_preview(latents_to_preview(kwargs["latents"], family))
-            ext = self.e.extensions
-            if ext is not None and ext.has("studio_on_step"):
-                from .extension_api import StepContext
-                sc = StepContext(step + 1, n, kwargs["latents"], self.r, getattr(ctx, "job_id", ""))
-                ext.call("studio_on_step", step=sc)
-                if sc._stop:  # the extension ends the job like the Interrupt button does
-                    ctx.stopped_by_extension = True
-                    job = getattr(ctx, "job", None)
-                    if job is not None:
-                        job.interrupt()
-            if ctx.interrupted or ctx.skipped or getattr(ctx, "stopped_by_extension", False):
-                p._interrupt = True  # diffusers skips the remaining steps and returns the current latents
-            return {**kwargs, **cond.update(step + 1, kwargs, self.r.batch_size)}
-
-        # the schedule ([a:b:0.5], [a|b]) runs over the steps the sampler really takes (img2img: steps × strength)
-        strength = kw.get("strength", 1.0)
-        actual = max(1, int(steps * strength)) if "image" in kw and strength < 1 else steps
-        cond: Conditioning = conds(actual)
-        inputs = ["latents"]
-        if cond.scheduled:
-            inputs += ["prompt_embeds"] + (["add_text_embeds"] if cond.xl else [])
-        if self.control:
-            pipe, control_kw = self._with_control(pipe, kw, phase)
-            kw = {**kw, **control_kw}
-        ctx.set_progress(0, steps, image_index=self.first, images=self.total, textinfo=phase or None)
-        call = dict(cond.kwargs(), num_inference_steps=steps, guidance_scale=self.r.cfg_scale,
-                    num_images_per_prompt=self.r.batch_size, generator=self.e._generators(self.seeds),
-                    output_type="latent", callback_on_step_end=on_step_end,
-                    callback_on_step_end_tensor_inputs=inputs, **kw)
-        with torch.inference_mode():
-            try:
-                return pipe(**call).images
-            except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
-                raise StudioError(f"Out of device memory at {self.r.width}x{self.r.height}, batch size "
-                                  f"{self.r.batch_size}.", fix="lower the size or batch size, or start with "
-                                  "--medvram") from exc
-
-    def _with_control(self, pipe: Any, kw: dict, phase: str) -> tuple[Any, dict]:
-        """Swap in the ControlNet pipeline view for this pass and prepare the control images at its size."""
-        from .controlnet import infotext_params, prepare_control_image
-        from .controlnet.apply import build_plan, controlnet_pipeline
-
-        comps = self.loaded.components
-        w, h = kw.get("width", self.r.width), kw.get("height", self.r.height)
-        if phase == "Hires fix":
-            w, h = self.r.hr_size
-        init = self.r.init_images[0] if self.r.init_images else None
-        fallback = init if init is None or hasattr(init, "size") else None
-        units = [u for u, _ in self.control]
-        prepared = [prepare_control_image(u, w, h, self.e.preprocessors, self.e.settings.annotators_path,
-                                          fallback_image=fallback) for u in units]
-        plan = build_plan(units, [n for _, n in self.control], [p.image for p in prepared], width=w, height=h,
-                          guidance_scale=self.r.cfg_scale)
-        mode = "inpaint" if comps.is_inpaint or "mask_image" in kw else ("img2img" if "image" in kw else "txt2img")
-        cpipe = controlnet_pipeline(mode, comps.family, pipe.components, plan.controlnet)
-        self.e.manager._apply_device_options(cpipe)
-        self.infotext.update({k: v for k, v in infotext_params(plan.units).items()})
-        if not phase:
-            self.detected_maps = [(u, p.detected_map) for u, p in zip(units, prepared)]
-        extra = plan.call_kwargs(mode)
-        import inspect
-        accepted = inspect.signature(cpipe.__call__).parameters
-        for key in [k for k in kw if k not in accepted]:
-            self.result.warnings.append(f"ControlNet with {mode}: option {key!r} is not supported and was left out.")
-            kw.pop(key)
-        return cpipe, extra
-
-    def txt2img(self, conds: Any, sampler: str, schedule: str) -> list[Image.Image] | torch.Tensor:
-        r = self.r
-        pipe = self.e.manager.pipeline(self.loaded, "txt2img", self._scheduler(sampler, schedule))
-        kw: dict[str, Any] = dict(width=r.width, height=r.height)
-        if r.subseed_strength > 0:
-            kw["latents"] = self.e._variation_latents(r, self.loaded, self.seeds, self.subseeds)
-        if self.loaded.components.is_inpaint:  # an inpainting model draws from nothing through a full mask
-            kw.update(image=Image.new("RGB", (r.width, r.height), (127, 127, 127)),
-                      mask_image=Image.new("L", (r.width, r.height), 255), strength=1.0)
-        latents = self._call(pipe, conds, r.steps, **kw)
-        self.pipe = pipe
-        if r.enable_hr:
-            return latents  # the hires pass decides how to upscale
-        return self.e.decode(pipe, latents, self.result.warnings)
-
-    def hires(self, first: torch.Tensor, upscaler: Any, hr_sampler: tuple[str, str], conds: Any) -> list:
-        r = self.r
-        w, h = r.hr_size
-        steps = r.hr_second_pass_steps or r.steps
-        self.infotext.update({"Denoising strength": r.hr_denoising_strength})
-        if r.hr_resize_x or r.hr_resize_y:
-            self.infotext["Hires resize"] = f"{w}x{h}"
-        else:
-            self.infotext["Hires upscale"] = r.hr_scale
-        if r.hr_second_pass_steps:
-            self.infotext["Hires steps"] = r.hr_second_pass_steps
-        self.infotext["Hires upscaler"] = upscaler.name
-        if r.hr_sampler_name:
-            self.infotext["Hires sampler"] = hr_sampler[0]
-        if r.hr_prompt:
-            self.infotext["Hires prompt"] = r.hr_prompt
-            first_pass = conds
-
-            def conds(steps: int) -> Conditioning:  # noqa: F811 - the second pass has its own prompt
-                return first_pass(steps, extract_extra_networks(r.hr_prompt)[0],
-                                  extract_extra_networks(r.hr_negative_prompt or r.negative_prompt)[0])
-        if upscaler.is_latent:
-            image: Any = self.e.upscalers.latent(upscaler, first, w, h)
-        else:
-            decoded = self.e.decode(self.pipe, first, self.result.warnings)
-            image = [upscaler.fn(img, w, h) for img in decoded]
-        if r.hr_denoising_strength <= 0 or steps * r.hr_denoising_strength < 1:
-            return image if isinstance(image, list) else self.e.decode(self.pipe, image, self.result.warnings)
-        pipe = self.e.manager.pipeline(self.loaded, "img2img", self._scheduler(*hr_sampler))
-        kw: dict[str, Any] = dict(image=image, strength=r.hr_denoising_strength)
-        if self.loaded.components.is_inpaint:
-            kw.update(mask_image=Image.new("L", (w, h), 255), width=w, height=h)
-        latents = self._call(pipe, conds, steps, phase="Hires fix", **kw)
-        return self.e.decode(pipe, latents, self.result.warnings)
-
-    def img2img(self, prep: Prepared, conds: Any, sampler: str, schedule: str) -> list[Image.Image]:
-        r, comps = self.r, self.loaded.components
-        self.infotext.update(prep.infotext)
-        mode = "inpaint" if r.mode == "inpaint" else "img2img"
-        pipe = self.e.manager.pipeline(self.loaded, mode, self._scheduler(sampler, schedule))
-        image: Any = prep.init
-        if prep.latent_source is not None:
-            latents = self.e.encode(pipe, prep.latent_source)
-            image = torch.nn.functional.interpolate(latents, size=(r.height // 8, r.width // 8), mode="bilinear")
-        if r.denoising_strength <= 0 or r.steps * r.denoising_strength < 1:
-            # nothing to denoise: the init image goes through the VAE and back, as a 0-step sampler would
-            z = image if isinstance(image, torch.Tensor) else self.e.encode(pipe, image)
-            images = self.e.decode(pipe, z.repeat(r.batch_size, 1, 1, 1), self.result.warnings)
-            return [prep.finish(im) for im in images]
-        kw: dict[str, Any] = dict(image=image, strength=r.denoising_strength)
-        mask = prep.mask
-        if mode == "inpaint" or comps.is_inpaint:
-            if mask is None:
-                mask = Image.new("L", (r.width, r.height), 255)
-            kw.update(mask_image=mask, width=r.width, height=r.height)
-            content = MASKED_CONTENT[r.inpainting_fill] if mode == "inpaint" else "original"
-            if content in ("latent noise", "latent nothing"):
-                kw.update(self._latent_content(pipe, prep.init, mask, content))
-        latents = self._call(pipe, conds, r.steps, **kw)
-        return [prep.finish(im) for im in self.e.decode(pipe, latents, self.result.warnings)]
-
-    def _latent_content(self, pipe: Any, init: Image.Image, mask: Image.Image, content: str) -> dict:
-        """A1111's latent noise / latent nothing: the masked area of the init latents is noise or zeros."""
-        z = self.e.encode(pipe, init)
-        m = pipe.mask_processor.preprocess(mask, height=init.height, width=init.width)
-        m = torch.nn.functional.interpolate(m, size=z.shape[-2:]).to(z) >= 0.5
-        if content == "latent noise":
-            gen = self.e._generators(self.seeds[:1])[0]
-            fill = torch.randn(z.shape, generator=gen, device=gen.device).to(z)
-        else:
-            fill = torch.zeros_like(z)
-        out: dict[str, Any] = {"image": torch.where(m, fill, z)}
-        # given latents, the pipeline cannot mask the image itself; a 9-channel model is conditioned on this
-        pixels = pipe.image_processor.preprocess(init).to(z)
-        pm = pipe.mask_processor.preprocess(mask, height=init.height, width=init.width).to(z)
-        vae = pipe.vae
-        with torch.no_grad():
-            masked = vae.encode((pixels * (pm < 0.5)).to(vae.dtype)).latent_dist.mode()
-        out["masked_image_latents"] = self.e._scale(vae, masked, False)
-        return out

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import devices
-from .errors import ModelLoadError, StudioError
+from .errors import StudioError
 from .loading.components import Components
 from .registry import CheckpointInfo, Registry, VaeInfo
 from .settings import Settings
