@@ -257,3 +257,22 @@ def test_extract_then_bake_approximates_tuned(registry, settings):
     low = extract_lora(registry, settings, "tiny-sd1-b", "tiny-sd1", "ex-low", rank=2, conv_rank=0)
     assert 0 < low.energy < 1
     assert not any(v.new_rank > 2 for v in low.layers.values())
+
+
+def test_baked_lora_image_equals_activated_lora(studio, settings):
+    import numpy as np
+
+    from studio.merge import bake_loras
+    from studio.request import GenerationRequest
+    from tests import tinymodels
+    _write_lora(settings, "lo", "kohya", tinymodels.make_tiny("sd1", seed=0))
+    studio.loras.refresh()
+    bake_loras(studio.registry, settings, "tiny-sd1", [("lo", 0.8)], "baked-lo")
+    base = dict(width=64, height=64, steps=2, seed=5, sampler_name="Euler", save_images=False)
+    live = studio.generate(GenerationRequest(checkpoint="tiny-sd1", prompt="a cube <lora:lo:0.8>", **base))
+    baked = studio.generate(GenerationRequest(checkpoint="baked-lo", prompt="a cube", **base))
+    plain = studio.generate(GenerationRequest(checkpoint="tiny-sd1", prompt="a cube", **base))
+    assert not live.warnings
+    px = [np.asarray(r.images[0], dtype=np.int16) for r in (live, baked, plain)]
+    assert np.abs(px[0] - px[1]).max() <= 1
+    assert np.abs(px[0] - px[2]).max() > 1  # the LoRA does change the image

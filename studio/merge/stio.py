@@ -56,6 +56,9 @@ class TensorSource:
     def get(self, key: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def read_into(self, key: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(self.get(key).reshape(-1)[start:start + out.numel()])
+
     def close(self) -> None:
         pass
 
@@ -64,6 +67,20 @@ class TensorSource:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _fill(fd: int, view: memoryview, offset: int, what: str) -> None:
+    done = 0
+    while done < len(view):  # pread may return less than asked for
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise OSError(f"{what}: file ended early")
+        done += got
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """Writable bytes of a contiguous tensor (any dtype, bf16 included)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 class SafetensorsSource(TensorSource):
@@ -81,19 +98,19 @@ class SafetensorsSource(TensorSource):
         self._fd = os.open(self.path, os.O_RDONLY)
 
     def get(self, key: str) -> torch.Tensor:
-        e = self._entries[key]
-        start, end = e["data_offsets"]
         info = self.infos[key]
-        buf = bytearray(end - start)
-        view, done = memoryview(buf), 0
-        while done < len(buf):  # pread may return less than asked for
-            got = os.preadv(self._fd, [view[done:]], self._base + start + done)
-            if got <= 0:
-                raise OSError(f"{self.path} ended early while reading {key}")
-            done += got
-        if not buf:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        out = torch.empty(info.shape, dtype=info.dtype)
+        if out.numel():
+            _fill(self._fd, _byte_view(out), self._base + self._entries[key]["data_offsets"][0], f"{self.path} {key}")
+        return out
+
+    def read_into(self, key: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements [start, start + len(out)) of ``key`` (flattened) into the 1-D buffer ``out``."""
+        if out.numel():
+            size = self.infos[key].dtype.itemsize
+            _fill(self._fd, _byte_view(out), self._base + self._entries[key]["data_offsets"][0] + start * size,
+                  f"{self.path} {key}")
+        return out
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -110,7 +127,10 @@ class DictSource(TensorSource):
         self.infos = {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in tensors.items()}
 
     def get(self, key: str) -> torch.Tensor:
-        return self._t[key].detach().cpu()
+        return self._t[key].detach().cpu().clone()  # callers may update what they get in place
+
+    def read_into(self, key: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(self._t[key].detach().reshape(-1)[start:start + out.numel()])
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -142,6 +162,7 @@ class StreamWriter:
         raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as safetensors does
         self._plan = plan
         self._next = 0
+        self._total, self._written = offset, 0
         self._f = open(self.path, "wb")
         self._f.write(struct.pack("<Q", len(raw)))
         self._f.write(raw)
@@ -153,18 +174,27 @@ class StreamWriter:
         info = self._plan[name]
         if tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
             raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, planned {info.dtype} {info.shape}")
-        self._f.write(_tensor_bytes(tensor))
+        self.write_bytes(_tensor_bytes(tensor))
         self._next += 1
 
+    def write_bytes(self, data) -> None:
+        """Append raw tensor bytes (chunked writers: the caller keeps the planned order)."""
+        self._written += len(data)
+        if self._written > self._total:
+            raise ValueError("more tensor bytes written than planned")
+        self._f.write(data)
+
     def close(self) -> None:
-        """Flush to disk; raises if tensors are missing (a partial file must never be renamed into place)."""
+        """Flush and close; raises if tensors are missing (a partial file must never be renamed into place).
+
+        No fsync: like A1111 and safetensors' own save_file. The temp-file-then-rename already guarantees that
+        no reader ever sees a partial file; an fsync would add ~0.5 s per GB for power-loss durability only."""
         if self._f.closed:
             return
         try:
-            if self._next != len(self._order):
-                raise ValueError(f"only {self._next} of {len(self._order)} tensors were written")
+            if self._written != self._total:
+                raise ValueError(f"only {self._written} of {self._total} planned tensor bytes were written")
             self._f.flush()
-            os.fsync(self._f.fileno())
         finally:
             self._f.close()
 
@@ -173,17 +203,50 @@ class StreamWriter:
         self.path.unlink(missing_ok=True)
 
 
-def write_streaming(path, plan: dict[str, TensorInfo], produce, metadata=None) -> None:
-    """Write ``plan`` to ``path`` atomically, asking ``produce(name)`` for each tensor in order."""
+def write_streaming(path, plan: dict[str, TensorInfo], produce, metadata=None, *, threaded: bool = True) -> None:
+    """Write ``plan`` to ``path`` atomically, asking ``produce(name)`` for each tensor in order.
+
+    With ``threaded`` the bytes are written by a second thread while the next tensor is produced (a queue of
+    two tensors bounds the memory this costs)."""
+    import queue
+    import threading
+
     path = Path(path)
     tmp = temp_path(path)
     w = StreamWriter(tmp, plan, metadata)
+    q: queue.Queue = queue.Queue(maxsize=2)
+    failed: list[BaseException] = []
+
+    def drain():
+        while (item := q.get()) is not None:
+            if not failed:
+                try:
+                    w.write(*item)
+                except BaseException as e:  # reported to the producing thread
+                    failed.append(e)
+
+    writer = threading.Thread(target=drain, name="merge-writer", daemon=True) if threaded else None
     try:
+        if writer:
+            writer.start()
         for name in plan:
-            w.write(name, produce(name))
+            t = produce(name)
+            if failed:
+                raise failed[0]
+            q.put((name, t)) if writer else w.write(name, t)
+        if writer:
+            q.put(None)
+            writer.join()
+            writer = None
+            if failed:
+                raise failed[0]
         w.close()
         os.replace(tmp, path)
     except BaseException:
+        if writer:
+            failed.append(RuntimeError("stopped"))
+            q.put(None)
+            writer.join()
         w.abort()
         raise
 
@@ -197,3 +260,4 @@ def save_small(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
     """Atomically write a small in-memory state dict (LoRA outputs) with the same writer."""
     plan = {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in tensors.items()}
     write_streaming(path, plan, tensors.__getitem__, metadata)
+
