@@ -102,6 +102,7 @@ class LatentCache:
         self.vae, self.mode, self.dtype = vae, mode, dtype
         self.folder = Path(folder) if folder else None
         self.ram: dict[str, torch.Tensor] = {}
+        self._keys: dict[tuple, str] = {}   # (path, size, flip) -> key: no stat + hash per training step
         self.encodes = 0
         self.scaling = float(getattr(vae.config, "scaling_factor", 0.18215))
         self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
@@ -123,7 +124,9 @@ class LatentCache:
     def get(self, path: Path, size: tuple[int, int], flip: bool) -> torch.Tensor:
         if self.mode == "none":
             return self.encode(load_pixels(path, size, flip)[None])[0]
-        k = self.key(path, size, flip)
+        k = self._keys.get((path, size, flip))
+        if k is None:
+            k = self._keys[(path, size, flip)] = self.key(path, size, flip)
         if k in self.ram:
             return self.ram[k]
         file = self.folder / f"{k}.safetensors" if self.mode == "disk" and self.folder else None

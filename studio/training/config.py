@@ -22,6 +22,7 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wi
 PRECISIONS = ("no", "fp16", "bf16")
 CACHE_MODES = ("none", "ram", "disk")
 PREDICTIONS = ("auto", "epsilon", "v_prediction")
+UNET_TARGETS = ("transformer", "attention")
 
 
 @dataclass
@@ -57,6 +58,7 @@ class TrainConfig:
     conv_alpha: float = 1.0
     train_unet: bool = True
     train_text_encoder: bool = False
+    unet_targets: str = "transformer"     # transformer: attention + feed-forward + proj_in/out (kohya); attention
     # [optimizer]
     optimizer: str = "AdamW"
     learning_rate: float = 1e-4
@@ -133,7 +135,8 @@ class TrainConfig:
             return StudioError(message, field=f"{SECTION_OF[name]}.{name}", fix=fix)
 
         choices = {"method": METHODS, "optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS,
-                   "mixed_precision": PRECISIONS, "cache_latents": CACHE_MODES, "prediction": PREDICTIONS}
+                   "mixed_precision": PRECISIONS, "cache_latents": CACHE_MODES, "prediction": PREDICTIONS,
+                   "unet_targets": UNET_TARGETS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"{name} is {getattr(self, name)!r}.", f"use one of {', '.join(allowed)}")
@@ -250,7 +253,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "dataset": ("dataset_dir", "resolution", "enable_buckets", "min_bucket_reso", "max_bucket_reso", "bucket_step",
                 "min_image_side", "repeats", "flip", "shuffle_caption", "keep_tokens", "caption_dropout",
                 "caption_extension", "cache_latents"),
-    "network": ("rank", "alpha", "conv_rank", "conv_alpha", "train_unet", "train_text_encoder"),
+    "network": ("rank", "alpha", "conv_rank", "conv_alpha", "train_unet", "train_text_encoder", "unet_targets"),
     "optimizer": ("optimizer", "learning_rate", "unet_lr", "text_encoder_lr", "weight_decay", "lr_scheduler",
                   "lr_warmup_steps", "lr_num_cycles", "max_grad_norm"),
     "training": ("epochs", "max_steps", "batch_size", "grad_accum", "gradient_checkpointing", "mixed_precision",

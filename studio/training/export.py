@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import struct
@@ -114,7 +113,7 @@ def tensor_bytes_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, st
     data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
     n = struct.unpack("<Q", data[:8])[0]
     addnet = hashlib.sha256(data[8 + n:]).hexdigest()
-    legacy = hashlib.sha256(io.BytesIO(data).getbuffer()[0x100000:0x110000]).hexdigest()[:8]
+    legacy = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
     return addnet, legacy
 
 

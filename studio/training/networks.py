@@ -17,6 +17,7 @@ from .config import TrainConfig
 ADAPTER = "default"
 # the layers kohya's LoRA targets (transformer blocks: attention, feed-forward, proj_in / proj_out)
 UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+ATTN_ONLY = ("to_q", "to_k", "to_v", "to_out.0")   # diffusers' LoRA examples
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 _CONV = re.compile(r"(resnets\.\d+\.(conv1|conv2|conv_shortcut)|downsamplers\.0\.conv|upsamplers\.0\.conv)$")
 
@@ -26,7 +27,9 @@ def conv_targets(unet) -> list[str]:
     return [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d) and _CONV.search(n)]
 
 
-def _attn_targets(unet) -> list[str]:
+def _attn_targets(unet, which: str = "transformer") -> list[str]:
+    if which == "attention":
+        return [n for n, _ in unet.named_modules() if n.endswith(tuple("." + t for t in ATTN_ONLY))]
     return [n for n, _ in unet.named_modules() if any(n.endswith("." + t) for t in UNET_ATTN)
             and "transformer_blocks" in n or n.endswith((".proj_in", ".proj_out")) and "attentions" in n]
 
@@ -73,12 +76,12 @@ class Network:
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         if self.method == "textual_inversion":
             emb = self.modules["text_encoder"].get_input_embeddings().weight
-            emb[self.ti_ids] = state["ti_rows"].to(emb.dtype, emb.device)
+            emb[self.ti_ids] = state["ti_rows"].to(device=emb.device, dtype=emb.dtype)
             return
         for part, model in self.modules.items():
             for name, p in model.named_parameters():
                 if p.requires_grad:
-                    p.copy_(state[f"{part}.{name}"].to(p.dtype, p.device))
+                    p.copy_(state[f"{part}.{name}"].to(device=p.device, dtype=p.dtype))
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -103,7 +106,7 @@ def build_network(cfg: TrainConfig, components) -> Network:
         unet = components.unet
         convs = conv_targets(unet) if cfg.method == "locon" or (cfg.conv_rank and cfg.method != "lora"
                                                                and cfg.method != "dreambooth_lora") else []
-        inject_adapter_in_model(peft_config(cfg, _attn_targets(unet), convs), unet, adapter_name=ADAPTER)
+        inject_adapter_in_model(peft_config(cfg, _attn_targets(unet, cfg.unet_targets), convs), unet, adapter_name=ADAPTER)
         net.modules["unet"] = unet
     if cfg.train_text_encoder:
         tes = [components.text_encoder] + ([components.text_encoder_2] if components.text_encoder_2 else [])

@@ -76,6 +76,11 @@ class Trainer:
         from diffusers import DDPMScheduler
 
         cfg = self.cfg
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # accelerate keeps its state per process; an earlier in-process run (tests, the CLI after class-image
+            # generation) may have set another precision. Distributed launches are left alone.
+            from accelerate.state import AcceleratorState
+            AcceleratorState._reset_state(reset_partial_state=True)
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                                cpu=not torch.cuda.is_available())
         set_seed(cfg.seed)   # adapter initialisation; per-step randomness has its own generators

@@ -51,7 +51,7 @@ def train_store(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def tmodels(train_store, tmp_path) -> Path:
-    dst = tmp_path / "models"
+    dst = tmp_path / "train-models" / "models"
     shutil.copytree(train_store, dst)
     return dst
 

@@ -13,7 +13,7 @@ def fresh_base(cfg):
 def eval_loss(components, cfg, n_t: int = 6) -> float:
     """Mean denoising loss over the dataset at fixed timesteps and noise (same draws for every model)."""
     from diffusers import DDPMScheduler
-    from studio.training.buckets import LatentCache, load_pixels
+    from studio.training.buckets import LatentCache
     from studio.training.dataset import scan_dataset
     from studio.training.losses import encode_text
     items = scan_dataset(cfg.dataset_dir, min_side=32).items

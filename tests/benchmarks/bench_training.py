@@ -1,0 +1,173 @@
+"""Training benchmark (issue [7/9]): run on demand, prints ratios measured in ONE run.
+
+    python -m tests.benchmarks.bench_training [--steps 30] [--images 8] [--batch 2] [--rounds 2]
+
+Same tiny SD1 model, same 8 synthetic 64x64 images, same batch size, rank, optimizer (AdamW), lr and steps:
+1. our trainer's steps/s (``studio.training.Trainer``, latent + text-embedding caching; LoRA on the same
+   attention layers, or with ``--targets transformer`` kohya's larger set) / a plain reference loop written the way diffusers'
+   ``train_text_to_image_lora.py`` does it (peft LoRA on to_q/to_k/to_v/to_out.0 via ``unet.add_adapter``,
+   VAE encode + text encode every step, accelerate); target >= 1.0. Each side times its training loop only
+   (ours includes the up-front latent caching; model loading is excluded from both).
+2. peak RSS ours / reference, each in its own fresh process; target <= 1.0.
+3. VAE encodes per image with latent caching on; target 1.0.
+Each side runs in its own subprocess, alternated ``--rounds`` times; the medians are reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _setup(root: Path, n_images: int) -> tuple[Path, Path]:
+    from tests import tinymodels
+    from tests.training.conftest import write_dataset
+    ckpt = root / "models" / "Stable-diffusion" / "tiny-sd1.safetensors"
+    if not ckpt.exists():
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tinymodels.write_single_file(tinymodels.make_tiny("sd1", seed=0), ckpt)
+    ds = root / "dataset"
+    if not ds.exists():
+        write_dataset(ds, n_images)
+    return ckpt, ds
+
+
+def run_ours(root: Path, args) -> dict:
+    from studio.training import TrainConfig
+    from studio.training.trainer import Trainer
+    ckpt, ds = _setup(root, args.images)
+    marks = {}
+
+    def on_event(e):
+        if e["type"] in ("start", "step"):
+            marks.setdefault(e["type"], time.perf_counter())
+            marks["last"] = time.perf_counter()
+    cfg = TrainConfig(base_model=str(ckpt), dataset_dir=str(ds), resolution=64, min_image_side=32, rank=4, alpha=4.0,
+                      learning_rate=1e-4, max_steps=args.steps, batch_size=args.batch, seed=0,
+                      output_name="bench", run_dir=str(root / "run-ours"), cache_latents="ram",
+                      unet_targets=args.targets)
+    t = Trainer(cfg, on_event=on_event)
+    result = t.run()
+    return {"steps_per_s": args.steps / (marks["last"] - marks["start"]), "vae_encodes": result.vae_encodes,
+            "images": args.images}
+
+
+def run_reference(root: Path, args) -> dict:
+    """diffusers' train_text_to_image_lora.py, reduced to its training loop."""
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from peft import LoraConfig
+    from PIL import Image
+    from studio.loading.single_file import load_single_file
+    ckpt, ds = _setup(root, args.images)
+    torch.manual_seed(0)
+    acc = Accelerator(gradient_accumulation_steps=1, mixed_precision="no", cpu=True)
+    c = load_single_file(str(ckpt))
+    unet, vae, te, tok = c.unet, c.vae, c.text_encoder, c.tokenizer
+    for m in (unet, vae, te):
+        m.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    sched = get_scheduler("constant", opt, num_warmup_steps=0, num_training_steps=args.steps)
+    noise_sched = DDPMScheduler.from_config(c.scheduler_config)
+    files = sorted(ds.glob("*.png"))
+    pixels = [torch.from_numpy(__import__("numpy").asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1).float()
+              / 127.5 - 1 for f in files]
+    captions = [f.with_suffix(".txt").read_text().strip() for f in files]
+    unet, opt, sched = acc.prepare(unet, opt, sched)
+    unet.train()
+    encodes, step = 0, 0
+    t0 = time.perf_counter()
+    while step < args.steps:
+        order = torch.randperm(len(files)).tolist()
+        for i in range(0, len(order) - args.batch + 1, args.batch):
+            idx = order[i:i + args.batch]
+            with acc.accumulate(unet):
+                batch = torch.stack([pixels[j] for j in idx])
+                latents = vae.encode(batch).latent_dist.sample() * vae.config.scaling_factor
+                encodes += len(idx)
+                noise = torch.randn_like(latents)
+                t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),)).long()
+                noisy = noise_sched.add_noise(latents, noise, t)
+                ids = tok([captions[j] for j in idx], max_length=tok.model_max_length, padding="max_length",
+                          truncation=True, return_tensors="pt").input_ids
+                hidden = te(ids, return_dict=False)[0]
+                pred = unet(noisy, t, hidden, return_dict=False)[0]
+                loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+            if acc.sync_gradients:
+                step += 1
+                if step >= args.steps:
+                    break
+    elapsed = time.perf_counter() - t0
+    return {"steps_per_s": args.steps / elapsed, "vae_encodes": encodes, "images": args.images}
+
+
+def _child(which: str, root: Path, args) -> dict:
+    out = (run_ours if which == "ours" else run_reference)(root, args)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--images", type=int, default=8)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--targets", choices=("attention", "transformer"), default="attention",
+                   help="our LoRA targets: attention = the reference's set (same settings); transformer = kohya's")
+    p.add_argument("--child", choices=("ours", "ref"))
+    p.add_argument("--root")
+    args = p.parse_args()
+    if args.child:
+        import torch
+        torch.set_num_threads(1)   # both sides alike, and fair to other processes on a shared machine
+        print("RESULT " + json.dumps(_child(args.child, Path(args.root), args)))
+        return
+    root = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    _setup(root, args.images)
+    runs: dict[str, list[dict]] = {"ours": [], "ref": []}
+    for _ in range(args.rounds):
+        for which in ("ref", "ours"):
+            cmd = [sys.executable, "-m", "tests.benchmarks.bench_training", "--child", which, "--root", str(root),
+                   "--steps", str(args.steps), "--images", str(args.images), "--batch", str(args.batch),
+                   "--targets", args.targets]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            runs[which].append(json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:]))
+
+    def med(which, key):
+        return statistics.median(r[key] for r in runs[which])
+    speed = med("ours", "steps_per_s") / med("ref", "steps_per_s")
+    rss = med("ours", "peak_rss_mb") / med("ref", "peak_rss_mb")
+    per_image = runs["ours"][-1]["vae_encodes"] / args.images
+    print(f"steps={args.steps} images={args.images} batch={args.batch} rounds={args.rounds} "
+          f"our targets={args.targets}")
+    print(f"{'':28}{'ours':>10}{'reference':>12}{'ratio':>8}  target")
+    print(f"{'steps/s':28}{med('ours', 'steps_per_s'):10.2f}{med('ref', 'steps_per_s'):12.2f}{speed:8.2f}  >= 1.0")
+    print(f"{'peak RSS (MiB)':28}{med('ours', 'peak_rss_mb'):10.0f}{med('ref', 'peak_rss_mb'):12.0f}{rss:8.2f}  <= 1.0")
+    print(f"{'VAE encodes per image':28}{per_image:10.2f}{runs['ref'][-1]['vae_encodes'] / args.images:12.2f}"
+          f"{'':8}  ours == 1.0")
+
+
+if __name__ == "__main__":
+    main()
