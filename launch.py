@@ -288,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(ROOT))
     if args.test:
         return run_tests(extra)
+    if args.train:
+        base_env(bool(args.allow_download))
+        from studio.training import cli_main
+        return cli_main([args.train])
     return serve(args, cli)
 
 

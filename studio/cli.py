@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="create a tiny randomly initialised demo checkpoint so every tab works offline")
     g.add_argument("--test", action="store_true", default=None,
                    help="install test requirements too and run the test suite (pytest), then exit")
+    g.add_argument("--train", default=None, metavar="RUN.TOML",
+                   help="run a training config (as the Train tab writes it) with a console progress bar, then exit")
     g.add_argument("--skip-install", action="store_true", default=None,
                    help="do not create .venv or install requirements")
     g.add_argument("--allow-download", action="store_true", default=None,
