@@ -1,6 +1,7 @@
 """What is on disk: checkpoints and VAEs in the model folders, their A1111 names, titles and hashes."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
@@ -62,6 +63,11 @@ class VaeInfo:
     @property
     def short_hash(self) -> str | None:
         return short_hash(self.sha256) if self.sha256 else None
+
+
+def _folder_id(path: Path) -> str:
+    """A diffusers folder has no single file to hash; it is identified by where it is."""
+    return hashlib.sha256(str(path).encode()).hexdigest()
 
 
 def _is_diffusers_folder(path: Path) -> bool:
@@ -146,17 +152,14 @@ class Registry:
         """Full sha256 of a single-file checkpoint (cached by path, mtime and size). Folders hash their path."""
         if info.sha256:
             return info.sha256
-        if info.kind == "file":
-            info.sha256 = self.hashes.get_or_compute(info.path, "checkpoint")
-        else:
-            import hashlib  # a folder has no single file to hash; identify it by where it is
-            info.sha256 = hashlib.sha256(str(info.path).encode()).hexdigest()
+        info.sha256 = self.hashes.get_or_compute(info.path, "checkpoint") if info.kind == "file" \
+            else _folder_id(info.path)
         return info.sha256
 
     def ensure_vae_hash(self, info: VaeInfo) -> str:
         if not info.sha256:
-            info.sha256 = (self.hashes.get_or_compute(info.path, "vae") if info.kind == "file"
-                           else __import__("hashlib").sha256(str(info.path).encode()).hexdigest())
+            info.sha256 = self.hashes.get_or_compute(info.path, "vae") if info.kind == "file" \
+                else _folder_id(info.path)
         return info.sha256
 
     # ---- resolving names -------------------------------------------------------------------------
