@@ -103,7 +103,9 @@ def installed_versions() -> dict[str, str]:
 
 
 def stamp_path(requirements: Path, prefix: str | None = None) -> Path:
-    return Path(prefix or sys.prefix) / f"{STAMP_PREFIX}{requirements.name}.json"
+    # extensions' files are all called requirements.txt: their stamps are named after their folder
+    name = requirements.name if requirements.parent == ROOT else f"ext-{requirements.parent.name}-{requirements.name}"
+    return Path(prefix or sys.prefix) / f"{STAMP_PREFIX}{name}.json"
 
 
 def stamp_value(requirements: Path) -> dict:
@@ -145,20 +147,53 @@ def pip_install(*args: str) -> None:
                          "then run launch.py again.")
 
 
-def install_requirements(files: list[Path]) -> None:
+def install_requirements(files: list[Path], *pip_args: str, what: str = "Requirements") -> None:
     todo = [f for f in files if f.exists() and not is_current(f)]
     if not todo:
-        say("Requirements are installed (install stamp matches); skipping pip.")
+        say(f"{what} are installed (install stamp matches); skipping pip.")
         return
     started = time.monotonic()
-    args = []
+    args = list(pip_args)
     for f in todo:
         args += ["-r", str(f)]
-    say(f"Installing {', '.join(f.name for f in todo)} into {sys.prefix} ...")
+    say(f"Installing {', '.join(str(f.relative_to(ROOT)) if ROOT in f.parents else f.name for f in todo)} "
+        f"into {sys.prefix} ...")
     pip_install(*args)
     for f in todo:
         write_stamp(f)
     say(f"Requirements installed in {time.monotonic() - started:.0f} s.")
+
+
+def extension_requirements(args) -> list[Path]:
+    """requirements.txt of each ENABLED extension, found from their folders and data/extensions.json alone
+    (declarative: no extension code runs at install time)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from studio.errors import StudioError
+    from studio.extensions import ExtensionManager
+    from studio.settings import Settings
+
+    cli = load_cli()
+    overrides = cli.settings_overrides(args)
+    data_dir = ROOT / overrides.get("data_dir", cli.DEFAULT_DATA_DIR)
+    try:
+        settings, _ = Settings.load(data_dir, overrides)
+    except StudioError:
+        return []  # serve() reports the bad settings
+    manager = ExtensionManager([ROOT / settings.extensions_dir], data_dir / "extensions.json")
+    return manager.requirements_files()
+
+
+def install_extension_requirements(args) -> None:
+    """One pip run per extension, constrained by the studio's pins (an extension cannot move torch); a failing
+    extension is reported and the studio still starts (the extension then fails to import and says so)."""
+    for requirements in extension_requirements(args):
+        try:
+            install_requirements([requirements], "-c", str(REQUIREMENTS),
+                                 what=f"Requirements of extension {requirements.parent.name}")
+        except SystemExit as exc:
+            say(f"Extension {requirements.parent.name}: its requirements could not be installed; it may fail to "
+                f"load. {exc}")
 
 
 def install_xformers() -> None:
@@ -205,6 +240,7 @@ def setup_environment(args, argv: list[str]) -> None:
         return
     files = [REQUIREMENTS] + ([REQUIREMENTS_TEST] if args.test else [])
     install_requirements(files)
+    install_extension_requirements(args)
     if args.xformers:
         install_xformers()
 

@@ -45,6 +45,8 @@ class Studio:
         self.engine = Engine(settings, self.manager, self.outputs, prompts=self.prompts, loras=self.loras,
                              embeddings=self.embeddings, extensions=self.extensions, controlnets=self.controlnets,
                              preprocessors=self.preprocessors)
+        from .training import TrainingService  # torch-free until a run starts; the Train tab and API share it
+        self.training = TrainingService(self)
         if load_extensions:
             self.load_extensions()
 
@@ -57,7 +59,7 @@ class Studio:
             try:
                 self.engine.upscalers.register(Upscaler(spec.name, fn=spec.fn))
             except (AttributeError, ValueError) as exc:
-                self.extensions._record(name, "studio_upscalers", exc)
+                self.extensions.record_error(name, "studio_upscalers", exc)
         from .controlnet import ParamSpec
         for name, spec in self.extensions.collect("studio_preprocessors"):
             try:
@@ -65,7 +67,7 @@ class Studio:
                 self.preprocessors.register(spec.name, _adapt_preprocessor(spec.fn), params,
                                             resolution=spec.resolution, label=f"{spec.name} ({name})")
             except (AttributeError, TypeError, ValueError) as exc:
-                self.extensions._record(name, "studio_preprocessors", exc)
+                self.extensions.record_error(name, "studio_preprocessors", exc)
         if self.extensions.has("studio_model_loaded"):
             from .extension_api import ModelInfo
 
@@ -105,6 +107,9 @@ class Studio:
         return self.run_exclusive(lambda: self.manager.load(name).title, kind="load")
 
     def close(self) -> None:
+        training = getattr(self, "training", None)
+        if training is not None:
+            training.stop()  # a running training saves its state and a usable LoRA, then ends with us
         self.queue.shutdown(wait=True)
         self.manager.unload_all()
 

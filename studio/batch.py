@@ -138,7 +138,8 @@ def run_img2img_batch(studio: Any, base_request: GenerationRequest,
         try:
             image = open_image(path, field="init_images", max_pixels=max_pixels)
         except StudioError as exc:
-            report.skipped.append((path.name, str(exc).split(" Fix:")[0]))
+            known = path.suffix.lower() in IMAGE_SUFFIXES   # a .txt needs no decoder error to explain it
+            report.skipped.append((path.name, str(exc).split(" Fix:")[0] if known else "not an image file"))
             continue
         mask_path = find_mask(masks, path) if masks is not None else None
         try:

@@ -118,6 +118,18 @@ class StudioAPI:
         never from inside a hook that runs during a job (that would wait for itself)."""
         return self._studio.generate(request)
 
+    def submit(self, request: GenerationRequest) -> Any:
+        """Queue a generation and return its Job at once (``progress``, ``preview``, ``wait()``, ``interrupt()``)."""
+        return self._studio.submit(request)
+
+    def loras(self) -> list[str]:
+        """Names usable in ``<lora:name:weight>`` tags."""
+        return [entry.name for entry in self._studio.loras.entries()]
+
+    def report_error(self, exc: BaseException, where: str = "") -> None:
+        """Show an error of this extension on the Extensions tab (with its traceback) and in the log."""
+        self._studio.extensions.record_error(self.extension, where or "extension", exc)
+
     def checkpoints(self) -> list[str]:
         return [info.title for info in self._studio.registry.checkpoints()]
 
@@ -134,6 +146,9 @@ class StudioAPI:
         return str(self._studio.outputs.save(image, mode=mode, seed=0, infotext=infotext, kind="grids"))
 
     def setting(self, key: str, default: Any = None) -> Any:
+        """A setting's saved value; else ``default``; else the default its SettingSpec declared."""
+        if default is None:
+            default = self._studio.extensions.setting_default(key)
         return self._studio.settings.extension_settings.get(key, default)
 
     def parse_infotext(self, text: str) -> dict:

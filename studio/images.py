@@ -34,7 +34,8 @@ def open_image(source: Any, *, field: str = "image", max_pixels: int = DEFAULT_M
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning) as exc:  # PIL raises SyntaxError for some malformed headers
             name = source if isinstance(source, (str, os.PathLike)) else "the data"
             raise StudioError(f"'{field}': {name} is not an image this studio can read ({exc}).", field=field,
                               fix="use a PNG, JPEG or WEBP file") from None
@@ -44,7 +45,7 @@ def open_image(source: Any, *, field: str = "image", max_pixels: int = DEFAULT_M
                           fix="downscale the image first (or raise max_image_pixels in Settings)")
     try:
         image.load()
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SyntaxError) as exc:
         raise StudioError(f"'{field}' could not be decoded ({exc}); the file may be truncated.", field=field) from None
     return ImageOps.exif_transpose(image)
 

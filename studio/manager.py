@@ -291,10 +291,13 @@ class PipelineManager:
     def current_components(self) -> Components | None:
         """The current checkpoint's components if they are in memory (never loads anything)."""
         with self._lock:
-            if self.current is None:
-                return None
+            return self.cached_components(self.current) if self.current is not None else None
+
+    def cached_components(self, info: CheckpointInfo) -> Components | None:
+        """A checkpoint's components if they are in memory (never loads anything)."""
+        with self._lock:
             try:
-                entry = self._entries.get(self.key_for(self.current))
+                entry = self._entries.get(self.key_for(info))
             except (OSError, StudioError):
                 return None
             return entry.value if entry is not None else None

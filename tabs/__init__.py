@@ -16,11 +16,17 @@ class TabSpec:
     label: str
 
 
-# Later tabs slot in here, in this order: img2img, Inpaint, ControlNet, Train, Merge (after txt2img).
+# Later tabs slot in here, in this order: ControlNet, Train, Merge (after Inpaint).
 TABS = (
     TabSpec("txt2img", "txt2img"),
+    TabSpec("img2img", "img2img"),
+    TabSpec("inpaint", "Inpaint"),
+    TabSpec("controlnet", "ControlNet"),
+    TabSpec("train", "Train"),
+    TabSpec("merge", "Merge"),
     TabSpec("png_info", "PNG Info"),
     TabSpec("settings", "Settings"),
+    TabSpec("extensions", "Extensions"),   # extensions' own tabs follow (webui/extension_tabs.py)
 )
 
 

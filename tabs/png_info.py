@@ -1,4 +1,5 @@
-"""PNG Info: read the A1111 "parameters" of a dropped image (ours or A1111's) and send them to txt2img."""
+"""PNG Info: read the A1111 "parameters" of a dropped image (ours or A1111's) and send them to txt2img, or the
+image with its parameters to img2img / Inpaint."""
 from __future__ import annotations
 
 import html
@@ -8,10 +9,10 @@ from typing import Any
 import gradio as gr
 
 from studio.errors import StudioError
-from studio.infotext import params_to_request_fields, parse_infotext, read_infotext
-from studio.request import GenerationRequest
-from studio.samplers import SAMPLERS, SCHEDULE_TYPES
+from studio.infotext import parse_infotext, read_infotext
 from webui.common import error_html, note_html
+from webui.generation import SEND_TARGETS
+from webui.sendto import fields_from_text
 
 _KEY = re.compile(r"^(.*?)(?:-[12])?$")
 
@@ -26,53 +27,38 @@ def build(studio: Any) -> dict:
                               elem_id="pnginfo_parameters", interactive=True)
             message = gr.HTML("", elem_id="pnginfo_message")
             table = gr.HTML("", elem_id="pnginfo_table")
-            send = gr.Button("Send to txt2img", variant="primary", elem_id="pnginfo_send_txt2img")
+            with gr.Row():
+                send = gr.Button("Send to txt2img", variant="primary", elem_id="pnginfo_send_txt2img")
+                others = {target: gr.Button(label, elem_id=f"pnginfo_send_{target}")
+                          for target, label in SEND_TARGETS}
     image.change(_read_image, image, [text, table, message], api_name="png_info", show_progress="hidden")
     text.input(_table_only, text, [table, message], queue=False, api_visibility="private",
                trigger_mode="always_last")
-    return {"image": image, "text": text, "table": table, "message": message, "send": send}
+    # "Send to img2img / inpaint" (webui.sendto): the dropped file and the (possibly edited) parameters
+    return {"image": image, "text": text, "table": table, "message": message, "send_txt2img": send,
+            "send": others, "send_inputs": [image, text], "send_pick": lambda path, txt: (path, txt or "")}
 
 
 def connect(studio: Any, ui: dict) -> None:
     """Send to txt2img fills every txt2img field (defaults for what the text lacks) and opens the tab."""
     me, target = ui["png_info"], ui["txt2img"]
-    names = list(target["fields"])
-    outputs = [*[target["fields"][n] for n in names], ui["quick"]["checkpoint"], ui["tabs"], me["message"]]
+    names, cn = list(target["fields"]), target.get("controlnet")
+    units_out = cn.restore_outputs if cn is not None else []   # ControlNet N keys -> txt2img's units
+    outputs = [*[target["fields"][n] for n in names], *units_out, ui["quick"]["checkpoint"], ui["tabs"],
+               me["message"]]
 
     def send(text: str):
         try:
-            values, checkpoint, notes = _fields_from_text(studio, text, names)
+            values, checkpoint, notes = fields_from_text(studio, text, names, fill_defaults=True)
         except StudioError as exc:
-            return [gr.update() for _ in names] + [gr.update(), gr.update(), error_html(str(exc))]
-        return ([values[n] for n in names]
+            return [gr.update() for _ in [*names, *units_out]] + [gr.update(), gr.update(), error_html(str(exc))]
+        units, more = cn.restore(text, reset=True) if cn is not None else ([], [])
+        notes += more
+        return ([values[n] for n in names] + units
                 + [checkpoint if checkpoint else gr.update(), gr.Tabs(selected="txt2img"),
                    note_html(" ".join(notes)) if notes else ""])
 
-    me["send"].click(send, me["text"], outputs, queue=False, api_visibility="private")
-
-
-def _fields_from_text(studio: Any, text: str, names: list[str]) -> tuple[dict, str | None, list[str]]:
-    if not (text or "").strip():
-        raise StudioError("There are no parameters to send.", field="parameters",
-                          fix="drop a PNG made by the studio or AUTOMATIC1111, or paste its infotext")
-    parsed = parse_infotext(text)
-    given = params_to_request_fields(parsed)
-    defaults = GenerationRequest().to_dict()
-    values = {n: given.get(n, defaults[n]) for n in names}
-    notes = []
-    for name, known in (("sampler_name", SAMPLERS), ("scheduler", SCHEDULE_TYPES)):
-        if values[name] not in known:
-            notes.append(f"{values[name]!r} is not available here; {defaults[name]!r} was used instead.")
-            values[name] = defaults[name]
-    checkpoint = None
-    wanted = given.get("checkpoint")
-    if wanted:
-        try:
-            checkpoint = studio.registry.find_checkpoint(wanted).title
-        except StudioError:
-            notes.append(f"The image was made with model {parsed.get('Model') or wanted!r}, which is not in the "
-                         "checkpoint folder; the current checkpoint stays selected.")
-    return values, checkpoint, notes
+    me["send_txt2img"].click(send, me["text"], outputs, queue=False, api_visibility="private")
 
 
 def _read_image(path: str | None):

@@ -28,8 +28,8 @@ def is_demo_model(name: str | None) -> bool:
     try:  # the engine's own test wins when it exists
         from studio import demo
         check = getattr(demo, "is_demo_checkpoint", None)
-        if check is not None:
-            return bool(check(name))
+        if check is not None:  # results carry the model name without its extension ("demo-untrained")
+            return bool(check(name) or check(f"{name}.safetensors"))
     except ImportError:
         pass
     lowered = name.lower()

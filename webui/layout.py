@@ -8,6 +8,8 @@ import gradio as gr
 
 import tabs
 from studio.errors import StudioError
+from webui import sendto
+from webui.extension_tabs import build_extension_tabs
 from webui.common import (NO_CHECKPOINT_HELP, checkpoint_titles, current_checkpoint_title, error_html, note_html,
                           vae_choices)
 
@@ -17,7 +19,7 @@ CSS = """
 #quicksettings { align-items: end; gap: 8px; }
 #quicksettings .refresh-button { max-width: 44px; min-width: 44px; height: 40px; }
 /* token counters sit over the top-right corner of their prompt box, as in A1111 */
-#txt2img_token_counter, #txt2img_neg_token_counter { margin-bottom: calc(-1 * var(--layout-gap) - 22px);
+.token-box { margin-bottom: calc(-1 * var(--layout-gap) - 22px);
     z-index: 5; text-align: right; padding-right: 12px; pointer-events: none; }
 .token-counter { font-size: 0.8em; opacity: 0.75; }
 .token-counter-over { color: #d97706; opacity: 1; }
@@ -31,7 +33,10 @@ CSS = """
 .studio-progress-text { position: relative; padding-left: 8px; line-height: 26px; font-size: 0.9em; }
 .studio-infotext { font-size: 0.9em; word-break: break-word; }
 .studio-params th { text-align: left; padding-right: 12px; vertical-align: top; white-space: nowrap; }
-#txt2img_demo_note, .no-checkpoint { border-left: 4px solid #f59e0b; padding-left: 10px; }
+.send-row { gap: 6px; flex-wrap: wrap; }
+/* ControlNet unit: Preview and 🔄 sit at the bottom of the dropdowns' row instead of stretching to its height */
+.cn-tools { align-items: end; }
+.demo-note, .no-checkpoint { border-left: 4px solid #f59e0b; padding-left: 10px; }
 """
 
 # Browser tests (and humans with a slow machine) wait for this marker: the load chain has finished.
@@ -51,10 +56,12 @@ def build_blocks(studio: Any) -> gr.Blocks:
                     helps.append(gr.Markdown(_help_text(studio), visible=not _has_checkpoints(studio),
                                              elem_classes=["no-checkpoint"]))
                     ui[spec.id] = module.build(studio)
+            ui["extension_tabs"] = build_extension_tabs(studio)
         ui["tabs"] = tab_bar
         for _, module in specs:
             if hasattr(module, "connect"):
                 module.connect(studio, ui)
+        sendto.connect(studio, ui)
 
         listing = [quick["checkpoint"], quick["vae"], *helps]
         quick["refresh"].click(lambda: _listing(studio, refresh=True), None, listing, queue=False,

@@ -53,7 +53,8 @@ def build_app(studio: Any, args: Any = None, *, extra_routers: Iterable[Any] = (
 
 
 def api_routers(studio: Any, args: Any) -> list:
-    """The REST routers when --api / --nowebui: ``studio.api.build_router(studio[, auth=...])`` when present."""
+    """The REST routers when --api / --nowebui: ``studio.api.build_router(studio[, auth=...])`` when present,
+    then the extensions' routers."""
     if not (getattr(args, "api", False) or getattr(args, "nowebui", False)):
         return []
     try:
@@ -66,7 +67,9 @@ def api_routers(studio: Any, args: Any) -> list:
     if "auth" in inspect.signature(build_router).parameters:
         kwargs["auth"] = getattr(args, "api_auth", None)
     routers = build_router(studio, **kwargs)
-    return list(routers) if isinstance(routers, (list, tuple)) else [routers]
+    routers = list(routers) if isinstance(routers, (list, tuple)) else [routers]
+    from studio.api.extensions import extension_routers  # studio_api_routes, behind the same auth
+    return routers + extension_routers(studio, auth=getattr(args, "api_auth", None))
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

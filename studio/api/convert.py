@@ -1,24 +1,21 @@
 """A1111 request bodies -> GenerationRequest, and GenerationResult -> A1111 response bodies."""
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import __version__
 from ..errors import StudioError
-from ..infotext import params_to_request_fields, parse_infotext, png_text
+from ..infotext import params_to_request_fields, parse_infotext
 from ..request import GenerationRequest, GenerationResult
 from ..samplers import effective_schedule, resolve_sampler
-from .models import Txt2ImgRequest
+from .controlnet import rename_unit_field, units_from_alwayson
+from .imagedata import encode_png
+from .models import Img2ImgRequest, Txt2ImgRequest, GenerationBody
 from .options import check_clip_skip, check_text
 
 if TYPE_CHECKING:  # pragma: no cover
-    from PIL.Image import Image
-
     from ..app import Studio
     from ..registry import CheckpointInfo
     from .options import OptionsStore
@@ -31,8 +28,9 @@ IGNORED_FIELDS = {
     "s_churn": (None, 0, 0.0), "s_tmax": (None, 0, 0.0), "s_tmin": (None, 0, 0.0), "s_noise": (None, 1, 1.0),
     "refiner_checkpoint": (None, "", "None"), "refiner_switch_at": (None,), "firstpass_image": (None, ""),
     "hr_checkpoint_name": (None, "", "Use same checkpoint"), "script_name": (None, ""), "script_args": (None, []),
-    "alwayson_scripts": (None, {}), "styles": (None, []), "seed_resize_from_h": (None, -1, 0),
-    "seed_resize_from_w": (None, -1, 0), "firstphase_width": (None, 0), "firstphase_height": (None, 0),
+    "styles": (None, []), "seed_resize_from_h": (None, -1, 0), "seed_resize_from_w": (None, -1, 0),
+    "firstphase_width": (None, 0), "firstphase_height": (None, 0), "image_cfg_scale": (None,),
+    "initial_noise_multiplier": (None, 1, 1.0), "latent_mask": (None, ""),
 }
 # override_settings keys that act on a request; others are accepted and ignored (as A1111 ignores unknown ones)
 OVERRIDE_CHECKPOINT, OVERRIDE_VAE, OVERRIDE_CLIP_SKIP = "sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers"
@@ -58,7 +56,7 @@ def find_checkpoint(studio: "Studio", name: str, field: str) -> "CheckpointInfo"
     return info
 
 
-def apply_infotext(body: Txt2ImgRequest, studio: "Studio") -> tuple[dict, dict]:
+def apply_infotext(body: GenerationBody, studio: "Studio") -> tuple[dict, dict]:
     """Body fields and override settings from ``body.infotext`` for the fields the body does not set."""
     fields = params_to_request_fields(parse_infotext(body.infotext or ""))
     given = body.model_fields_set
@@ -72,16 +70,17 @@ def apply_infotext(body: Txt2ImgRequest, studio: "Studio") -> tuple[dict, dict]:
                 log.info("infotext names a checkpoint that is not here; kept the current one (%s)", exc)
         elif name == "clip_skip":
             overrides[OVERRIDE_CLIP_SKIP] = got
-        elif name not in given and name in Txt2ImgRequest.model_fields:
+        elif name not in given and name in type(body).model_fields:
             body_values[name] = got
     if "sampler_name" in body_values and "scheduler" not in given and "scheduler" not in body_values:
         body_values["scheduler"] = "Automatic"
     return body_values, overrides
 
 
-def to_request(body: Txt2ImgRequest, studio: "Studio", options: "OptionsStore") -> tuple[GenerationRequest, list]:
-    """Build the GenerationRequest for a txt2img body. Returns (request, notes about ignored fields)."""
-    notes: list[str] = []
+def common_fields(body: GenerationBody, studio: "Studio", options: "OptionsStore",
+                  notes: list[str]) -> tuple[dict, Callable[[str], Any]]:
+    """The GenerationRequest fields txt2img and img2img share, and ``get(name)``: a body field, filled from
+    ``body.infotext`` when the body does not set it. Notes about ignored fields go to ``notes``."""
     infotext_values, infotext_overrides = apply_infotext(body, studio) if body.infotext else ({}, {})
 
     def get(name: str) -> Any:
@@ -116,19 +115,29 @@ def to_request(body: Txt2ImgRequest, studio: "Studio", options: "OptionsStore") 
         got = getattr(body, name, None)
         if got not in unused:
             notes.append(f"{name} is accepted for compatibility and ignored")
-
-    sampler = get("sampler_name") or value(body, "sampler_index") or "Euler"
-    denoise = body.denoising_strength
-    request = GenerationRequest(
-        prompt=get("prompt"), negative_prompt=get("negative_prompt"), sampler_name=sampler,
+    fields = dict(
+        prompt=get("prompt"), negative_prompt=get("negative_prompt"),
+        sampler_name=get("sampler_name") or value(body, "sampler_index") or "Euler",
         scheduler=get("scheduler") or "Automatic", steps=get("steps"), cfg_scale=get("cfg_scale"),
         width=get("width"), height=get("height"), batch_size=get("batch_size"), n_iter=get("n_iter"),
         seed=get("seed"), subseed=get("subseed"), subseed_strength=get("subseed_strength"), clip_skip=clip_skip,
-        checkpoint=checkpoint, vae=vae, mode="txt2img", save_images=bool(value(body, "save_images")),
+        checkpoint=checkpoint, vae=vae, save_images=bool(value(body, "save_images")),
+        controlnet_units=units_from_alwayson(body.alwayson_scripts, studio, notes),
+    )
+    return fields, get
+
+
+def to_request(body: Txt2ImgRequest, studio: "Studio", options: "OptionsStore") -> tuple[GenerationRequest, list]:
+    """Build the GenerationRequest for a txt2img body. Returns (request, notes about ignored fields)."""
+    notes: list[str] = []
+    fields, get = common_fields(body, studio, options, notes)
+    denoise = get("denoising_strength")
+    request = GenerationRequest(
+        **fields, mode="txt2img",
         enable_hr=bool(value(body, "enable_hr")), hr_scale=get("hr_scale"),
         hr_upscaler=value(body, "hr_upscaler") or "Latent", hr_second_pass_steps=get("hr_second_pass_steps"),
         hr_resize_x=get("hr_resize_x"), hr_resize_y=get("hr_resize_y"),
-        hr_denoising_strength=0.7 if denoise is None else denoise,
+        hr_denoising_strength=0.7 if denoise is None else denoise,   # A1111's hires default when not sent
         hr_sampler_name="" if body.hr_sampler_name in (None, "Use same sampler") else body.hr_sampler_name,
         hr_scheduler="" if body.hr_scheduler in (None, "Use same scheduler") else body.hr_scheduler,
         hr_prompt=value(body, "hr_prompt"), hr_negative_prompt=value(body, "hr_negative_prompt"),
@@ -143,49 +152,26 @@ def rename_field(exc: StudioError) -> StudioError:
                "vae": "override_settings." + OVERRIDE_VAE, "hr_denoising_strength": "denoising_strength"}
     if exc.field in mapping:
         exc.field = mapping[exc.field]
+    exc.field = rename_unit_field(exc.field)
     return exc
 
 
 # ---- responses -----------------------------------------------------------------------------------------------
-def encode_png(image: "Image", infotext: str | None = None) -> str:
-    """Base64 PNG; with ``infotext`` it carries the A1111 "parameters" chunk."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=png_text(infotext) if infotext else None, compress_level=1)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def decode_image(data: Any, field: str = "image") -> "Image":
-    """A base64 image (a data: URL prefix is allowed) -> PIL image; 422 naming ``field`` when it is not one.
-
-    URLs are refused: the studio never fetches anything for a request.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if not isinstance(data, str) or not data.strip():
-        raise StudioError(f"'{field}' must be a base64-encoded image.", field=field)
-    text = data.strip()
-    if text.startswith(("http://", "https://")):
-        raise StudioError(f"'{field}' is a URL; the studio does not download images.", field=field,
-                          fix="send the image itself, base64-encoded")
-    if text.startswith("data:"):
-        text = text.partition(",")[2]
-    text = "".join(text.split())   # line-wrapped base64 (e.g. from the base64 tool) is fine
+def inpainting_conditioning(studio: "Studio", result: GenerationResult | None) -> bool:
+    """A1111's ``is_using_inpainting_conditioning``: the job's checkpoint has a 9-channel (inpainting) UNet.
+    The result does not say so, hence the cached components of the checkpoint it names (nothing is loaded)."""
+    if result is None or not result.model_name:
+        return False
     try:
-        raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        raise StudioError(f"'{field}' is not valid base64.", field=field,
-                          fix="send the file's bytes base64-encoded (standard alphabet)") from None
-    try:
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
-        raise StudioError(f"'{field}' does not decode to an image ({type(exc).__name__}: {exc}).",
-                          field=field, fix="send a PNG, JPEG or WEBP file base64-encoded") from None
-    return image
+        info = studio.registry.find_checkpoint(result.model_hash or result.model_name)
+    except StudioError:
+        return False
+    comps = studio.manager.cached_components(info)
+    return bool(comps is not None and comps.is_inpaint)
 
 
-def info_dict(request: GenerationRequest, result: GenerationResult | None, body: Txt2ImgRequest,
-              warnings: list[str]) -> dict:
+def info_dict(request: GenerationRequest, result: GenerationResult | None, body: GenerationBody,
+              warnings: list[str], inpainting: bool = False) -> dict:
     """The ``info`` object of A1111's Processed.js()."""
     try:
         sampler, _ = resolve_sampler(request.sampler_name, request.scheduler)
@@ -197,6 +183,10 @@ def info_dict(request: GenerationRequest, result: GenerationResult | None, body:
     subseeds = r.subseeds or [request.subseed]
     prompts = r.prompts or [request.prompt]
     negatives = r.negative_prompts or [request.negative_prompt]
+    if request.mode != "txt2img":
+        denoise = request.denoising_strength
+    else:
+        denoise = request.hr_denoising_strength if request.enable_hr else None
     return {
         "prompt": prompts[0], "all_prompts": prompts,
         "negative_prompt": negatives[0], "all_negative_prompts": negatives,
@@ -207,22 +197,26 @@ def info_dict(request: GenerationRequest, result: GenerationResult | None, body:
         "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": r.model_name or None, "sd_model_hash": r.model_hash or None,
         "sd_vae_name": r.vae_name or None, "sd_vae_hash": r.vae_hash or None,
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": body.denoising_strength if request.enable_hr else None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": denoise,
         "extra_generation_params": {"Schedule type": schedule},
         "index_of_first_image": 0, "infotexts": list(r.infotexts), "styles": list(body.styles or []),
         "job_timestamp": r.job_timestamp, "clip_skip": request.clip_skip,
-        "is_using_inpainting_conditioning": False, "version": __version__,
+        "is_using_inpainting_conditioning": inpainting, "version": __version__,
         "interrupted": bool(r.interrupted) if result is not None else True,
         "job_id": r.job_id or None, "warnings": [*r.warnings, *warnings],
     }
 
 
-def txt2img_response(request: GenerationRequest, result: GenerationResult | None, body: Txt2ImgRequest,
-                     notes: list[str]) -> dict:
-    """The response body; PNG encoding runs here (call it in a worker thread)."""
+def generation_response(request: GenerationRequest, result: GenerationResult | None, body: GenerationBody,
+                        notes: list[str], inpainting: bool = False) -> dict:
+    """The txt2img / img2img response body; PNG encoding runs here (call it in a worker thread).
+
+    As in A1111, img2img's ``parameters`` echo init_images and mask only with include_init_images."""
     images: list[str] = []
     if result is not None and value(body, "send_images"):
         images = [encode_png(img, text) for img, text in zip(result.images, result.infotexts)]
-    info = info_dict(request, result, body, notes)
-    return {"images": images, "parameters": body.model_dump(), "info": json.dumps(info, ensure_ascii=False)}
+    info = info_dict(request, result, body, notes, inpainting)
+    parameters = body.model_dump()
+    if isinstance(body, Img2ImgRequest) and not body.include_init_images:
+        parameters.update(init_images=None, mask=None)
+    return {"images": images, "parameters": parameters, "info": json.dumps(info, ensure_ascii=False)}

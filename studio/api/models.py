@@ -17,8 +17,8 @@ class _Body(BaseModel):
 
 
 # ---- generation ------------------------------------------------------------------------------------------------
-class Txt2ImgRequest(_Body):
-    """POST /sdapi/v1/txt2img (A1111's StableDiffusionProcessingTxt2Img + the API extras)."""
+class GenerationBody(_Body):
+    """The fields txt2img and img2img share (A1111's StableDiffusionProcessing + the API extras)."""
 
     prompt: Optional[str] = Field(default="", description="The prompt (A1111 prompt syntax).")
     negative_prompt: Optional[str] = Field(default="", description="The negative prompt.")
@@ -59,8 +59,25 @@ class Txt2ImgRequest(_Body):
     refiner_checkpoint: Optional[str] = Field(default=None, description="Accepted, ignored (no refiner yet).")
     refiner_switch_at: Optional[float] = Field(default=None, description="Accepted, ignored.")
     disable_extra_networks: Optional[bool] = Field(default=False, description="Accepted, ignored.")
-    firstpass_image: Optional[str] = Field(default=None, description="Accepted, ignored.")
     comments: Optional[dict[str, Any]] = Field(default=None, description="Accepted, ignored.")
+    force_task_id: Optional[str] = Field(default=None, max_length=200,
+                                         description="Job id to use; poll GET /sdapi/v1/progress/{task_id} or "
+                                                     "POST /internal/progress with it.")
+    script_name: Optional[str] = Field(default=None, description="Accepted, ignored (no scripts).")
+    script_args: Optional[list[Any]] = Field(default_factory=list, description="Accepted, ignored.")
+    send_images: Optional[bool] = Field(default=True, description="Return the images in the response.")
+    save_images: Optional[bool] = Field(default=False, description="Also save them to the outputs folder.")
+    alwayson_scripts: Optional[dict[str, Any]] = Field(
+        default_factory=dict, description='Always-on scripts: {"controlnet": {"args": [unit, ...]}} (the ControlNet '
+                                         "extension's unit fields); other scripts are accepted and ignored.")
+    infotext: Optional[str] = Field(default=None, description="An infotext whose values fill the fields this "
+                                                              "body does not set.")
+
+
+class Txt2ImgRequest(GenerationBody):
+    """POST /sdapi/v1/txt2img (A1111's StableDiffusionProcessingTxt2Img + the API extras)."""
+
+    firstpass_image: Optional[str] = Field(default=None, description="Accepted, ignored.")
     enable_hr: Optional[bool] = Field(default=False, description="Hires fix.")
     firstphase_width: Optional[int] = Field(default=0, description="Accepted, ignored (old hires fix).")
     firstphase_height: Optional[int] = Field(default=0, description="Accepted, ignored (old hires fix).")
@@ -74,16 +91,33 @@ class Txt2ImgRequest(_Body):
     hr_scheduler: Optional[str] = Field(default=None, description="Hires schedule type (default: same).")
     hr_prompt: Optional[str] = Field(default="", description="Hires prompt (default: same).")
     hr_negative_prompt: Optional[str] = Field(default="", description="Hires negative prompt (default: same).")
-    force_task_id: Optional[str] = Field(default=None, max_length=200,
-                                         description="Job id to use; poll GET /sdapi/v1/progress/{task_id} or "
-                                                     "POST /internal/progress with it.")
-    script_name: Optional[str] = Field(default=None, description="Accepted, ignored (no scripts).")
-    script_args: Optional[list[Any]] = Field(default_factory=list, description="Accepted, ignored.")
-    send_images: Optional[bool] = Field(default=True, description="Return the images in the response.")
-    save_images: Optional[bool] = Field(default=False, description="Also save them to the outputs folder.")
-    alwayson_scripts: Optional[dict[str, Any]] = Field(default_factory=dict, description="Accepted, ignored.")
-    infotext: Optional[str] = Field(default=None, description="An infotext whose values fill the fields this "
-                                                              "body does not set.")
+
+
+class Img2ImgRequest(GenerationBody):
+    """POST /sdapi/v1/img2img (A1111's StableDiffusionProcessingImg2Img + the API extras). A mask makes it an
+    inpaint; the defaults are A1111's API defaults (inpaint_full_res true, padding 0, masked content "fill")."""
+
+    init_images: Optional[list[Any]] = Field(default=None, description="Base64 images (a data: URL prefix is "
+                                                                        "allowed); the first one is used.")
+    resize_mode: Optional[int] = Field(default=0, description="0 just resize, 1 crop and resize, 2 resize and "
+                                                              "fill, 3 just resize (latent upscale).")
+    denoising_strength: Optional[float] = Field(default=0.75, description="How much of the init image changes.")
+    image_cfg_scale: Optional[float] = Field(default=None, description="Accepted, ignored (instruct-pix2pix).")
+    mask: Optional[str] = Field(default=None, description="Base64 mask: white = inpaint. Makes the job an inpaint.")
+    mask_blur_x: Optional[int] = Field(default=4, description="Horizontal mask blur (see mask_blur).")
+    mask_blur_y: Optional[int] = Field(default=4, description="Vertical mask blur (see mask_blur).")
+    mask_blur: Optional[int] = Field(default=None, description="Mask blur in pixels; sets mask_blur_x and _y.")
+    mask_round: Optional[bool] = Field(default=True, description="Accepted, ignored.")
+    inpainting_fill: Optional[int] = Field(default=0, description="Masked content: 0 fill, 1 original, "
+                                                                  "2 latent noise, 3 latent nothing.")
+    inpaint_full_res: Optional[bool] = Field(default=True, description="Inpaint area: true = only masked, "
+                                                                       "false = whole picture.")
+    inpaint_full_res_padding: Optional[int] = Field(default=0, description="Only-masked padding in pixels.")
+    inpainting_mask_invert: Optional[int] = Field(default=0, description="1 = inpaint what is not masked.")
+    initial_noise_multiplier: Optional[float] = Field(default=None, description="Accepted, ignored.")
+    latent_mask: Optional[str] = Field(default=None, description="Accepted, ignored.")
+    include_init_images: Optional[bool] = Field(default=False, description="Echo init_images and mask in "
+                                                                            "`parameters` (else they are null).")
 
 
 class TextToImageResponse(BaseModel):
@@ -91,6 +125,10 @@ class TextToImageResponse(BaseModel):
                                         description="The generated images, base64 PNG with their infotext.")
     parameters: dict = Field(description="The request as understood (every field, defaults included).")
     info: str = Field(description="JSON string: prompt, all_seeds, infotexts, sd_model_hash, ...")
+
+
+class ImageToImageResponse(TextToImageResponse):
+    """img2img's answer: the same shape as txt2img's."""
 
 
 # ---- progress ------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from .convert import encode_png
+from .imagedata import encode_png
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..jobs import Job, JobQueue

@@ -19,11 +19,16 @@ from ..errors import StudioError
 from ..infotext import parse_infotext, read_infotext
 from ..samplers import samplers_api, schedulers_api
 from . import models as m
-from .convert import decode_image, find_checkpoint, rename_field, to_request, txt2img_response
+from .controlnet import register_controlnet
+from .convert import find_checkpoint, generation_response, inpainting_conditioning, rename_field, to_request
 from .errors import StudioRoute, auth_dependency, normalise_credentials
+from .imagedata import decode_image
+from .img2img import img2img_request
+from .merge import register_merge
 from .networks import register_networks
 from .options import OVERRIDE_CHECKPOINT_KEYS, OptionsStore, check_clip_skip, check_text
 from .progress import (JobMeta, JobWaiter, PreviewCache, idle_progress, internal_progress, job_progress)
+from .training import register_training
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..app import Studio
@@ -49,6 +54,9 @@ def build_router(studio: "Studio", *, auth: Any = None, cmd_flags: dict | None =
     api = _Api(studio, cmd_flags or {}, bool(credentials))
     api.register(router)
     register_networks(router, studio)
+    register_controlnet(router, studio)
+    register_merge(router, studio)
+    register_training(router, studio)
     return router
 
 
@@ -68,6 +76,8 @@ class _Api:
         tags = ["sdapi"]
         r.add_api_route("/sdapi/v1/txt2img", self.txt2img, methods=["POST"], response_model=m.TextToImageResponse,
                         tags=tags, summary="Text to image (through the shared job queue)")
+        r.add_api_route("/sdapi/v1/img2img", self.img2img, methods=["POST"], response_model=m.ImageToImageResponse,
+                        tags=tags, summary="Image to image; with a mask, inpaint (through the shared job queue)")
         r.add_api_route("/sdapi/v1/progress", self.progress, methods=["GET"], response_model=m.ProgressResponse,
                         tags=tags, summary="Progress of the running job")
         r.add_api_route("/sdapi/v1/progress/{task_id}", self.task_progress, methods=["GET"],
@@ -113,9 +123,16 @@ class _Api:
 
     # ---- generation ------------------------------------------------------------------------------------------
     async def txt2img(self, body: m.Txt2ImgRequest) -> dict:
+        return await self._generate(body, to_request)
+
+    async def img2img(self, body: m.Img2ImgRequest) -> dict:
+        return await self._generate(body, img2img_request)
+
+    async def _generate(self, body: Any, build: Any) -> dict:
+        """Build the request (``build(body, studio, options)``), queue it, wait, answer like A1111."""
         studio = self.studio
         try:
-            request, notes = to_request(body, studio, self.options)
+            request, notes = await run_in_threadpool(build, body, studio, self.options)  # decodes images
             previous = studio.manager.current
             try:
                 job = studio.submit(request, task_id=body.force_task_id or None)
@@ -127,7 +144,7 @@ class _Api:
         except StudioError as exc:
             raise rename_field(exc)
         for note in notes:
-            log.info("txt2img %s: %s", job.id, note)
+            log.info("%s %s: %s", request.mode, job.id, note)
         self.meta.put(job.id, batch_size=request.batch_size)
         if (request.checkpoint and body.override_settings_restore_afterwards is not False and previous is not None
                 and previous.title != request.checkpoint):
@@ -137,7 +154,8 @@ class _Api:
             if isinstance(job.error, StudioError):
                 raise rename_field(job.error)
             raise job.error
-        return await run_in_threadpool(txt2img_response, request, job.result, body, notes)
+        inpainting = inpainting_conditioning(studio, job.result)
+        return await run_in_threadpool(generation_response, request, job.result, body, notes, inpainting)
 
     def _restore_current_after(self, previous: Any) -> None:
         """override_settings_restore_afterwards: the checkpoint that was current is current again after the job
@@ -355,7 +373,7 @@ class _Api:
         return {}
 
     def png_info(self, req: m.PNGInfoRequest) -> dict:
-        image = decode_image(req.image, "image")
+        image = decode_image(req.image, "image", self.studio.settings.max_image_pixels)
         with image:
             text = read_infotext(image) or ""
             items = {}

@@ -133,7 +133,8 @@ def lora_metadata(cfg: TrainConfig, info: RunInfo) -> dict[str, str]:
     base = BASE_VERSION.get(info.family, info.family) + ("_v" if v and info.family == "sd2" else "")
     kind = "textual-inversion" if cfg.is_ti else "lora"
     meta = {
-        "ss_network_module": cfg.network_module, "ss_network_dim": str(cfg.rank), "ss_network_alpha": str(cfg.alpha),
+        "ss_output_name": cfg.output_name, "ss_network_module": cfg.network_module,
+        "ss_network_dim": str(cfg.rank), "ss_network_alpha": str(cfg.alpha),
         "ss_network_args": json.dumps(args), "ss_base_model_version": base, "ss_v2": str(info.family == "sd2"),
         "ss_resolution": f"({cfg.resolution}, {cfg.resolution})", "ss_learning_rate": str(cfg.learning_rate),
         "ss_unet_lr": str(cfg.lr_for("unet")), "ss_text_encoder_lr": str(cfg.lr_for("text_encoder")),

@@ -61,3 +61,21 @@ def test_webuiapi_progress_and_interrupt(api):
     assert not thread.is_alive()
     assert done["result"].info["interrupted"] is True
     api.util_wait_for_ready(check_interval=0.05)   # returns once progress is 0 and no job is counted
+
+
+def test_webuiapi_img2img_and_inpaint(api):
+    from PIL import Image, ImageDraw
+
+    init = Image.new("RGB", (64, 64), (40, 120, 200))
+    ImageDraw.Draw(init).rectangle((16, 16, 32, 32), fill=(230, 200, 20))
+    result = api.img2img(images=[init], prompt="a yellow square", denoising_strength=0.5, seed=7, width=64,
+                         height=64)
+    assert result.image.size == (64, 64) and result.info["denoising_strength"] == 0.5
+    assert "Denoising strength: 0.5" in result.info["infotexts"][0]
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((8, 8, 24, 24), fill=255)
+    result = api.img2img(images=[init], mask_image=mask, prompt="x", denoising_strength=0.9, seed=7, width=64,
+                         height=64, inpainting_fill=1)
+    out, src = result.image.convert("RGB"), init
+    assert out.getpixel((60, 60)) == src.getpixel((60, 60))           # far from the mask: untouched
+    assert "Masked content: original" in result.info["infotexts"][0]

@@ -20,6 +20,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--no-first-run"]
 SHOTS = Path("/tmp/studio-shots")
 DEMO_NAME = "demo-untrained.safetensors"
+CONTROLNET_NAME = "control_tiny_canny.safetensors"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -72,17 +73,22 @@ class RunningServer:
 
 def make_settings(root: Path, models: Path, **kw):
     from studio.settings import Settings
+    kw.setdefault("extensions_dir", str(Path(__file__).resolve().parents[2] / "extensions"))  # the built-ins
     return Settings(models_dir=str(models), data_dir=str(root / "data"), outdir=str(root / "outputs"),
                     max_steps=2000, preview_every=1, **kw)
 
 
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory) -> Path:
-    """A models/ tree holding one tiny random SD1 checkpoint named like the --demo model."""
-    from tests import tinymodels
+    """A models/ tree holding one tiny random SD1 checkpoint named like the --demo model, and a tiny ControlNet
+    built from its UNet (lllyasviel single-file layout), CONTROLNET_NAME."""
+    from tests import controlnets, tinymodels
     root = tmp_path_factory.mktemp("ui-models")
     (root / "Stable-diffusion").mkdir()
-    tinymodels.write_single_file(tinymodels.make_tiny("sd1", seed=0), root / "Stable-diffusion" / DEMO_NAME)
+    (root / "ControlNet").mkdir()
+    tiny = tinymodels.make_tiny("sd1", seed=0)
+    tinymodels.write_single_file(tiny, root / "Stable-diffusion" / DEMO_NAME)
+    controlnets.write_ldm(controlnets.make_controlnet(tiny.unet, seed=1), root / "ControlNet" / CONTROLNET_NAME)
     return root
 
 

@@ -59,33 +59,38 @@ def test_img2img_upload_and_generate(page, live, tmp_path, shoot):
     shoot(page, "img2img")
 
 
-def paint_stroke(page, elem_id: str, frac_from, frac_to) -> None:
-    """Drag the brush over the editor's canvas from one fraction of its box to another."""
+def paint_stroke(page, elem_id: str, dx: float) -> None:
+    """Drag the brush horizontally through the centre of the editor's canvas, ±dx of its height.
+
+    The image is fitted into the canvas and centred, so the canvas centre is the image centre.
+    """
     canvas = page.locator(f"#{elem_id} canvas").first
-    canvas.wait_for(timeout=TIMEOUT)
-    page.locator(f"#{elem_id} button[aria-label='Brush']").first.wait_for(timeout=TIMEOUT)
+    canvas.scroll_into_view_if_needed()   # mouse coordinates are the viewport's: the canvas must be on screen
     box = canvas.bounding_box()
-    page.mouse.move(box["x"] + box["width"] * frac_from[0], box["y"] + box["height"] * frac_from[1])
+    cx, cy, side = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, min(box["width"], box["height"])
+    page.mouse.move(cx - dx * side, cy)
     page.mouse.down()
-    page.mouse.move(box["x"] + box["width"] * frac_to[0], box["y"] + box["height"] * frac_to[1], steps=3)
+    page.mouse.move(cx + dx * side, cy, steps=3)
     page.mouse.up()
 
 
-def upload_to_inpaint(page, path) -> None:
+def upload_to_inpaint(page, path, width: int) -> None:
     open_tab(page, "Inpaint")
-    page.locator("#inpaint_editor input[type=file]").set_input_files(str(path))
+    # the editor drops a file given before its canvas and tools are ready
     page.locator("#inpaint_editor canvas").first.wait_for(timeout=TIMEOUT)
-    page.wait_for_function("document.querySelector('#inpaint_width input[type=number]').value === '64'",
+    page.locator("#inpaint_editor button[aria-label='Brush']").first.wait_for(timeout=TIMEOUT)
+    page.locator("#inpaint_editor input[type=file]").set_input_files(str(path))
+    page.wait_for_function(f"document.querySelector('#inpaint_width input[type=number]').value === '{width}'",
                            timeout=TIMEOUT)
 
 
 def test_inpaint_changes_only_the_painted_stroke(page, live, tmp_path, shoot):
-    source = picture(tmp_path / "in.png")
-    upload_to_inpaint(page, tmp_path / "in.png")
+    source = picture(tmp_path / "in.png", (128, 128))   # the default brush is 24 px of the image: room for it
+    upload_to_inpaint(page, tmp_path / "in.png", 128)
     page.locator("#inpaint_prompt textarea").fill("a patch")
     set_slider(page, "inpaint_steps", 3)
     set_slider(page, "inpaint_denoising_strength", 1)
-    paint_stroke(page, "inpaint_editor", (0.1, 0.5), (0.9, 0.5))   # a horizontal stroke across the middle
+    paint_stroke(page, "inpaint_editor", 0.15)   # a short horizontal stroke through the middle
     shoot(page, "inpaint-painted")
     page.locator("#inpaint_generate").click()
     wait_for_images(page, "inpaint")
@@ -96,17 +101,19 @@ def test_inpaint_changes_only_the_painted_stroke(page, live, tmp_path, shoot):
     src = np.asarray(source, dtype=np.int16)
     assert out.shape == src.shape
     changed = np.abs(out - src).max(axis=2) > 0
-    rows = np.nonzero(changed.any(axis=1))[0]
-    assert changed.sum() > 50, "the stroke area did not change"
-    # only a band around the middle row changed: brush + blur + margin; the rest is the input, pixel for pixel
-    assert rows.min() > 8 and rows.max() < 56, (rows.min(), rows.max())
-    assert np.array_equal(out[:8], src[:8]) and np.array_equal(out[56:], src[56:])
+    rows, cols = np.nonzero(changed.any(axis=1))[0], np.nonzero(changed.any(axis=0))[0]
+    assert changed[64, 64] and changed.sum() > 500, "the stroke area did not change"
+    # only a band around the stroke changed (brush radius + blur); elsewhere the input, pixel for pixel
+    assert 20 <= rows.min() and rows.max() < 108 and 4 <= cols.min() and cols.max() < 124, \
+        (rows.min(), rows.max(), cols.min(), cols.max())
+    assert np.array_equal(out[:20], src[:20]) and np.array_equal(out[108:], src[108:])
+    assert np.array_equal(out[:, :4], src[:, :4]) and np.array_equal(out[:, 124:], src[:, 124:])
     shoot(page, "inpaint")
 
 
 def test_inpaint_with_an_empty_mask_says_so(page, tmp_path):
     picture(tmp_path / "in.png")
-    upload_to_inpaint(page, tmp_path / "in.png")
+    upload_to_inpaint(page, tmp_path / "in.png", 64)
     set_slider(page, "inpaint_steps", 2)
     page.locator("#inpaint_generate").click()
     error = page.locator("#inpaint_error .studio-error")
@@ -116,7 +123,7 @@ def test_inpaint_with_an_empty_mask_says_so(page, tmp_path):
 
 def test_outpaint_grows_the_image(page, live, tmp_path, shoot):
     source = picture(tmp_path / "in.png")
-    upload_to_inpaint(page, tmp_path / "in.png")
+    upload_to_inpaint(page, tmp_path / "in.png", 64)
     set_slider(page, "inpaint_steps", 2)
     page.locator("#inpaint_outpainting").click()
     set_slider(page, "inpaint_outpaint_right", 32)
@@ -126,8 +133,8 @@ def test_outpaint_grows_the_image(page, live, tmp_path, shoot):
     assert "Size: 96x80" in info_text(page, "inpaint")
     out = np.asarray(Image.open(last_result(live[1]).paths[0]).convert("RGB"), dtype=np.int16)
     assert out.shape == (80, 96, 3)
-    # the old pixels (away from the blurred seam) are kept
-    assert np.array_equal(out[16 + 16:, :40], np.asarray(source, dtype=np.int16)[16:, :40])
+    # the old pixels are kept where the blurred mask (8 px overlap + blur 4) is 0
+    assert np.array_equal(out[34:, :44], np.asarray(source, dtype=np.int16)[18:, :44])
     shoot(page, "outpaint")
     # and the result goes back into the painter to grow it again
     page.locator("#inpaint_send_inpaint").click()
@@ -136,7 +143,7 @@ def test_outpaint_grows_the_image(page, live, tmp_path, shoot):
                            timeout=TIMEOUT)
 
 
-def test_hires_fix_doubles_the_size(page, live):
+def test_hires_fix_doubles_the_size(page, live, shoot):
     fill_prompt(page, "a hires castle")
     small(page, steps=2)
     page.locator("#txt2img_hires").click()
@@ -149,6 +156,7 @@ def test_hires_fix_doubles_the_size(page, live):
     text = info_text(page, "txt2img")
     assert "Hires upscale: 2" in text and "Hires upscaler: Latent" in text and "Size: 64x64" in text
     assert last_result(live[1]).images[0].size == (128, 128)
+    shoot(page, "txt2img-hires")
 
 
 def test_send_txt2img_result_to_img2img_and_inpaint(page, live, shoot):
@@ -181,8 +189,8 @@ def test_send_txt2img_result_to_img2img_and_inpaint(page, live, shoot):
 def test_gradio_client_img2img_and_inpaint_by_name(live, tmp_path):
     from gradio_client import Client, handle_file
     picture(tmp_path / "in.png")
-    mask = Image.new("L", (64, 64), 0)
-    ImageDraw.Draw(mask).rectangle((20, 20, 40, 40), fill=255)
+    mask = Image.new("L", (32, 32), 0)     # half the image's size: resized, and the page says so
+    ImageDraw.Draw(mask).rectangle((10, 10, 20, 20), fill=255)
     mask.save(tmp_path / "mask.png")
     client = Client(live[0], analytics_enabled=False, download_files=str(tmp_path / "dl"), verbose=False)
     out = client.predict(init_image=handle_file(str(tmp_path / "in.png")), prompt="via client", steps=2, width=64,
@@ -191,4 +199,80 @@ def test_gradio_client_img2img_and_inpaint_by_name(live, tmp_path):
     out = client.predict(mode="Inpaint upload", upload_image=handle_file(str(tmp_path / "in.png")),
                          upload_mask=handle_file(str(tmp_path / "mask.png")), prompt="patch", steps=2, width=64,
                          height=64, api_name="/inpaint")
-    assert "Mask blur: 4" in out[4]
+    assert "Mask blur: 4" in out[4] and "the mask was resized" in out[4]
+
+
+def test_sketch_strokes_become_the_init_image(page, live, tmp_path, shoot):
+    picture(tmp_path / "in.png")
+    open_tab(page, "img2img")
+    page.get_by_role("tab", name="Sketch", exact=True).click()
+    page.locator("#img2img_sketch canvas").first.wait_for(timeout=TIMEOUT)
+    page.locator("#img2img_sketch button[aria-label='Brush']").first.wait_for(timeout=TIMEOUT)
+    page.locator("#img2img_sketch input[type=file]").set_input_files(str(tmp_path / "in.png"))
+    page.wait_for_function("document.querySelector('#img2img_width input[type=number]').value === '64'",
+                           timeout=TIMEOUT)
+    set_slider(page, "img2img_steps", 2)
+    set_slider(page, "img2img_denoising_strength", 0)    # strength 0: the output is (nearly) the drawing itself
+    paint_stroke(page, "img2img_sketch", 0.2)
+    shoot(page, "img2img-sketch")
+    page.locator("#img2img_generate").click()
+    wait_for_images(page, "img2img")
+    job = [j for j in live[1].queue.history() if j.result is not None][-1]
+    init = np.asarray(job.result.request.init_images[0].convert("RGB"), dtype=np.int16)
+    source = np.asarray(Image.open(tmp_path / "in.png").convert("RGB"), dtype=np.int16)
+    changed = np.abs(init - source).max(axis=2) > 0
+    assert changed[32, 32] and not changed[:16].any(), "the stroke is not in the init image"
+
+
+def test_batch_folder_in_folder_out(page, tmp_path, shoot):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    picture(src / "one.png")
+    picture(src / "two.png")
+    (src / "readme.txt").write_text("not an image")
+    open_tab(page, "img2img")
+    page.get_by_role("tab", name="Batch", exact=True).click()
+    page.locator("#img2img_batch_input_dir textarea").fill(str(src))
+    page.locator("#img2img_batch_output_dir textarea").fill(str(out))
+    set_slider(page, "img2img_width", 64)
+    set_slider(page, "img2img_height", 64)
+    set_slider(page, "img2img_steps", 2)
+    page.locator("#img2img_generate").click()
+    wait_for_images(page, "img2img", 2)
+    summary = page.locator("#img2img_info").inner_text()
+    assert "2 file(s) processed" in summary and "readme.txt" in summary
+    assert sorted(p.name for p in out.iterdir()) == ["one.png", "two.png"]
+    shoot(page, "img2img-batch")
+
+
+def test_png_info_sends_image_and_parameters_to_inpaint(page, live, tmp_path):
+    from studio.request import GenerationRequest
+    result = live[1].generate(GenerationRequest(prompt="from png info", steps=2, width=64, height=72, seed=99,
+                                                mode="txt2img"), timeout=120)
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#pnginfo_image input[type=file]").set_input_files(result.paths[0])
+    page.wait_for_function("document.querySelector('#pnginfo_parameters textarea').value.length > 0",
+                           timeout=TIMEOUT)
+    page.locator("#pnginfo_send_inpaint").click()
+    page.wait_for_function("document.querySelector('#inpaint_prompt textarea') && "
+                           "document.querySelector('#inpaint_prompt textarea').value === 'from png info'",
+                           timeout=TIMEOUT)
+    assert page.locator("#inpaint_seed input").input_value() == "99"
+    assert page.locator("#inpaint_height input[type=number]").input_value() == "72"
+    page.locator("#inpaint_editor canvas").first.wait_for(timeout=TIMEOUT)
+
+
+def test_png_info_sends_hires_fix_to_txt2img(page):
+    text = ("a big castle\nSteps: 12, Sampler: Euler, CFG scale: 6, Seed: 5, Size: 64x64, Denoising strength: 0.45, "
+            "Hires upscale: 1.5, Hires steps: 5, Hires upscaler: Lanczos, Version: v1.10.1")
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#pnginfo_parameters textarea").fill(text)
+    page.locator("#pnginfo_send_txt2img").click()
+    page.wait_for_function("document.querySelector('#txt2img_prompt textarea').value === 'a big castle'",
+                           timeout=TIMEOUT)
+    page.locator("#txt2img_hires").click()
+    assert page.locator("#txt2img_enable_hr input").is_checked()
+    assert page.locator("#txt2img_hr_scale input[type=number]").input_value() == "1.5"
+    assert page.locator("#txt2img_hires_steps input[type=number]").input_value() == "5"
+    assert page.locator("#txt2img_hr_denoising input[type=number]").input_value() == "0.45"
+    assert page.locator("#txt2img_hr_upscaler input[role=combobox]").input_value() == "Lanczos"

@@ -61,7 +61,8 @@ def test_listen_without_auth_warns():
 def test_tabs_and_layout_do_not_import_the_ml_stack():
     import subprocess
     import sys
-    code = ("import sys, tabs.txt2img, tabs.png_info, tabs.settings, webui.layout, webui.server; "
+    code = ("import sys, tabs.txt2img, tabs.img2img, tabs.inpaint, tabs.png_info, tabs.settings, webui.layout, "
+            "webui.server, studio.batch, tabs.controlnet, webui.controlnet_ui; "
             "bad = [m for m in ('torch', 'diffusers', 'peft', 'transformers') if m in sys.modules]; "
             "sys.exit(', '.join(bad) or None)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

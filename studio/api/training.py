@@ -1,0 +1,97 @@
+"""Training routes (a studio extension; A1111 has none): start / stop / status / history of ``studio.training``.
+
+The body of ``/sdapi/v1/train/start`` is a ``TrainConfig`` as JSON, flat (``{"rank": 8}``) or sectioned like the
+TOML file (``{"network": {"rank": 8}}``); the base model may be a checkpoint name from ``/sdapi/v1/sd-models``.
+A bad value answers 422 with ``field`` = ``section.key`` (``training.max_steps``). Runs share the UI's queue:
+one training at a time, later ones wait.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from fastapi import APIRouter, Body
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+
+from ..errors import StudioError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..app import Studio
+
+
+class TrainStartResponse(BaseModel):
+    id: str = Field(description="Job id (see /sdapi/v1/train/status)")
+    config: str = Field(description="The run.toml written for this run (`python launch.py --train <it>`)")
+    output: str = Field(description="Where the final LoRA / embedding will be written")
+    queued: int = Field(description="Trainings waiting before this one (0: it starts now)")
+
+
+class TrainStopResponse(BaseModel):
+    stopped: bool = Field(description="False when no training was running")
+
+
+class TrainStatusResponse(BaseModel):
+    current: Optional[dict[str, Any]] = Field(
+        None, description="The running job: id, state, step, total, loss, lr, it_s, eta, epoch, losses [[step, "
+                          "loss]], samples [{step, index, path, prompt}], outputs [paths], error, log, run_dir")
+    queued: list[dict[str, Any]] = Field(default_factory=list)
+    last: Optional[dict[str, Any]] = Field(None, description="The most recent finished job of this session "
+                                                             "(same fields as current, without the log)")
+
+
+_START_EXAMPLE = {"base_model": "v1-5-pruned-emaonly.safetensors", "dataset_dir": "/data/datasets/mychar",
+                  "method": "lora", "rank": 8, "alpha": 4.0, "max_steps": 500, "output_name": "mychar",
+                  "sample_prompts": "mychar, a portrait --w 512 --h 512 --d 1", "sample_every": 100}
+
+
+def register_training(r: APIRouter, studio: "Studio") -> None:
+    """Add the training routes to ``r`` (the router carries auth and the one error shape)."""
+    svc = studio.training
+
+    async def start(body: dict[str, Any] = Body(..., examples=[_START_EXAMPLE])) -> dict:
+        body = dict(body)
+        resume = body.pop("resume", False)
+        if not isinstance(resume, bool):
+            raise StudioError("resume should be true or false.", field="output.resume", fix="write a bool")
+
+        def submit() -> dict:
+            cfg = svc.complete(body)             # validates (files included) and names the field on error
+            job = svc.start(cfg, resume=resume)
+            queued = [q["id"] for q in svc.status()["queued"]]
+            return {"id": job, "config": str(Path(cfg.run_dir) / "run.toml"),
+                    "output": str(Path(cfg.output_dir) / f"{cfg.output_name}.safetensors"),
+                    "queued": queued.index(job) if job in queued else 0}
+
+        return await run_in_threadpool(submit)
+
+    async def stop() -> dict:
+        return {"stopped": svc.stop()}
+
+    def status() -> dict:
+        out = svc.status()
+        finished = svc.queue.finished
+        if finished:
+            job = finished[-1]
+            proc = job.get("process")
+            info = proc.status() if proc else {}
+            info.pop("log", None)
+            out["last"] = {**info, "id": job["id"], "state": job["state"],
+                           "error": job["error"] or info.get("error"), "config": job["config"]}
+        return out
+
+    def history() -> list:
+        return svc.history()
+
+    tags = ["training"]
+    r.add_api_route("/sdapi/v1/train/start", start, methods=["POST"], response_model=TrainStartResponse, tags=tags,
+                    summary="Queue a training run (studio extension)",
+                    description="TrainConfig fields as JSON (flat or in TOML sections). Paths the studio knows are "
+                                "filled in: base_model by checkpoint name, models/Lora (models/embeddings for "
+                                "Textual Inversion), data/training/<output_name>. 422 names `section.key`.")
+    r.add_api_route("/sdapi/v1/train/stop", stop, methods=["POST"], response_model=TrainStopResponse, tags=tags,
+                    summary="Stop the running training (it saves its state and a usable file first)")
+    r.add_api_route("/sdapi/v1/train/status", status, methods=["GET"], response_model=TrainStatusResponse,
+                    tags=tags, summary="Progress, losses, samples and log of the running training")
+    r.add_api_route("/sdapi/v1/train/history", history, methods=["GET"], response_model=list[dict[str, Any]],
+                    tags=tags, summary="Runs of this session (newest first), then run folders found on disk")
