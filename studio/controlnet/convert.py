@@ -11,7 +11,7 @@ import re
 from typing import Mapping, Sequence
 
 from ..errors import ModelLoadError
-from ..loading.ldm_config import WIDTH_FAMILY
+from ..loading.ldm_config import WIDTH_FAMILY, encoder_levels
 from ..loading.ldm_export import UNET_RESNET, UNET_TOP, _map_key, _unet_prefix_map
 
 LDM_PREFIX = "control_model."
@@ -155,18 +155,7 @@ def controlnet_config(shapes: Shapes, path: str = "", *, global_pool: bool = Fal
     if "input_blocks.0.0.weight" not in shapes or "input_hint_block.0.weight" not in shapes:
         raise_unsupported(file_kind(list(shapes)), path)
     mc, in_ch = shapes["input_blocks.0.0.weight"][:2]
-    levels: list[dict] = [{"ch": None, "res": 0, "depth": 0}]
-    for i in _indices(shapes, "input_blocks.")[1:]:
-        b = f"input_blocks.{i}."
-        if b + "0.op.weight" in shapes:  # a downsampler closes the level
-            levels.append({"ch": None, "res": 0, "depth": 0})
-            continue
-        lvl = levels[-1]
-        lvl["res"] += 1
-        lvl["ch"] = shapes[b + "0.out_layers.3.weight"][0]
-        if _has(shapes, b + "1.transformer_blocks."):
-            lvl["depth"] = len(_indices(shapes, b + "1.transformer_blocks."))
-            lvl["linear"] = len(shapes[b + "1.proj_in.weight"]) == 2
+    levels = encoder_levels(shapes, "")
     lpb = {lv["res"] for lv in levels}
     if len(lpb) != 1 or None in [lv["ch"] for lv in levels]:
         raise ModelLoadError(f"{os.path.basename(path)}: unusual ControlNet layout (levels with different numbers "

@@ -147,14 +147,12 @@ def read_sidecar_yaml(path: str) -> dict:
     return out
 
 
-def unet_config(shapes: Shapes, family: str, *, sidecar: dict | None = None,
-                text_proj_dim: int | None = None, prediction: str = "epsilon") -> dict:
-    """UNet2DConditionModel config from the ``model.diffusion_model.`` tensors."""
-    p, sidecar = UNET, sidecar or {}
-    mc, in_ch = shapes[p + "input_blocks.0.0.weight"][:2]
+def encoder_levels(shapes: Shapes, prefix: str) -> list[dict]:
+    """The UNet encoder read off LDM ``input_blocks``: per level its channels ("ch"), res blocks ("res"),
+    transformer depth ("depth") and linear projection ("linear"). Shared by checkpoints and ControlNets."""
     levels: list[dict] = [{"ch": None, "res": 0, "depth": 0}]
-    for i in range(1, _count(shapes, p + "input_blocks.")):
-        b = f"{p}input_blocks.{i}."
+    for i in range(1, _count(shapes, prefix + "input_blocks.")):
+        b = f"{prefix}input_blocks.{i}."
         if b + "0.op.weight" in shapes:  # a downsampler closes the level
             levels.append({"ch": None, "res": 0, "depth": 0})
             continue
@@ -164,6 +162,15 @@ def unet_config(shapes: Shapes, family: str, *, sidecar: dict | None = None,
         if _has(shapes, b + "1.transformer_blocks."):
             lvl["depth"] = _count(shapes, b + "1.transformer_blocks.")
             lvl["linear"] = len(shapes[b + "1.proj_in.weight"]) == 2
+    return levels
+
+
+def unet_config(shapes: Shapes, family: str, *, sidecar: dict | None = None,
+                text_proj_dim: int | None = None, prediction: str = "epsilon") -> dict:
+    """UNet2DConditionModel config from the ``model.diffusion_model.`` tensors."""
+    p, sidecar = UNET, sidecar or {}
+    mc, in_ch = shapes[p + "input_blocks.0.0.weight"][:2]
+    levels = encoder_levels(shapes, p)
     lpb = {lv["res"] for lv in levels}
     if len(lpb) != 1:
         raise ModelLoadError(f"UNet levels have different numbers of res blocks {sorted(lpb)}; unsupported.",
