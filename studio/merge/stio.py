@@ -8,6 +8,7 @@ shape and offset) is computed from the input headers before the first tensor is 
 """
 from __future__ import annotations
 
+import abc
 import json
 import math
 import os
@@ -47,14 +48,15 @@ class TensorInfo:
         return self.dtype.is_floating_point
 
 
-class TensorSource:
+class TensorSource(abc.ABC):
     """Named tensors read lazily. ``infos`` is known without reading data; ``get`` returns a CPU tensor."""
 
     infos: dict[str, TensorInfo]
     metadata: dict[str, str]
 
+    @abc.abstractmethod
     def get(self, key: str) -> torch.Tensor:
-        raise NotImplementedError
+        """One whole tensor (sources override ``read_into`` too when they can read a slice cheaply)."""
 
     def read_into(self, key: str, start: int, out: torch.Tensor) -> torch.Tensor:
         return out.copy_(self.get(key).reshape(-1)[start:start + out.numel()])
