@@ -179,6 +179,13 @@ class HashCache:
             self._save()
         return value
 
+    def put(self, path: str | os.PathLike, kind: str, value: str) -> None:
+        """Record a hash computed elsewhere (e.g. while the file was written) for the file as it is now."""
+        mtime, size = self._stamp(path)
+        with self._lock:
+            self._entries[self._key(path, kind)] = {"mtime": mtime, "size": size, "sha256": value}
+            self._save()
+
     def forget(self, path: str | os.PathLike, kind: str | None = None) -> None:
         """Drop cached hashes of a file (all kinds when kind is None)."""
         with self._lock:

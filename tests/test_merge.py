@@ -9,7 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from studio.errors import StudioError
-from studio.merge import MergeSpec, merge_checkpoints
+from studio.hashes import sha256_file
+from studio.merge import MergeReport, MergeSpec, merge_checkpoints
 from studio.merge.blocks import BLOCK_IDS, presets
 from studio.merge.stio import StreamWriter, TensorInfo
 
@@ -24,9 +25,10 @@ def _ckpt(settings, name):
     return load_file(str(settings.ckpt_path / name))
 
 
-def _merge(registry, settings, **kw):
+def _merge(registry, settings, report=None, **kw):
     calls = []
-    path = merge_checkpoints(MergeSpec(**kw), registry, settings, progress=lambda d, t, s: calls.append((d, t)))
+    path = merge_checkpoints(MergeSpec(**kw), registry, settings, progress=lambda d, t, s: calls.append((d, t)),
+                             report=report)
     assert calls and calls[-1][0] == calls[-1][1]
     return path
 
@@ -61,9 +63,13 @@ def test_stream_writer_round_trip(tmp_path):
 def test_weighted_sum_and_add_difference(registry, settings):
     a, b = _ckpt(settings, "tiny-sd1.safetensors"), _ckpt(settings, "tiny-sd1-b.safetensors")
     c = load_file(str(settings.ckpt_path / "sub" / "tiny-sd1-c.safetensors"))
-    p = _merge(registry, settings, a="tiny-sd1", b="tiny-sd1-b", multiplier=0.3, output_name="ws")
+    report = MergeReport()
+    p = _merge(registry, settings, report, a="tiny-sd1", b="tiny-sd1-b", multiplier=0.3, output_name="ws")
     out = load_file(str(p))
     assert p.name == "ws.safetensors" and set(out) == set(a)
+    # safetensors inputs merge in the torch-free worker, which hashed the output as it wrote it
+    assert report.stats["in_process"] is False and report.stats["torch_loaded"] is False
+    assert registry.hashes.get_cached(p) == sha256_file(p)
     for k in a:
         if a[k].is_floating_point():
             torch.testing.assert_close(out[k], a[k] * 0.7 + b[k] * 0.3, rtol=1e-5, atol=1e-6, msg=k)
@@ -113,7 +119,9 @@ def test_merged_files_load_and_generate(studio, settings):
 
 
 def test_no_interpolation_from_folder_equals_file(registry, settings):
-    p = _merge(registry, settings, a="tiny-sd1-diffusers", method="no_interpolation", output_name="conv")
+    report = MergeReport()
+    p = _merge(registry, settings, report, a="tiny-sd1-diffusers", method="no_interpolation", output_name="conv")
+    assert report.stats["in_process"] is True  # a folder is loaded whole: the kernel runs on it in memory
     a, out = _ckpt(settings, "tiny-sd1.safetensors"), load_file(str(p))
     assert set(out) == set(a)
     assert all(torch.equal(out[k], a[k]) for k in a)

@@ -4,8 +4,8 @@ Behaves like A1111's ``run_modelmerger`` (extras.py) where that is defined: only
 merge, keys missing from B (or C) keep A's value, a 9-/8-channel A with a 4-channel B merges the first four
 input channels of ``input_blocks.0.0`` only, fp16 halves float32 tensors, a baked VAE replaces A's
 ``first_stage_model.*`` tensors, the discard regex drops keys from the result, and the metadata carries
-``sd_merge_recipe`` / ``sd_merge_models``. Unlike A1111 nothing is held in memory: each output tensor is
-computed from one tensor per input and appended to the output file (see stio.py).
+``sd_merge_recipe`` / ``sd_merge_models``. Unlike A1111 nothing is held in memory: this module plans the
+output tensor by tensor and the torch-free kernel (kernel.py, run by runner.py) streams it block by block.
 """
 from __future__ import annotations
 
@@ -24,13 +24,14 @@ import torch
 from ..errors import StudioError
 from .blocks import multiplier_for, parse_block_weights
 from .sources import family_label, family_of, open_checkpoint, output_path, vae_tensors
-from . import pipeline
-from .stio import TensorInfo, temp_path
+from . import runner
+from .stio import SafetensorsSource, TensorInfo, dtype_name, raw_numpy, save_small, temp_path
 
 METHODS = {"weighted_sum": "Weighted sum", "add_difference": "Add difference", "no_interpolation": "No interpolation"}
 FORMATS = ("safetensors", "diffusers")
 INPUT_CONV = "model.diffusion_model.input_blocks.0.0.weight"
 SKIP_ON_MERGE = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
+MERGEABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float8 tensors are copied from A
 Progress = Callable[[int, int, str], None]
 
 
@@ -68,6 +69,7 @@ class MergeReport:
     copied_from_a: list[str] = field(default_factory=list)     # missing / mismatched in B or C
     discarded: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)                  # the kernel's figures (time, peak RSS, …)
 
 
 def _validate(spec: MergeSpec) -> tuple[re.Pattern | None, list[float] | None]:
@@ -118,15 +120,17 @@ def _plan(spec, srcs, vae, weights, discard, report) -> dict[str, _Plan]:
             report.notes.append(f"VAE tensor {key} has another shape; kept model A's")
         out = _Plan("copy", TensorInfo(_out_dtype(ia.dtype, spec.fp16), ia.shape))
         plan[key] = out
-        if not interp or "model" not in key or key in SKIP_ON_MERGE or not ia.is_float:
+        if not interp or "model" not in key or key in SKIP_ON_MERGE or ia.dtype not in MERGEABLE:
             continue
         others = [s.infos.get(key) for s in (b, c) if s is not None]
-        if any(o is None for o in others):
+        if any(o is None or o.dtype not in MERGEABLE for o in others):
             report.copied_from_a.append(key)
             continue
         m = multiplier_for(key, spec.multiplier, weights, spec.te_multiplier)
         shapes = {o.shape for o in others}
-        dtype = torch.promote_types(ia.dtype, others[0].dtype)
+        dtype = ia.dtype
+        for o in others:
+            dtype = torch.promote_types(dtype, o.dtype)
         if len(shapes) == 1 and shapes == {ia.shape}:
             plan[key] = _Plan("merge", TensorInfo(_out_dtype(dtype, spec.fp16), ia.shape), m)
         elif key == INPUT_CONV and len(shapes) == 1 and ia.shape[1] in (8, 9) and others[0].shape[1] == 4 \
@@ -141,41 +145,44 @@ def _plan(spec, srcs, vae, weights, discard, report) -> dict[str, _Plan]:
     return plan
 
 
-def _fetch(unit, p: _Plan, srcs, bufs) -> list[torch.Tensor]:
-    """The input tensors (or chunks of them) one output needs; runs in the reader thread."""
-    if p.action == "vae":
-        return []
-    needed = [s for s in (srcs[:1] if p.action == "copy" else srcs) if s is not None]
-    if unit.whole:
-        return [s.get(unit.key) for s in needed]
-    return [s.read_into(unit.key, unit.start, bufs.take(role, s.infos[unit.key].dtype, unit.count))
-            for role, s in zip("abc", needed)]
+def _job(spec, plan: dict[str, _Plan], srcs, vae_index: int | None) -> list:
+    """The plan as kernel ops: ``[key, dtype, shape, action, m, [[input, key in that input], ...]]``."""
+    def src(i, key):
+        s = srcs[i]
+        return [i, s.stored[key] if isinstance(s, SafetensorsSource) else key]
+
+    ops = []
+    for key, p in plan.items():
+        head = [key, dtype_name(p.info.dtype), list(p.info.shape)]
+        if p.action == "vae":
+            ops.append(head + ["copy", 0.0, [[vae_index, key[18:]]]])
+        elif p.action == "copy":
+            ops.append(head + ["copy", 0.0, [src(0, key)]])
+        else:
+            used = [i for i in range(3) if srcs[i] is not None]
+            action = spec.method + ("_in4" if p.action == "inpaint" else "")
+            ops.append(head + [action, p.m, [src(i, key) for i in used]])
+    return ops
 
 
-def _convert(t: torch.Tensor, dtype: torch.dtype, unit, bufs, role: str) -> torch.Tensor:
-    if t.dtype == dtype:
-        return t
-    return t.to(dtype) if unit.whole else bufs.take(role, dtype, unit.count).copy_(t)
-
-
-def _compute(unit, p: _Plan, tensors: list[torch.Tensor], bufs, vae, method: str) -> torch.Tensor:
-    """One output tensor or chunk. Works in the inputs' own dtype when they agree (fp16 stays fp16): torch's
-    lerp/add compute each element in float32 internally and round once, which is as exact as a float32 copy
-    and much faster. Inputs are fresh reads, so they are updated in place."""
-    if p.action == "vae":
-        return vae[unit.key[18:]].reshape(p.info.shape).to(p.info.dtype)
-    if p.action == "copy":
-        return _convert(tensors[0], p.info.dtype, unit, bufs, "out")
-    work = tensors[0].dtype
-    for t in tensors[1:]:
-        work = torch.promote_types(work, t.dtype)
-    x, y, *rest = (_convert(t, work, unit, bufs, f"w{i}") for i, t in enumerate(tensors))
-    part = x if p.action == "merge" else x[:, :4]  # inpainting A: first four input channels only
-    if method == "weighted_sum":
-        part.lerp_(y, p.m)  # A·(1−M) + B·M
-    else:
-        part.add_(y.sub_(rest[0]), alpha=p.m)  # A + (B − C)·M
-    return _convert(x, p.info.dtype, unit, bufs, "out")
+def _inputs(srcs, vae: dict | None, needed_vae: set[str], tmp_dir: Path, stack: ExitStack) -> tuple[list, int | None]:
+    """Kernel inputs for A, B, C (+ the VAE): file paths when every model is a .safetensors file, so the kernel
+    runs in its torch-free worker; else in-memory arrays and the kernel runs here."""
+    from .kernel import ArrayInput
+    files = all(s is None or isinstance(s, SafetensorsSource) for s in srcs)
+    slots = [s if s is not None else srcs[0] for s in srcs]  # no B / C: the slot is never read
+    inputs: list = [s.path if isinstance(s, SafetensorsSource) else ArrayInput(s.arrays()) for s in slots]
+    if vae is None or not needed_vae:
+        return inputs, None
+    tensors = {k: v for k, v in vae.items() if k in needed_vae}
+    if not files:
+        inputs.append(ArrayInput({k: (dtype_name(v.dtype), raw_numpy(v)) for k, v in tensors.items()}))
+    else:  # the worker reads files only: hand it the (small) VAE as one
+        path = temp_path(tmp_dir / "vae.safetensors")
+        stack.callback(path.unlink, missing_ok=True)
+        save_small(path, {k: v.contiguous() for k, v in tensors.items()})
+        inputs.append(os.fspath(path))
+    return inputs, len(inputs) - 1
 
 
 def _metadata(spec, infos, srcs, registry, weights, out_name, report) -> dict[str, str]:
@@ -216,11 +223,12 @@ def _json_or_none(text):
 
 
 def merge_checkpoints(spec: MergeSpec, registry, settings, progress: Progress | None = None,
-                      report: MergeReport | None = None) -> Path:
+                      report: MergeReport | None = None, *, hash_output: bool = True) -> Path:
     """Merge per ``spec`` into ``models/Stable-diffusion``; returns the new file (or folder) path.
 
-    ``progress(done, total, text)`` is called once per output tensor. ``report`` (optional) collects keys
-    copied from A, discarded keys and notes. The registry is refreshed so the result is listed at once."""
+    ``progress(done, total, text)`` is called as blocks of the output are written (text: a tensor name). ``report`` (optional) collects keys
+    copied from A, discarded keys and notes. The registry is refreshed so the result is listed at once. With
+    ``hash_output`` the file's sha256 (its A1111 hash) is computed as it is written and put in the hash cache."""
     report = report if report is not None else MergeReport()
     discard, weights = _validate(spec)
     infos = [registry.find_checkpoint(spec.a, "model_a"),
@@ -240,17 +248,19 @@ def merge_checkpoints(spec: MergeSpec, registry, settings, progress: Progress | 
         vae = vae_tensors(registry, spec.bake_vae) if spec.bake_vae and spec.bake_vae != "None" else None
         plan = _plan(spec, srcs, vae, weights, discard, report)
         meta = _metadata(spec, infos, srcs, registry, weights, dest.name, report)
-        kw = dict(whole={k for k, p in plan.items() if p.action in ("vae", "inpaint")},
-                  fetch=lambda u, bufs: _fetch(u, plan[u.key], srcs, bufs),
-                  compute=lambda u, ts, bufs: _compute(u, plan[u.key], ts, bufs, vae, spec.method),
-                  metadata=meta, progress=progress)
-        out_plan = {k: p.info for k, p in plan.items()}
+        inputs, vae_index = _inputs(srcs, vae, {k[18:] for k, p in plan.items() if p.action == "vae"},
+                                    dest.parent, stack)
+        ops = _job(spec, plan, srcs, vae_index)
         if spec.output_format == "safetensors":
-            pipeline.run(dest, out_plan, **kw)
+            tmp = temp_path(dest)
+            report.stats = runner.run(ops, inputs, tmp, meta, progress, sha256=hash_output)
+            os.replace(tmp, dest)
+            if hash_output:
+                registry.hashes.put(dest, "checkpoint", report.stats["sha256"])  # no second read to hash it
         else:
             single = dest.with_name(f".{dest.name}.{os.getpid()}.single.safetensors")  # the loader wants the suffix
             try:
-                pipeline.run(single, out_plan, **kw)
+                report.stats = runner.run(ops, inputs, single, meta, progress)
                 _to_diffusers(single, dest, spec.fp16, meta)
             finally:
                 single.unlink(missing_ok=True)

@@ -41,7 +41,7 @@ def field_label(name: str | None) -> str:
 
 def _progress(ctx: Any, what: str) -> Callable[[int, int, str], None]:
     def report(done: int, total: int, key: str) -> None:
-        ctx.set_progress(done, total, textinfo=f"{what}: {done}/{total} · {key}")
+        ctx.set_progress(done, total, textinfo=f"{what}: {100 * done // max(total, 1)}% · {key}")
         ctx.check()  # raises JobInterrupted: the engine removes its temporary file
     return report
 

@@ -1,4 +1,6 @@
-"""Streaming safetensors I/O: read one tensor at a time, write a file whose header is known up front.
+"""Streaming safetensors I/O with torch tensors: read one tensor at a time, write a file whose header is known up
+front. The LoRA tools (bake, merge, resize, extract) use it; checkpoint merges plan with it and stream through the
+torch-free kernel (kernel.py).
 
 Inputs are read with ``os.pread`` into a fresh buffer per tensor rather than through a memory map: pages of a
 mapped file that were touched count towards the process' resident set until the kernel reclaims them, so a
@@ -56,10 +58,7 @@ class TensorSource(abc.ABC):
 
     @abc.abstractmethod
     def get(self, key: str) -> torch.Tensor:
-        """One whole tensor (sources override ``read_into`` too when they can read a slice cheaply)."""
-
-    def read_into(self, key: str, start: int, out: torch.Tensor) -> torch.Tensor:
-        return out.copy_(self.get(key).reshape(-1)[start:start + out.numel()])
+        """One whole tensor."""
 
     def close(self) -> None:
         pass
@@ -95,6 +94,7 @@ class SafetensorsSource(TensorSource):
             (n,) = struct.unpack("<Q", f.read(8))
         self._base = 8 + n
         renamed = normalize_keys({k: k for k in header})     # new name -> stored name
+        self.stored = renamed
         self._entries = {new: header[old] for new, old in renamed.items()}
         self.infos = {k: TensorInfo(DTYPES[e["dtype"]], tuple(e["shape"])) for k, e in self._entries.items()}
         self._fd = os.open(self.path, os.O_RDONLY)
@@ -106,18 +106,20 @@ class SafetensorsSource(TensorSource):
             _fill(self._fd, _byte_view(out), self._base + self._entries[key]["data_offsets"][0], f"{self.path} {key}")
         return out
 
-    def read_into(self, key: str, start: int, out: torch.Tensor) -> torch.Tensor:
-        """Elements [start, start + len(out)) of ``key`` (flattened) into the 1-D buffer ``out``."""
-        if out.numel():
-            size = self.infos[key].dtype.itemsize
-            _fill(self._fd, _byte_view(out), self._base + self._entries[key]["data_offsets"][0] + start * size,
-                  f"{self.path} {key}")
-        return out
-
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def raw_numpy(t: torch.Tensor):
+    """A CPU tensor as a numpy array of the same bits (bfloat16 as uint16, float8 as uint8), for the merge kernel."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view("uint16")
+    if t.dtype.itemsize == 1 and t.dtype.is_floating_point:
+        return t.view(torch.uint8).numpy()
+    return t.numpy()
 
 
 class DictSource(TensorSource):
@@ -131,8 +133,9 @@ class DictSource(TensorSource):
     def get(self, key: str) -> torch.Tensor:
         return self._t[key].detach().cpu().clone()  # callers may update what they get in place
 
-    def read_into(self, key: str, start: int, out: torch.Tensor) -> torch.Tensor:
-        return out.copy_(self._t[key].detach().reshape(-1)[start:start + out.numel()])
+    def arrays(self) -> dict:
+        """``{key: (safetensors dtype name, numpy array)}``: the kernel's ArrayInput form (no copies)."""
+        return {k: (dtype_name(v.dtype), raw_numpy(v)) for k, v in self._t.items()}
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
