@@ -79,7 +79,9 @@ def _read_pickle(path: str) -> dict:
                                  path=path, fix=CONVERT_FIX) from e
         raise ModelLoadError(f"{path} is not a readable checkpoint (invalid pickle data).", path=path,
                              fix="the file is corrupt or not a model; download it again.") from e
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile,
+            # random bytes make the weights-only unpickler fail in its own ways (an empty mark stack, …)
+            IndexError, KeyError, TypeError, AttributeError, struct.error, MemoryError, RecursionError) as e:
         raise ModelLoadError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}).", path=path,
                              fix="the file is truncated or corrupt; download it again.") from e
 

@@ -579,22 +579,37 @@ def _peak_rss() -> int | None:
         return None
 
 
+def _watch_stdin(stop: threading.Event) -> None:
+    # raw reads: a daemon thread blocked inside sys.stdin's buffer lock would abort the interpreter at exit
+    fd = sys.stdin.fileno()
+    while os.read(fd, 4096):
+        pass
+    stop.set()
+
+
 def main() -> int:
-    """Worker process: the job on stdin; ``P done total key`` lines, then ``OK {stats}`` or ``E message``."""
+    """Worker process: the job as one JSON line on stdin; ``P done total key`` lines, then ``OK {stats}`` or
+    ``E message``. The caller keeps stdin open while it waits: end of file (the studio closed or died) stops the
+    merge, so an orphaned worker never keeps writing."""
     if cv2 is not None:
         cv2.setNumThreads(1)  # the kernel's own threads share out the blocks
+    stop = threading.Event()
     try:
-        job = json.loads(sys.stdin.read())
+        job = json.loads(sys.stdin.readline())
+        threading.Thread(target=_watch_stdin, args=(stop,), daemon=True).start()
         inputs = []
         try:
             for path in job["inputs"]:
                 inputs.append(FileInput(path))
             stats = run(job["ops"], inputs, job["output"], job.get("metadata"), workers=job.get("workers"),
-                        progress=lambda d, t, k: print(f"P {d} {t} {k}", flush=True), sha256=job.get("sha256", False))
+                        progress=lambda d, t, k: print(f"P {d} {t} {k}", flush=True), stop=stop,
+                        sha256=job.get("sha256", False))
         finally:
             for src in inputs:
                 src.close()
-    except (MergeError, OSError) as e:
+    except Stopped:
+        return 3
+    except (MergeError, OSError, ValueError) as e:
         print(f"E {e}", flush=True)
         return 1
     print("OK " + json.dumps(stats), flush=True)

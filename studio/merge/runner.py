@@ -54,8 +54,8 @@ def _in_worker(ops, paths, output, metadata, progress, sha256) -> dict:
     result = failure = None
     try:
         try:
-            proc.stdin.write(job)
-            proc.stdin.close()
+            proc.stdin.write(job + "\n")  # stdin then stays open: its end tells the worker to stop
+            proc.stdin.flush()
         except BrokenPipeError:  # the worker died at start; its stderr says why
             pass
         for line in proc.stdout:
@@ -74,6 +74,10 @@ def _in_worker(ops, paths, output, metadata, progress, sha256) -> dict:
         Path(output).unlink(missing_ok=True)
         raise
     finally:
+        try:
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
         drain.join(timeout=5)
     if failure:
         raise kernel.MergeError(failure)

@@ -10,11 +10,12 @@ merges them (weighted sum) in a child process and reports:
    worker process (torch-free); its peak RSS plus whatever the calling process (the studio: torch imported, like
    the server) grew by during the merge is the merge's memory.
 2. merge wall time / time to read both inputs once (target <= 2), cold (inputs dropped from the page cache with
-   posix_fadvise DONTNEED first) and warm (inputs cached). The wall time is the whole ``merge_checkpoints`` call
-   (planning, starting the worker, the merge); "kernel" is the worker's own time. Hashing is off in these runs
-   and measured in an extra warm run as the Merge tab does it: sha256 of both inputs for the metadata (cached
-   after the first time, as in A1111) and of the output, computed while it is written, for its title. A no-interpolation run
-   (read A, write the output) shows the floor any merge has: writing the output.
+   posix_fadvise DONTNEED first: "reading a file" means from the disk) and, for information, warm (inputs
+   cached). The wall time is the whole ``merge_checkpoints`` call (planning, starting the worker, the merge);
+   "kernel" is the worker's own time. Warm, the floor is writing the output: a no-interpolation run (read A,
+   write the output) is printed next to it. Hashing is off in these runs and measured in an extra warm run as
+   the Merge tab does it: sha256 of both inputs for the metadata (cached after the first time, as in A1111) and
+   of the output, computed while it is written, for its title.
 The big files live in a temp dir and are deleted at the end (unless --keep).
 """
 from __future__ import annotations
@@ -175,7 +176,7 @@ def main() -> None:
               f"(ratio {r_meta['wall'] / warm_read:.2f})")
         print(f"floor, warm: no-interpolation copy of A (read one input, write the output): {r_copy['wall']:.2f}s "
               f"(ratio {r_copy['wall'] / warm_read:.2f})")
-        print("targets: RSS/input <= 0.5, time ratio <= 2")
+        print("targets: RSS/input <= 0.5, time ratio (cold) <= 2")
     finally:
         if args.keep:
             print(f"kept {root}")
