@@ -18,7 +18,7 @@ def _tensors(seed: int, in_ch: int = 4) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     return {
-        "big.f16": r(3 << 20).half(),              # 6 MB: spans several kernel blocks
+        "big.f16": r(6 << 20).half(),              # 12 MB: spans several kernel blocks
         "w.f16": r(64, 33).half(), "w.bf16": r(64, 33).bfloat16(), "w.f32": r(1000), "w.f64": r(77).double(),
         "tiny.f16": r(3).half(), "tiny.f32": r(1),  # OpenCV would read these as scalars
         "conv.in": r(8, in_ch, 3, 3),
@@ -40,7 +40,7 @@ def files(tmp_path):
 def _ops() -> list:
     ab, abc = lambda k: [[0, k], [1, k]], lambda k: [[0, k], [1, k], [2, k]]  # noqa: E731
     return [
-        ["big.f16", "F16", [3 << 20], "weighted_sum", 0.3, ab("big.f16")],
+        ["big.f16", "F16", [6 << 20], "weighted_sum", 0.3, ab("big.f16")],
         ["w.f16", "F16", [64, 33], "weighted_sum", 0.7, ab("w.f16")],
         ["w.bf16", "BF16", [64, 33], "weighted_sum", 0.25, ab("w.bf16")],
         ["w.f32", "F32", [1000], "add_difference", 0.6, abc("w.f32")],
@@ -141,7 +141,7 @@ def test_every_action_and_dtype(files, tmp_path, monkeypatch, mode):
     with safe_open(str(out), "pt") as f:
         assert f.metadata() == meta
     assert stats["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
-    assert stats["blocks"] > 3
+    assert stats["blocks"] >= 3
 
 
 def test_in_memory_inputs_match_files(files, tmp_path):

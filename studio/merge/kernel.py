@@ -52,7 +52,7 @@ def _opencv():
 
 cv2 = _opencv()
 
-BLOCK = 2 << 20          # bytes of output per task (and about what each input is read in per request)
+BLOCK = 4 << 20          # bytes of output per task (and about what each input is read in per request)
 SUB = 1 << 18            # elements per numpy sub-chunk: 1 MB of float32, stays in L2
 ALIGN = 4096             # O_DIRECT offset / length / address alignment
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
@@ -69,14 +69,12 @@ class Stopped(Exception):
     """The caller asked the merge to stop."""
 
 
-def _read_full(fd: int, view: memoryview, offset: int, lock: threading.Lock | None, what: str,
-               flags: int = 0) -> int:
+def _read_full(fd: int, view: memoryview, offset: int, lock: threading.Lock | None, what: str) -> int:
     """Fill ``view`` from ``offset``; returns the bytes read (less than asked only at the end of the file)."""
     done = 0
     while done < len(view):
         if lock is None:
-            got = os.preadv(fd, [view[done:]], offset + done, flags) if flags else \
-                os.preadv(fd, [view[done:]], offset + done)
+            got = os.preadv(fd, [view[done:]], offset + done)
         else:  # no positional reads (Windows): one seek + read at a time
             with lock:
                 os.lseek(fd, offset + done, os.SEEK_SET)
@@ -108,12 +106,41 @@ class _Buffer:
         return self.view
 
 
+def _resident_pages(fd: int, size: int) -> np.ndarray | None:
+    """Which pages of the file are in the page cache (``mincore`` over a mapping that is never touched, so
+    nothing is read), or None where that cannot be asked."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    if size <= 0:
+        return None
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        return None
+    try:
+        vec = np.zeros(-(-size // mmap.PAGESIZE), np.uint8)
+        if libc.mincore(addr, size, vec.ctypes.data) != 0:
+            return None
+        return (vec & 1).astype(bool)
+    finally:
+        libc.munmap(addr, size)
+
+
 class FileInput:
     """A .safetensors file, read by range (keys are the names stored in the file).
 
-    Reads that the page cache can serve at once (``RWF_NOWAIT``) are served from it; the rest are read with
-    O_DIRECT, straight from the disk into our buffers: a merge reads each byte once, and pulling gigabytes
-    through the page cache would evict the user's cached models and, on a VM, pay for backing fresh pages."""
+    Ranges the page cache holds (``mincore`` at open) are read from it; the rest with O_DIRECT, straight from the
+    disk into our buffers: a merge reads each byte once, and pulling gigabytes through the page cache would evict
+    the user's cached models and, on a VM, pay for backing fresh pages (measured here: a cold merge took 2.2 s
+    and 0.2 s of kernel time direct, 2.8–3.9 s and 2.4–3.6 s through the cache). Probing with ``RWF_NOWAIT``
+    instead does not work: the probe itself starts read-ahead, and the "direct" reads then hit the cache."""
 
     def __init__(self, path: str):
         self.path = path
@@ -142,11 +169,12 @@ class FileInput:
             os.close(self._fd)
             raise MergeError(f"{path} could not be read ({e.strerror or e})") from None
         self._direct = None
-        if hasattr(os, "O_DIRECT") and hasattr(os, "RWF_NOWAIT"):
+        if hasattr(os, "O_DIRECT"):
             try:
                 self._direct = os.open(path, os.O_RDONLY | os.O_DIRECT)
             except OSError:  # tmpfs and some network file systems refuse O_DIRECT
                 pass
+        self._resident = _resident_pages(self._fd, size) if self._direct is not None else None
         self._local = threading.local()
 
     def dtype(self, key: str) -> str:
@@ -182,15 +210,7 @@ class FileInput:
         """``n`` bytes at ``offset`` into the page-aligned ``mem``, placed at ``offset % ALIGN`` so that every
         tensor in them is as aligned as in the file; returns the view of them."""
         pad = offset % ALIGN
-        if self._direct is not None:
-            try:
-                if _read_full(self._fd, mem[pad:pad + n], offset, None, self.path, os.RWF_NOWAIT) == n:
-                    return mem[pad:pad + n]  # all in the page cache
-            except BlockingIOError:
-                pass
-            except OSError:                 # RWF_NOWAIT not supported here
-                self._direct = None
-        if self._direct is not None:
+        if self._direct is not None and not self._cached(offset, n):
             try:
                 got = _read_full(self._direct, mem[:_round_up(pad + n)], offset - pad, None, self.path)
             except OSError:                 # the file system took O_DIRECT at open but not for reads
@@ -202,6 +222,11 @@ class FileInput:
         if _read_full(self._fd, mem[pad:pad + n], offset, self._lock, self.path) < n:
             raise MergeError(f"{self.path}: the file ended early (truncated?)")
         return mem[pad:pad + n]
+
+    def _cached(self, offset: int, n: int) -> bool:
+        if self._resident is None:          # unknown: most merge inputs are bigger than what stays cached
+            return False
+        return bool(self._resident[offset // mmap.PAGESIZE:-(-(offset + n) // mmap.PAGESIZE)].all())
 
     def close(self) -> None:
         os.close(self._fd)
