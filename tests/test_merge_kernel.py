@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from studio.errors import StudioError
-from studio.merge import kernel, runner
+from studio.merge import kernel, kernel_io, runner
 
 
 def _tensors(seed: int, in_ch: int = 4) -> dict[str, torch.Tensor]:
@@ -130,7 +130,7 @@ def test_every_action_and_dtype(files, tmp_path, monkeypatch, mode):
             monkeypatch.setattr(kernel, "cv2", None)
         if mode == "buffered-io":
             monkeypatch.delattr(os, "O_DIRECT", raising=False)
-        inputs = [kernel.FileInput(str(p)) for p in files]
+        inputs = [kernel_io.FileInput(str(p)) for p in files]
         try:
             stats = kernel.run(_ops(), inputs, str(out), meta, workers=3, sha256=True)
         finally:
@@ -146,7 +146,7 @@ def test_every_action_and_dtype(files, tmp_path, monkeypatch, mode):
 
 def test_in_memory_inputs_match_files(files, tmp_path):
     from studio.merge.stio import DictSource
-    arrays = [kernel.ArrayInput(DictSource(load_file(str(p))).arrays()) for p in files]
+    arrays = [kernel_io.ArrayInput(DictSource(load_file(str(p))).arrays()) for p in files]
     kernel.run(_ops(), arrays, str(tmp_path / "mem.safetensors"))
     runner.run(_ops(), files, tmp_path / "file.safetensors", None)
     mem, disk = load_file(str(tmp_path / "mem.safetensors")), load_file(str(tmp_path / "file.safetensors"))

@@ -168,7 +168,7 @@ def _job(spec, plan: dict[str, _Plan], srcs, vae_index: int | None) -> list:
 def _inputs(srcs, vae: dict | None, needed_vae: set[str], tmp_dir: Path, stack: ExitStack) -> tuple[list, int | None]:
     """Kernel inputs for A, B, C (+ the VAE): file paths when every model is a .safetensors file, so the kernel
     runs in its torch-free worker; else in-memory arrays and the kernel runs here."""
-    from .kernel import ArrayInput
+    from .kernel_io import ArrayInput
     files = all(s is None or isinstance(s, SafetensorsSource) for s in srcs)
     slots = [s if s is not None else srcs[0] for s in srcs]  # no B / C: the slot is never read
     inputs: list = [s.path if isinstance(s, SafetensorsSource) else ArrayInput(s.arrays()) for s in slots]
@@ -226,9 +226,10 @@ def merge_checkpoints(spec: MergeSpec, registry, settings, progress: Progress | 
                       report: MergeReport | None = None, *, hash_output: bool = True) -> Path:
     """Merge per ``spec`` into ``models/Stable-diffusion``; returns the new file (or folder) path.
 
-    ``progress(done, total, text)`` is called as blocks of the output are written (text: a tensor name). ``report`` (optional) collects keys
-    copied from A, discarded keys and notes. The registry is refreshed so the result is listed at once. With
-    ``hash_output`` the file's sha256 (its A1111 hash) is computed as it is written and put in the hash cache."""
+    ``progress(done, total, text)`` is called as blocks of the output are written (text: a tensor name).
+    ``report`` (optional) collects keys copied from A, discarded keys, notes and the kernel's figures. The
+    registry is refreshed so the result is listed at once. With ``hash_output`` the file's sha256 (its A1111
+    hash) is computed as it is written and put in the hash cache."""
     report = report if report is not None else MergeReport()
     discard, weights = _validate(spec)
     infos = [registry.find_checkpoint(spec.a, "model_a"),

@@ -16,6 +16,7 @@ from typing import Callable
 
 from ..errors import StudioError
 from . import kernel
+from .kernel_io import FileInput, MergeError
 
 ROOT = Path(__file__).resolve().parents[2]   # the folder that holds the studio package
 
@@ -23,17 +24,17 @@ ROOT = Path(__file__).resolve().parents[2]   # the folder that holds the studio 
 def run(ops: list, inputs: list, output: Path, metadata: dict | None,
         progress: Callable[[int, int, str], None] | None = None, sha256: bool = False) -> dict:
     """Write ``output`` per ``ops`` (kernel.run's format). ``inputs``: file paths (str / Path) or
-    kernel.ArrayInput objects. Returns the kernel's figures (seconds, peak_rss, direct_io, in_process, sha256…)."""
+    kernel_io.ArrayInput objects. Returns the kernel's figures (seconds, peak_rss, direct_io, in_process, sha256…)."""
     try:
         if all(isinstance(i, (str, os.PathLike)) for i in inputs):
             return _in_worker(ops, [os.fspath(i) for i in inputs], output, metadata, progress, sha256)
         return _in_process(ops, inputs, output, metadata, progress, sha256)
-    except kernel.MergeError as e:
+    except MergeError as e:
         raise StudioError(f"Merge failed: {e}", fix="check that the inputs are complete, readable models") from None
 
 
 def _in_process(ops, inputs, output, metadata, progress, sha256) -> dict:
-    opened = [kernel.FileInput(os.fspath(i)) if isinstance(i, (str, os.PathLike)) else i for i in inputs]
+    opened = [FileInput(os.fspath(i)) if isinstance(i, (str, os.PathLike)) else i for i in inputs]
     try:
         stats = kernel.run(ops, opened, os.fspath(output), metadata, progress=progress, sha256=sha256)
     finally:
@@ -80,7 +81,7 @@ def _in_worker(ops, paths, output, metadata, progress, sha256) -> dict:
             pass
         drain.join(timeout=5)
     if failure:
-        raise kernel.MergeError(failure)
+        raise MergeError(failure)
     if code != 0 or result is None:
         Path(output).unlink(missing_ok=True)
         tail = "".join(err[-6:]).strip() or "no message"
