@@ -204,22 +204,15 @@ def connect(studio: Any, ui: dict) -> None:
             return
         yield {me["error"]: "", me["result"]: "", me["load"]: gr.update(visible=False),
                me["progress"]: note_html("Queued…")}
-        for bar, outcome, error, job in jobview.follow(lambda: submit_checkpoint_merge(studio, spec)):
-            if bar:
-                yield {me["progress"]: bar, me["job_state"]: job.id}
-                continue
-            done = {me["progress"]: "", me["job_state"]: None}
-            if error is not None:
-                yield {**done, me["error"]: jobview.failure_html(error, field_label)}
-            elif outcome is None:
-                yield {**done, me["result"]: note_html("Interrupted: nothing was written.")}
-            else:
-                yield {**done, me["result"]: result_html(outcome), me["new_title"]: outcome.title,
-                       me["load"]: gr.update(visible=True, value=f"Load it ({outcome.title})"),
-                       quick["checkpoint"]: gr.update(choices=checkpoint_titles(studio)),
-                       **{p: gr.update(choices=checkpoint_titles(studio)) for p in pickers[3:]},
-                       **{p: gr.update(choices=checkpoint_titles(studio), value=retitle(studio, v))
-                          for p, v in zip(pickers[:3], values[:3])}}
+
+        def done(outcome):
+            titles = checkpoint_titles(studio)
+            return {me["result"]: result_html(outcome), me["new_title"]: outcome.title,
+                    me["load"]: gr.update(visible=True, value=f"Load it ({outcome.title})"),
+                    quick["checkpoint"]: gr.update(choices=titles),
+                    **{p: gr.update(choices=titles) for p in pickers[3:]},
+                    **{p: gr.update(choices=titles, value=retitle(studio, v)) for p, v in zip(pickers[:3], values[:3])}}
+        yield from merge_lora.follow_job(lambda: submit_checkpoint_merge(studio, spec), me, done)
 
     me["merge"].click(run, inputs, outputs, api_name="merge_checkpoints", show_progress="hidden",
                       concurrency_id="gpu", concurrency_limit=None)

@@ -213,16 +213,25 @@ def _runner(studio: Any, action: str, t: dict, names: list[str], targets: list):
             yield {t["error"]: jobview.failure_html(exc, field_label), t["result"]: ""}
             return
         yield {t["error"]: "", t["result"]: "", t["progress"]: note_html("Queued…")}
-        for bar, outcome, error, job in jobview.follow(lambda: submit_lora(studio, action, **kw)):
-            if bar:
-                yield {t["progress"]: bar, t["job_state"]: job.id}
-                continue
-            done = {t["progress"]: "", t["job_state"]: None}
-            if error is not None:
-                yield {**done, t["error"]: jobview.failure_html(error, field_label)}
-            elif outcome is None:
-                yield {**done, t["result"]: note_html("Interrupted: nothing was written.")}
-            else:
-                fresh = checkpoint_titles(studio) if action == "bake" else lora_names(studio)
-                yield {**done, t["result"]: report_html(outcome), **{p: gr.update(choices=fresh) for p in targets}}
+
+        def done(outcome):
+            fresh = checkpoint_titles(studio) if action == "bake" else lora_names(studio)
+            return {t["result"]: report_html(outcome), **{p: gr.update(choices=fresh) for p in targets}}
+        yield from follow_job(lambda: submit_lora(studio, action, **kw), t, done)
     return run
+
+
+def follow_job(submit, w: dict, done):
+    """Updates for a queued merge job: the progress bar while it runs, then its error, "Interrupted", or
+    ``done(outcome)``. ``w`` holds the page's progress / job_state / error / result components."""
+    for bar, outcome, error, job in jobview.follow(submit):
+        if bar:
+            yield {w["progress"]: bar, w["job_state"]: job.id}
+            continue
+        end = {w["progress"]: "", w["job_state"]: None}
+        if error is not None:
+            yield {**end, w["error"]: jobview.failure_html(error, field_label)}
+        elif outcome is None:
+            yield {**end, w["result"]: note_html("Interrupted: nothing was written.")}
+        else:
+            yield {**end, **done(outcome)}
