@@ -109,6 +109,19 @@ def request_for_file(base: GenerationRequest, image: Any, path: Path, *, mask: A
     return base.replace(**changes), notes
 
 
+def confine_batch_paths(settings: Any, inputs: Any, output_dir: Any, mask_dir: Any) -> tuple[Any, Any, Any]:
+    """The folders a request (the img2img tab, Gradio's API) names, each inside the studio's folders
+    (``studio.paths``), resolved; dropped files (a list: Gradio's uploads) and empty fields pass unchanged."""
+    from .paths import allowed_roots, confine
+    roots = allowed_roots(settings)
+
+    def check(value: Any, field: str) -> Any:
+        if isinstance(value, (str, os.PathLike)) and str(value).strip():
+            return str(confine(str(value).strip(), roots, field))
+        return value
+    return check(inputs, "input_dir"), check(output_dir, "output_dir"), check(mask_dir, "mask_dir")
+
+
 def run_img2img_batch(studio: Any, base_request: GenerationRequest,
                       inputs: str | os.PathLike | Iterable[str | os.PathLike], output_dir: str | os.PathLike,
                       mask_dir: str | os.PathLike | None = None, use_png_info: bool = False,

@@ -12,7 +12,7 @@ import pluggy
 from .errors import StudioError
 from .request import GenerationRequest, GenerationResult
 
-API_VERSION = "1.0"
+API_VERSION = "1.1"
 hookimpl = pluggy.HookimplMarker("studio")
 
 
@@ -159,6 +159,11 @@ class StudioAPI:
     @property
     def outputs_dir(self) -> str:
         return str(self._studio.settings.outdir)
+
+    def confine_path(self, path: str, field: str) -> str:
+        """A server path a request named (a route's body, a tab's text box), resolved, if it lies inside the
+        studio's folders (models, model folders, data, outputs); else a StudioError naming ``field`` (a 422)."""
+        return str(self._studio.training.confine(path, field))
 
 
 __all__ = ["API_VERSION", "hookimpl", "GenerationRequest", "GenerationResult", "StudioError", "TabSpec", "ParamSpec",

@@ -134,7 +134,7 @@ def connect(studio: Any, ui: dict) -> None:
 
 def _run_batch(studio: Any, me: dict, checkpoint: str, vae: str, fields: dict, opts: dict):
     """studio.batch in a thread (it waits for one job per file); the page polls its progress meanwhile."""
-    from studio.batch import run_img2img_batch
+    from studio.batch import confine_batch_paths, run_img2img_batch
 
     inputs = opts["batch_files"] or (opts["batch_input_dir"] or "").strip()
     now: dict[str, Any] = {"job": None, "text": ""}
@@ -148,12 +148,14 @@ def _run_batch(studio: Any, me: dict, checkpoint: str, vae: str, fields: dict, o
             if not inputs:
                 raise StudioError("The batch has no input.", field="input_dir",
                                   fix="enter an input folder or drop files")
+            # typed folders must lie inside the studio's folders (studio.paths)
+            source, output_dir, mask_dir = confine_batch_paths(studio.settings, inputs, opts["batch_output_dir"],
+                                                               opts["batch_mask_dir"] or None)
             base = gen.make_request(checkpoint, vae, fields, mode="img2img",
                                     controlnet_units=me["controlnet"].to_units(*opts["controlnet"]))
             scale = opts["scale_by"] if opts["size_mode"] == "Resize by" else None
-            done["report"] = run_img2img_batch(studio, base, inputs, opts["batch_output_dir"],
-                                               opts["batch_mask_dir"] or None, bool(opts["batch_use_png_info"]),
-                                               progress, scale_by=scale)
+            done["report"] = run_img2img_batch(studio, base, source, output_dir, mask_dir,
+                                               bool(opts["batch_use_png_info"]), progress, scale_by=scale)
         except Exception as exc:  # noqa: BLE001 - shown on the page
             done["error"] = exc
 

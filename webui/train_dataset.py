@@ -125,20 +125,7 @@ def _wire(studio: Any, f: dict, d: dict) -> None:
         return fn
 
     def do_import(files, source, name, scan):
-        source = (source or "").strip()
-        if not files and not source:
-            raise StudioError("Nothing to import.", field="dataset_files",
-                              fix="drop images or a zip, or type a folder / zip path on the server")
-        if source and not Path(source).exists():
-            raise StudioError(f"{source} does not exist on the server.", field="dataset_source",
-                              fix="give a folder or .zip path on this machine")
-        added, refused, dest = [], [], None
-        for src in ([list(files)] if files else []) + ([source] if source else []):
-            dest, report = svc.import_dataset(src, (name or "").strip())
-            added += report.added
-            refused += report.refused
-        body = note_html(f"Imported {len(added)} file(s) into {dest}.")
-        return body + _listing("Refused", refused), str(dest)
+        return import_action(svc, files, source, name)
 
     def rescan(scan):
         return "", None
@@ -156,6 +143,7 @@ def _wire(studio: Any, f: dict, d: dict) -> None:
     def blip(folder, overwrite, trigger, suffix, scan):
         from studio.training.captions import BlipCaptioner
         items = _scan(svc, *scan).items
+        folder = str(svc.confine((folder or "").strip(), "blip_folder"))
         if not (Path(folder) / "config.json").is_file():
             BlipCaptioner(folder)      # raises at once with the message naming the folder and files expected
         todo = [i for i in items if overwrite or not i.caption]
@@ -179,6 +167,27 @@ def _wire(studio: Any, f: dict, d: dict) -> None:
     d["bucket_button"].click(lambda *a: _bucket_report(svc, *a), [*bucket_in, *scan_in], d["buckets"], **HIDDEN)
 
 
+def import_action(svc: Any, files, source, name) -> tuple[str, str]:
+    """Import dropped files (Gradio's uploads) and / or a typed server folder or zip, which must lie inside the
+    studio's folders (``studio.paths``). Returns (report HTML, the dataset folder)."""
+    source = (source or "").strip()
+    if not files and not source:
+        raise StudioError("Nothing to import.", field="dataset_files",
+                          fix="drop images or a zip, or type a folder / zip path on the server")
+    if source:
+        source = str(svc.confine(source, "dataset_source"))
+        if not Path(source).exists():
+            raise StudioError(f"{source} does not exist on the server.", field="dataset_source",
+                              fix="give a folder or .zip path inside the studio's folders")
+    added, refused, dest = [], [], None
+    for src in ([list(files)] if files else []) + ([source] if source else []):
+        dest, report = svc.import_dataset(src, (name or "").strip())
+        added += report.added
+        refused += report.refused
+    body = note_html(f"Imported {len(added)} file(s) into {dest}.")
+    return body + _listing("Refused", refused), str(dest)
+
+
 def _scan_cfg(folder, min_side, repeats, extension) -> TrainConfig:
     return TrainConfig(dataset_dir=folder or "", min_image_side=int(min_side or 0), repeats=int(repeats or 1),
                        caption_extension=extension or ".txt")
@@ -188,7 +197,8 @@ def _scan(svc: Any, folder, *rest):
     if not (folder or "").strip():
         raise StudioError("No dataset folder yet.", field="dataset.dataset_dir",
                           fix="import images or type the folder path")
-    return svc.scan(folder.strip(), _scan_cfg(folder, *rest))
+    folder = str(svc.confine(folder.strip(), "dataset.dataset_dir"))   # only the studio's folders (studio.paths)
+    return svc.scan(folder, _scan_cfg(folder, *rest))
 
 
 def _view(svc: Any, folder, *rest) -> tuple[list, str]:

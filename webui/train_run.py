@@ -80,7 +80,7 @@ def wire(studio: Any, f: dict, r: dict) -> None:
         return "", {"job": job}, "", gr.update(visible=False), gr.Timer(active=True)
 
     def start(state, *values):
-        return launch(lambda: svc.start(form_config(values)), state)
+        return launch(lambda: svc.start(form_config(values), confined=True), state)
 
     def resume(state, *values):
         return launch(lambda: svc.resume(form_config(values)["output_name"]), state)
@@ -101,19 +101,19 @@ def wire(studio: Any, f: dict, r: dict) -> None:
 
     def save_config(*values):
         try:
-            path = svc.write_config(form_config(values))
+            path = svc.write_config(form_config(values), confined=True)
         except StudioError as exc:
             return fail(exc), gr.update(), gr.update()
         msg = (f"Wrote <code>{html.escape(str(path))}</code>. Run it from a shell with "
                f"<code>python launch.py --train {html.escape(str(path))}</code>")
         return f"<div class='studio-note'>{msg}</div>", str(path), _download_copy(r["config_file"], path)
 
-    def load_config(source):
+    def load_config(source, typed=True):
         source = (source or "").strip()
         if not source:
             return [note_html("Type a config path or drop a run.toml.")] + [gr.update()] * len(names)
-        try:
-            cfg = TrainConfig.load(source)
+        try:   # a typed path must lie inside the studio's folders; a dropped file is Gradio's upload
+            cfg = svc.load_config(source) if typed else TrainConfig.load(source)
         except StudioError as exc:
             return [fail(exc)] + [gr.update()] * len(names)
         return [note_html(f"Loaded {Path(source).name}.")] + train_form.config_updates(studio, names, cfg)
@@ -122,7 +122,7 @@ def wire(studio: Any, f: dict, r: dict) -> None:
                            api_visibility="private")
     # the button reads the typed path; dropping a file loads that file (the box also holds Save's download)
     r["load_config"].click(load_config, r["config_path"], [r["config_note"], *widgets], api_visibility="private")
-    r["config_file"].upload(load_config, r["config_file"], [r["config_note"], *widgets], api_visibility="private")
+    r["config_file"].upload(lambda f: load_config(f, typed=False), r["config_file"], [r["config_note"], *widgets], api_visibility="private")
 
 
 def _download_copy(component: Any, path: Path) -> str:

@@ -2,8 +2,9 @@
 
 The body of ``/sdapi/v1/train/start`` is a ``TrainConfig`` as JSON, flat (``{"rank": 8}``) or sectioned like the
 TOML file (``{"network": {"rank": 8}}``); the base model may be a checkpoint name from ``/sdapi/v1/sd-models``.
-A bad value answers 422 with ``field`` = ``section.key`` (``training.max_steps``). Runs share the UI's queue:
-one training at a time, later ones wait.
+A bad value answers 422 with ``field`` = ``section.key`` (``training.max_steps``); so does a path outside the
+studio's folders (``studio.paths``: ``output.output_dir``...). Runs share the UI's queue: one training at a time,
+later ones wait.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ class TrainStatusResponse(BaseModel):
                                                              "(same fields as current, without the log)")
 
 
-_START_EXAMPLE = {"base_model": "v1-5-pruned-emaonly.safetensors", "dataset_dir": "/data/datasets/mychar",
+_START_EXAMPLE = {"base_model": "v1-5-pruned-emaonly.safetensors", "dataset_dir": "data/datasets/mychar",
                   "method": "lora", "rank": 8, "alpha": 4.0, "max_steps": 500, "output_name": "mychar",
                   "sample_prompts": "mychar, a portrait --w 512 --h 512 --d 1", "sample_every": 100}
 
@@ -56,8 +57,9 @@ def register_training(r: APIRouter, studio: "Studio") -> None:
             raise StudioError("resume should be true or false.", field="output.resume", fix="write a bool")
 
         def submit() -> dict:
-            cfg = svc.complete(body)             # validates (files included) and names the field on error
-            job = svc.start(cfg, resume=resume)
+            # validates (files included) and names the field on error; every path must lie in the studio's folders
+            cfg = svc.complete(body, confined=True)
+            job = svc.start(cfg, resume=resume)    # already checked: a checkpoint named by the registry stays usable
             queued = [q["id"] for q in svc.status()["queued"]]
             return {"id": job, "config": str(Path(cfg.run_dir) / "run.toml"),
                     "output": str(Path(cfg.output_dir) / f"{cfg.output_name}.safetensors"),
@@ -88,7 +90,8 @@ def register_training(r: APIRouter, studio: "Studio") -> None:
                     summary="Queue a training run (studio extension)",
                     description="TrainConfig fields as JSON (flat or in TOML sections). Paths the studio knows are "
                                 "filled in: base_model by checkpoint name, models/Lora (models/embeddings for "
-                                "Textual Inversion), data/training/<output_name>. 422 names `section.key`.")
+                                "Textual Inversion), data/training/<output_name>. 422 names `section.key`; every path must lie inside "
+                                "the studio's folders (models and model folders, data, outputs).")
     r.add_api_route("/sdapi/v1/train/stop", stop, methods=["POST"], response_model=TrainStopResponse, tags=tags,
                     summary="Stop the running training (it saves its state and a usable file first)")
     r.add_api_route("/sdapi/v1/train/status", status, methods=["GET"], response_model=TrainStatusResponse,

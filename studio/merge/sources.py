@@ -3,10 +3,10 @@ safe output paths inside the model folders."""
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from ..errors import StudioError
+from ..paths import plain_name
 from .stio import DictSource, SafetensorsSource, TensorSource
 
 FAMILY_LABEL = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner"}
@@ -63,15 +63,9 @@ def vae_tensors(registry, name: str) -> dict:
     return out
 
 
-_BAD_NAME = re.compile(r"[\\/:*?\"<>|\x00-\x1f]")
-
-
 def output_path(folder: Path, name: str, *, ext: str | None, overwrite: bool, field: str = "output_name") -> Path:
     """``folder/name[.ext]``, refusing paths, hidden names and (unless ``overwrite``) existing entries."""
-    clean = (name or "").strip()
-    if not clean or _BAD_NAME.search(clean) or clean.startswith(".") or ".." in clean:
-        raise StudioError(f"Output name {name!r} is not a plain file name.", field=field,
-                          fix="use letters, digits, spaces, '-', '_' and '.' only (no folders)")
+    clean = plain_name(name or "", field)
     if ext:
         for known in (".safetensors", ".ckpt", ".pt"):
             if clean.lower().endswith(known):

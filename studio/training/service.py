@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .. import paths
 from ..errors import StudioError
-from .config import TrainConfig
+from .config import SECTION_OF, TrainConfig
 from .dataset import DatasetScan, ImportReport, import_into, scan_dataset
 from .runner import TrainingQueue
 
@@ -34,30 +35,60 @@ class TrainingService:
     def datasets_dir(self) -> Path:
         return Path(self.settings.data_dir) / "datasets"
 
-    def complete(self, cfg: TrainConfig | dict) -> TrainConfig:
-        """Fill studio-derived paths into a config (a checkpoint may be given by its name)."""
+    def allowed_roots(self) -> tuple[Path, ...]:
+        """The folders a request may name (``studio.paths``): the settings' folders, runs and datasets."""
+        return paths.allowed_roots(self.settings, self.runs_dir, self.datasets_dir())
+
+    def confine(self, path: str | os.PathLike, field: str) -> Path:
+        """``path`` resolved, if it lies inside ``allowed_roots()``; else a StudioError naming ``field``."""
+        return paths.confine(path, self.allowed_roots(), field)
+
+    def complete(self, cfg: TrainConfig | dict, *, confined: bool = False) -> TrainConfig:
+        """Fill studio-derived paths into a config (a checkpoint may be given by its name).
+
+        ``confined`` (requests from the API and the Train tab): every path the config names must lie inside
+        ``allowed_roots()``; a checkpoint named by its registry name is the registry's (it may be a symlink)."""
         if isinstance(cfg, dict):
             cfg = TrainConfig.from_dict(cfg)
         cfg = dataclasses.replace(cfg)
         s = self.settings
-        if cfg.base_model and not Path(cfg.base_model).exists():
-            cfg.base_model = str(self.studio.registry.find_checkpoint(cfg.base_model, "model.base_model").path)
+        if cfg.base_model:
+            cfg.base_model = self._base_model(cfg.base_model, confined)
         cfg.models_dir = cfg.models_dir or str(Path(s.models_dir).resolve())
         cfg.output_dir = cfg.output_dir or str((s.embeddings_path if cfg.is_ti else s.lora_path).resolve())
+        if confined:
+            cfg.output_name = paths.plain_name(cfg.output_name, "output.output_name")
         cfg.run_dir = cfg.run_dir or str((self.runs_dir / cfg.output_name).resolve())
+        if confined:
+            for name in ("models_dir", "output_dir", "run_dir", "dataset_dir", "class_images_dir"):
+                if getattr(cfg, name):
+                    self.confine(getattr(cfg, name), f"{SECTION_OF[name]}.{name}")
+            prompts = cfg.sample_prompts
+            if prompts and "\n" not in prompts and Path(prompts).is_file():   # read_prompts reads it as a file
+                self.confine(prompts, "sampling.sample_prompts")
         return cfg.resolved().validate()
 
-    def write_config(self, cfg: TrainConfig | dict) -> Path:
-        cfg = self.complete(cfg)
+    def _base_model(self, value: str, confined: bool) -> str:
+        field = "model.base_model"
+        given = Path(value).expanduser()
+        if confined and (given.is_absolute() or ".." in given.parts):
+            return str(self.confine(value, field))          # validate() then says whether it exists
+        if given.exists():
+            return str(self.confine(value, field)) if confined else value
+        return str(self.studio.registry.find_checkpoint(value, field).path)
+
+    def write_config(self, cfg: TrainConfig | dict, *, confined: bool = False) -> Path:
+        cfg = self.complete(cfg, confined=confined)
         return cfg.save(Path(cfg.run_dir) / "run.toml")
+
+    def load_config(self, path: str | os.PathLike) -> TrainConfig:
+        """A TOML config named by a request (the Train tab's config path): confined like the paths inside it."""
+        return TrainConfig.load(self.confine(path, "config_path"))
 
     # ---- datasets (the tab's drop zone and caption editor) --------------------------------------------------
     def import_dataset(self, source, name: str) -> tuple[Path, ImportReport]:
         """Dropped files / a folder / a zip -> ``data/datasets/<name>`` (nothing is written outside it)."""
-        if not name or any(c in name for c in "/\\") or name.startswith("."):
-            raise StudioError(f"Dataset name {name!r} is not a folder name.", field="dataset_name",
-                              fix="use letters, digits, '-' and '_'")
-        dest = self.datasets_dir() / name
+        dest = self.datasets_dir() / paths.plain_name(name, "dataset_name")
         return dest, import_into(source, dest)
 
     def scan(self, folder: str | os.PathLike, cfg: TrainConfig | None = None) -> DatasetScan:
@@ -66,15 +97,17 @@ class TrainingService:
                             caption_extension=cfg.caption_extension)
 
     # ---- runs ----------------------------------------------------------------------------------------------
-    def start(self, cfg: TrainConfig | dict | str | os.PathLike, *, resume: bool = False) -> str:
-        """Queue a run (a config object, a dict as the tab's form gives it, or a TOML path); returns its id."""
+    def start(self, cfg: TrainConfig | dict | str | os.PathLike, *, resume: bool = False,
+              confined: bool = False) -> str:
+        """Queue a run (a config object, a dict as the tab's form gives it, or a TOML path); returns its id.
+        ``confined``: the config comes from a request (see ``complete``)."""
         if isinstance(cfg, (str, os.PathLike)):
-            cfg = TrainConfig.load(cfg)
-        path = self.write_config(cfg)
+            cfg = self.load_config(cfg) if confined else TrainConfig.load(cfg)
+        path = self.write_config(cfg, confined=confined)
         return self.queue.submit(path, resume=resume)
 
     def resume(self, run_name: str) -> str:
-        path = self.runs_dir / run_name / "run.toml"
+        path = self.runs_dir / paths.plain_name(run_name, "run") / "run.toml"
         if not path.is_file():
             raise StudioError(f"No run named {run_name!r}.", field="run", fix="pick a run from the history")
         return self.queue.submit(path, resume=True)
