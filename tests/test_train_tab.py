@@ -52,7 +52,7 @@ def test_caption_table_edits_and_bucket_report(tmp_path):
     from studio.training.service import TrainingService
     from tests.training.conftest import write_dataset
     from webui.train_dataset import _bucket_report, _view, _write_table
-    ds = write_dataset(tmp_path / "ds", 2, sizes=[(64, 64), (128, 64)])
+    ds = write_dataset(tmp_path / "data" / "datasets" / "ds", 2, sizes=[(64, 64), (128, 64)])   # a studio folder
     svc = TrainingService(SimpleNamespace(settings=SimpleNamespace(data_dir=str(tmp_path / "data"))))
     scan = [str(ds), 32, 1, ".txt"]
     (thumbs, rows, tags), summary = _view(svc, *scan)

@@ -122,7 +122,8 @@ def wire(studio: Any, f: dict, r: dict) -> None:
                            api_visibility="private")
     # the button reads the typed path; dropping a file loads that file (the box also holds Save's download)
     r["load_config"].click(load_config, r["config_path"], [r["config_note"], *widgets], api_visibility="private")
-    r["config_file"].upload(lambda f: load_config(f, typed=False), r["config_file"], [r["config_note"], *widgets], api_visibility="private")
+    r["config_file"].upload(lambda f: load_config(f, typed=False), r["config_file"], [r["config_note"], *widgets],
+                            api_visibility="private")
 
 
 def _download_copy(component: Any, path: Path) -> str:

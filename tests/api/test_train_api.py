@@ -26,8 +26,9 @@ def api_studio(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("train-api-ds") / "shapes", 4)
+def dataset(api_studio):
+    """In the studio's datasets folder: requests may only name paths inside the studio's folders."""
+    return write_dataset(api_studio.training.datasets_dir() / "shapes", 4)
 
 
 def tiny_config(dataset, **kw) -> dict:

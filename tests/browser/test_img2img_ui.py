@@ -1,6 +1,8 @@
 """img2img, Inpaint (a mask painted with the mouse), outpainting, hires fix and "Send to" in a real browser."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -224,8 +226,9 @@ def test_sketch_strokes_become_the_init_image(page, live, tmp_path, shoot):
     assert changed[32, 32] and not changed[:16].any(), "the stroke is not in the init image"
 
 
-def test_batch_folder_in_folder_out(page, tmp_path, shoot):
-    src, out = tmp_path / "in", tmp_path / "out"
+def test_batch_folder_in_folder_out(page, live, tmp_path, shoot):
+    # typed folders must lie inside the studio's folders (studio.paths)
+    src, out = Path(live[1].settings.data_dir) / f"{tmp_path.name}-in", Path(live[1].settings.outdir) / tmp_path.name
     src.mkdir()
     picture(src / "one.png")
     picture(src / "two.png")

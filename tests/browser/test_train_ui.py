@@ -1,6 +1,8 @@
 """The Train tab in a real browser: drop images, import, caption, train ~10 steps, watch loss and samples, try it."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from PIL import Image
 
 from studio.training.config import TrainConfig
@@ -129,7 +131,7 @@ def test_train_tab_end_to_end(page, live, shoot, tmp_path):
     shoot(page, "train-try-it")
 
 
-def test_bad_field_method_groups_and_load_config(page, tmp_path):
+def test_bad_field_method_groups_and_load_config(page, live, tmp_path):
     page.get_by_role("tab", name="Train").click()
     page.locator("#train_start").wait_for(timeout=TIMEOUT)
     fill(page, "train_dataset_dir", "/no/such/dataset", "text")
@@ -146,8 +148,10 @@ def test_bad_field_method_groups_and_load_config(page, tmp_path):
     assert page.locator("#train_rank").is_visible() and page.locator("#train_token").is_hidden()
 
     # Load config fills the form from a TOML file (what the CLI runs)
+    # (a typed config path must lie inside the studio's folders: data/ is one)
     toml = TrainConfig(method="loha", rank=6, conv_rank=3, max_steps=77, output_name="from_toml",
-                       sample_prompts="a b --w 64\nc d", dataset_dir="/data/x").save(tmp_path / "run.toml")
+                       sample_prompts="a b --w 64\nc d",
+                       dataset_dir="/data/x").save(Path(live[1].settings.data_dir) / tmp_path.name / "run.toml")
     page.locator("#train_config_box").get_by_text("Config file (TOML)").click()
     fill(page, "train_config_path", str(toml), "text")
     page.locator("#train_load_config").click()
