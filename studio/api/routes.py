@@ -20,7 +20,7 @@ from ..infotext import parse_infotext, read_infotext
 from ..samplers import samplers_api, schedulers_api
 from . import models as m
 from .controlnet import register_controlnet
-from .convert import find_checkpoint, generation_response, inpainting_conditioning, rename_field, to_request
+from .convert import check_rng, find_checkpoint, generation_response, inpainting_conditioning, rename_field, to_request
 from .errors import StudioRoute, auth_dependency, normalise_credentials
 from .imagedata import decode_image
 from .img2img import img2img_request
@@ -217,6 +217,7 @@ class _Api:
             "samples_save": bool(settings.save_images), "samples_format": "png",
             "outdir_txt2img_samples": str(studio.outputs.outdir / "txt2img-images"),
             "show_progress_every_n_steps": settings.preview_every, "live_previews_enable": settings.preview_every > 0,
+            "randn_source": "CPU" if settings.rng == "cpu" else "GPU",
             **self.options.snapshot(),
         }
         info = self._current_info()
@@ -243,6 +244,8 @@ class _Api:
         if "CLIP_stop_at_last_layers" in values:
             values["CLIP_stop_at_last_layers"] = check_clip_skip(values["CLIP_stop_at_last_layers"],
                                                                  "CLIP_stop_at_last_layers")
+        if "randn_source" in values:
+            values["randn_source"] = check_rng(values["randn_source"], "randn_source")
         if "sd_vae" in values:
             vae = check_text(values["sd_vae"], "sd_vae")
             if vae not in ("Automatic", "None"):
