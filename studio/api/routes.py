@@ -118,6 +118,9 @@ class _Api:
                         response_model=m.EmptyResponse, tags=tags)
         r.add_api_route("/sdapi/v1/reload-checkpoint", self.reload_checkpoint, methods=["POST"],
                         response_model=m.EmptyResponse, tags=tags)
+        r.add_api_route("/sdapi/v1/interrogate", self.interrogate, methods=["POST"],
+                        response_model=m.InterrogateResponse, tags=tags,
+                        summary="Caption an image (BLIP from models/captioners; through the job queue)")
         r.add_api_route("/sdapi/v1/png-info", self.png_info, methods=["POST"], response_model=m.PNGInfoResponse,
                         tags=tags, summary="Read and parse the infotext of an image")
 
@@ -374,6 +377,18 @@ class _Api:
                               fix="drop a .safetensors checkpoint there and POST /sdapi/v1/refresh-checkpoints")
         self.studio.switch_checkpoint(info.title if info.kind != "hub" else info.name)
         return {}
+
+    async def interrogate(self, req: m.InterrogateRequest) -> dict:
+        from ..interrogate import submit_interrogate
+        image = decode_image(req.image, "image", self.studio.settings.max_image_pixels)
+        try:
+            job = submit_interrogate(self.studio, image, req.model)
+        except RuntimeError as exc:  # the queue is shut down
+            raise StudioError(str(exc), status=503) from None
+        caption = await run_in_threadpool(job.wait)
+        if caption is None:
+            raise StudioError("The interrogation was interrupted.", status=409)
+        return {"caption": caption}
 
     def png_info(self, req: m.PNGInfoRequest) -> dict:
         image = decode_image(req.image, "image", self.studio.settings.max_image_pixels)
