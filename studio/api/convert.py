@@ -5,9 +5,8 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any, Callable
 
-from .. import __version__
 from ..errors import StudioError
-from ..infotext import params_to_request_fields, parse_infotext
+from ..infotext import INFOTEXT_VERSION, params_to_request_fields, parse_infotext
 from ..request import GenerationRequest, GenerationResult
 from ..samplers import effective_schedule, resolve_sampler
 from .controlnet import rename_unit_field, units_from_alwayson
@@ -222,7 +221,7 @@ def info_dict(request: GenerationRequest, result: GenerationResult | None, body:
         "extra_generation_params": {"Schedule type": schedule},
         "index_of_first_image": 0, "infotexts": list(r.infotexts), "styles": list(body.styles or []),
         "job_timestamp": r.job_timestamp, "clip_skip": request.clip_skip,
-        "is_using_inpainting_conditioning": inpainting, "version": __version__,
+        "is_using_inpainting_conditioning": inpainting, "version": INFOTEXT_VERSION,
         "interrupted": bool(r.interrupted) if result is not None else True,
         "job_id": r.job_id or None, "warnings": [*r.warnings, *warnings],
     }
