@@ -13,10 +13,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import __version__
 from .errors import StudioError
 from .img2img import prepare
-from .infotext import build_params, format_infotext
+from .infotext import INFOTEXT_VERSION, build_params, format_infotext
 from .manager import Loaded, PipelineManager
 from .outputs import OutputWriter
 from .prompt_parser import extract_extra_networks
@@ -80,8 +79,13 @@ class Engine:
         subseed = request.subseed if request.subseed != -1 else secrets.randbelow(2**32)
         return [(seed + i) % 2**32 for i in range(total)], [(subseed + i) % 2**32 for i in range(total)]
 
-    def _generators(self, seeds: list[int]) -> list[torch.Generator]:
-        device = "cpu" if self.settings.rng == "cpu" else self.manager.device
+    def noise_device(self, request: GenerationRequest) -> torch.device:
+        """Where the initial noise is drawn: the request's RNG ("CPU" / "GPU" = the device), else the setting."""
+        source = request.rng or ("CPU" if self.settings.rng == "cpu" else "GPU")
+        return torch.device("cpu" if source == "CPU" else self.manager.device)
+
+    def _generators(self, seeds: list[int], request: GenerationRequest) -> list[torch.Generator]:
+        device = self.noise_device(request)
         return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
     def _variation_latents(self, request: GenerationRequest, loaded: Loaded, seeds: list[int],
@@ -89,7 +93,7 @@ class Engine:
         shape = (1, loaded.vae.config.latent_channels, request.height // 8, request.width // 8)
         out = []
         for seed, sub in zip(seeds, subseeds):
-            gen, sub_gen = self._generators([seed, sub])
+            gen, sub_gen = self._generators([seed, sub], request)
             base = torch.randn(shape, generator=gen, device=gen.device)
             var = torch.randn(shape, generator=sub_gen, device=sub_gen.device)
             out.append(_slerp(request.subseed_strength, base.flatten(1), var.flatten(1)).view(shape))
@@ -174,8 +178,11 @@ class Engine:
                     images = run.txt2img(conds, sampler, schedule)
                     if request.enable_hr and not ctx.interrupted:
                         images = run.hires(images, hr_upscaler, hr_sampler, conds)
+                    elif request.enable_hr:  # stopped in the first pass: its latents are the image
+                        images = self.decode(run.pipe, images, result.warnings)
                 else:
                     images = run.img2img(prepared, conds, sampler, schedule)
+                run.record_steps_done()
                 if ctx.skipped:
                     ctx.clear_skip()
                 if lora_hashes:
@@ -270,7 +277,8 @@ class Engine:
                               model_hash=loaded.info.short_hash,
                               vae_name=loaded.vae_info.name if loaded.vae_info else None,
                               vae_hash=loaded.vae_info.short_hash if loaded.vae_info else None,
-                              version=__version__, extra=extra or None)
+                              version=INFOTEXT_VERSION, extra=extra or None,
+                              rng="CPU" if self.noise_device(request).type == "cpu" else None)
         ext = self.extensions
         if ext is not None and ext.has("studio_after_image"):
             from .extension_api import ImageContext

@@ -1,7 +1,8 @@
 """A1111 model hashes (modules/hashes.py, sd_models.py, networks) and a persistent cache of them.
 
 Kinds: "checkpoint", "vae", "embedding", "sha256" -> full-file sha256; "addnet" / "lora" -> kohya addnet hash of
-a safetensors file (full sha256 for other formats, as A1111 does); "legacy" -> the old 8-hex model hash.
+a safetensors file (full sha256 for other formats, as A1111 does); "legacy" -> the old 8-hex model hash; "title" ->
+that, or the short sha256 where it would hash nothing.
 """
 from __future__ import annotations
 
@@ -40,6 +41,15 @@ def legacy_model_hash(path: str | os.PathLike) -> str:
         f.seek(0x100000)
         h.update(f.read(0x10000))
     return h.hexdigest()[:8]
+
+
+def title_model_hash(path: str | os.PathLike) -> str:
+    """The 8-hex hash for a ``name [hash]`` title: A1111's old model hash (what the ControlNet extension shows),
+    except for a file too short to reach its window, where that hash is sha256 of nothing (e3b0c442) for every
+    file; such files get the first 8 hex of their full sha256 instead, so titles still tell them apart."""
+    if os.path.getsize(path) <= 0x100000:
+        return sha256_file(path)[:8]
+    return legacy_model_hash(path)
 
 
 def _safetensors_header_len(f) -> int:
@@ -90,6 +100,7 @@ def addnet_hash(path: str | os.PathLike) -> str:
 _KINDS = {
     "checkpoint": sha256_file, "vae": sha256_file, "embedding": sha256_file, "sha256": sha256_file,
     "controlnet": sha256_file, "addnet": addnet_hash, "lora": addnet_hash, "legacy": legacy_model_hash,
+    "title": title_model_hash,
 }
 
 

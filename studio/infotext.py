@@ -11,6 +11,7 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
+from . import __version__
 from .errors import StudioError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,6 +32,10 @@ KEY_ORDER = (
     "ENSD", "Token merging ratio", "Token merging ratio hr", "Init image hash", "RNG", "Tiling",
 )
 TAIL_KEYS = ("Version", "User")
+# Not a PEP 440 version, so A1111's infotext_versions.parse_version gives None and its back-compat flags
+# (Downcast alphas_cumprod, Old prompt editing timelines, Pad conds v0) stay off. A bare "0.1.0" parses and is
+# older than 1.6.0, which would switch them all on when the image is pasted into A1111.
+INFOTEXT_VERSION = f"studio-{__version__}"
 
 _EXIF_IFD = 0x8769
 _USER_COMMENT = 0x9286
@@ -89,11 +94,12 @@ def format_infotext(prompt: str, negative_prompt: str, params: dict) -> str:
 
 def build_params(request: "GenerationRequest", *, seed: int, subseed: int | None = None, model_name: str | None,
                  model_hash: str | None, vae_name: str | None = None, vae_hash: str | None = None,
-                 version: str | None, extra: dict | None = None) -> dict:
+                 version: str | None, extra: dict | None = None, rng: str | None = None) -> dict:
     """The ordered parameter dict A1111 would write for this request and image (None values dropped).
 
     "Schedule type" is what A1111 reports: the chosen type, where "Automatic" becomes the sampler's default
     schedule when it has one (DPM++ 2M -> Karras) and stays "Automatic" otherwise (Euler a, DDIM, ...).
+    ``rng`` is "CPU" when the noise came from the CPU (A1111 leaves the key out for GPU, its default).
     """
     from . import samplers
 
@@ -118,6 +124,7 @@ def build_params(request: "GenerationRequest", *, seed: int, subseed: int | None
         "Variation seed": (subseed if subseed is not None else request.subseed) if strength > 0 else None,
         "Variation seed strength": strength if strength > 0 else None,
         "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+        "RNG": rng if rng and rng != "GPU" else None,
     })
     for key, value in (*tuple(request.extra_infotext), *((extra or {}).items())):
         if key not in TAIL_KEYS:
@@ -259,7 +266,7 @@ _INT_FIELDS = {"Steps": "steps", "Seed": "seed", "Size-1": "width", "Size-2": "h
 _FLOAT_FIELDS = {"CFG scale": "cfg_scale", "Variation seed strength": "subseed_strength",
                  "Denoising strength": "denoising_strength", "Hires upscale": "hr_scale"}
 _TEXT_FIELDS = {"Prompt": "prompt", "Negative prompt": "negative_prompt", "Sampler": "sampler_name",
-                "Schedule type": "scheduler"}
+                "Schedule type": "scheduler", "RNG": "rng"}
 
 
 def params_to_request_fields(parsed: dict) -> dict:

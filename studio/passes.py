@@ -5,6 +5,7 @@ Split from engine.py, which owns the job as a whole (seeds, models, networks, in
 from __future__ import annotations
 
 import inspect
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,6 +34,7 @@ class BatchRun:
         self.seeds, self.subseeds, self.first, self.total = seeds, subseeds, first_index, total
         self.result = result
         self.infotext: dict = dict(request.extra_infotext)
+        self.steps_done: dict[str, tuple[int, int]] = {}   # phase -> (steps run, steps the sampler meant to run)
 
     def _scheduler(self, sampler: str, schedule: str) -> Any:
         scheduler, warns = make_scheduler(sampler, schedule, self.loaded.components.scheduler_config)
@@ -45,6 +47,7 @@ class BatchRun:
 
         def on_step_end(p: Any, step: int, timestep: Any, kwargs: dict) -> dict:
             n = getattr(p, "_num_timesteps", None) or steps
+            self.steps_done[phase] = (step + 1, n)
             ctx.set_progress(step + 1, n, image_index=self.first, images=self.total, textinfo=phase or None)
             if every and (step + 1) % every == 0 and step + 1 < n:
                 from .preview import latents_to_preview
@@ -74,8 +77,9 @@ class BatchRun:
             pipe, control_kw = self._with_control(pipe, kw, phase)
             kw = {**kw, **control_kw}
         ctx.set_progress(0, steps, image_index=self.first, images=self.total, textinfo=phase or None)
+        self.steps_done[phase] = (0, actual)
         call = dict(cond.kwargs(), num_inference_steps=steps, guidance_scale=self.r.cfg_scale,
-                    num_images_per_prompt=self.r.batch_size, generator=self.e._generators(self.seeds),
+                    num_images_per_prompt=self.r.batch_size, generator=self.e._generators(self.seeds, self.r),
                     output_type="latent", callback_on_step_end=on_step_end,
                     callback_on_step_end_tensor_inputs=inputs, **kw)
         with torch.inference_mode():
@@ -114,6 +118,21 @@ class BatchRun:
             self.result.warnings.append(f"ControlNet with {mode}: option {key!r} is not supported and was left out.")
             kw.pop(key)
         return cpipe, extra
+
+    def record_steps_done(self) -> None:
+        """After an interrupt or skip, the infotext gives the steps that ran, not the ones asked for.
+
+        img2img passes run steps × strength sampler steps, so the written count is the one that would run as many.
+        """
+        r = self.r
+        for phase, (done, planned) in self.steps_done.items():
+            if done >= planned:
+                continue
+            hires = phase == "Hires fix"
+            strength = r.hr_denoising_strength if hires else (1.0 if r.mode == "txt2img" else r.denoising_strength)
+            asked = (r.hr_second_pass_steps or r.steps) if hires else r.steps
+            steps = done if strength >= 1 else min(asked, math.ceil(done / strength))
+            self.infotext["Hires steps" if hires else "Steps"] = steps
 
     def txt2img(self, conds: Any, sampler: str, schedule: str) -> list[Image.Image] | torch.Tensor:
         r = self.r
@@ -197,7 +216,7 @@ class BatchRun:
         m = pipe.mask_processor.preprocess(mask, height=init.height, width=init.width)
         m = torch.nn.functional.interpolate(m, size=z.shape[-2:]).to(z) >= 0.5
         if content == "latent noise":
-            gen = self.e._generators(self.seeds[:1])[0]
+            gen = self.e._generators(self.seeds[:1], self.r)[0]
             fill = torch.randn(z.shape, generator=gen, device=gen.device).to(z)
         else:
             fill = torch.zeros_like(z)

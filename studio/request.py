@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MODES = ("txt2img", "img2img", "inpaint")
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
+RNG_SOURCES = ("", "CPU", "GPU")   # "GPU": drawn on the generation device (the same as CPU on a CPU device)
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 
 
@@ -35,6 +36,7 @@ class GenerationRequest:
     subseed: int = -1
     subseed_strength: float = 0.0
     clip_skip: int = 1
+    rng: str = ""                    # noise source (A1111 randn_source): "" = the studio's setting, "CPU", "GPU"
     checkpoint: str = ""            # title, file name, stem or short hash; "" = the loaded / default one
     vae: str = "Automatic"          # "Automatic" (sidecar or the checkpoint's own), "None", or a VAE file name
     mode: str = "txt2img"
@@ -118,6 +120,11 @@ class GenerationRequest:
                      "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise StudioError(f"'{name}' must be text, got {type(getattr(self, name)).__name__}.", field=name)
+        if self.rng not in RNG_SOURCES:
+            if str(self.rng).upper() == "NV":
+                raise StudioError("RNG 'NV' (A1111's emulation of NVIDIA GPU noise on the CPU) is not supported.",
+                                  field="rng", fix="use 'CPU' (the same noise on every machine) or 'GPU'")
+            raise StudioError(f"Unknown RNG {self.rng!r}.", field="rng", fix="use 'CPU' or 'GPU'")
         if self.mode not in MODES:
             raise StudioError(f"Unknown mode {self.mode!r}.", field="mode", fix=f"use one of {', '.join(MODES)}")
         need_int("steps", 1, max_steps)

@@ -31,7 +31,7 @@ def test_every_engine_hook_runs(ext_studio):
     res = studio.generate(GenerationRequest(**{**BASE, "prompt": "a cube [stub-steps]"}))
     assert res.request.steps == 2 and res.request.prompt == "a cube"        # adjusted request ran
     assert ("studio_on_step", 1, 2) in calls and ("studio_on_step", 2, 2) in calls
-    assert "Stub: seed 1" in res.infotexts[0] and res.infotexts[0].rstrip().endswith("Version: 0.1.0")
+    assert "Stub: seed 1" in res.infotexts[0] and res.infotexts[0].rstrip().endswith("Version: studio-0.1.0")
     assert ("studio_image_saved", res.paths[0]) in calls
     assert any(c[0] == "studio_model_loaded" and c[2] == "sd1" for c in calls if isinstance(c, tuple))
     assert "Stub nearest" in studio.engine.upscalers.names()

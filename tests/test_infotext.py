@@ -185,7 +185,7 @@ def test_parse_old_a1111_docstring_example():
                       "width": 512, "height": 512, "clip_skip": 1, "cfg_scale": 7.0, "checkpoint": "45dee52b",
                       # A1111's defaults for the img2img keys the text leaves out
                       "hr_resize_x": 0, "hr_resize_y": 0, "inpaint_full_res": False, "inpaint_full_res_padding": 32,
-                      "inpainting_fill": 1, "inpainting_mask_invert": 0}
+                      "inpainting_fill": 1, "inpainting_mask_invert": 0, "rng": "GPU"}
 
 
 def test_parse_v16_text_with_legacy_sampler_hires_and_hashes():

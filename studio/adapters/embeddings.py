@@ -137,6 +137,13 @@ def fit(ef: EmbeddingFile, components) -> tuple[dict[str, torch.Tensor] | None, 
     return {"text_encoder": t}, ""
 
 
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 class EmbeddingLibrary:
     """Embedding files on disk, parsed lazily and cached per file version (they are small)."""
 
@@ -153,11 +160,25 @@ class EmbeddingLibrary:
     def refresh(self) -> None:
         """Rescan the folder (sub-folders too). The first file with a given stem wins."""
         paths: dict[str, Path] = {}
-        for _, path in scan_files([Path(self.settings.embeddings_path)], EMBEDDING_EXTS):
+        root = Path(self.settings.embeddings_path)
+        for _, path in scan_files([root], EMBEDDING_EXTS):
             paths.setdefault(path.stem, path)
+        dirs = {root, *(p.parent for p in paths.values())}
+        dirs.update(Path(d) for d, _, _ in os.walk(root, followlinks=True))
         with self._lock:
             self._paths = paths
             self._errors = {}
+            self._dir_times = {d: _mtime(d) for d in dirs}
+
+    def refresh_if_changed(self) -> bool:
+        """Rescan when a folder's mtime moved (a file added, removed or renamed), as A1111 checks before each
+        generation; a few stat calls otherwise."""
+        with self._lock:
+            times = dict(self._dir_times)
+        if all(_mtime(d) == t for d, t in times.items()):
+            return False
+        self.refresh()
+        return True
 
     def names(self) -> list[str]:
         with self._lock:
@@ -189,6 +210,7 @@ class EmbeddingLibrary:
 
     def for_model(self, components) -> tuple[dict[str, Embedding], dict[str, str]]:
         """(loaded: name -> Embedding fitted to ``components``, skipped: name -> reason)."""
+        self.refresh_if_changed()
         loaded: dict[str, Embedding] = {}
         skipped: dict[str, str] = {}
         for name in self.names():

@@ -212,9 +212,10 @@ class LoraLibrary:
 
         Unknown names and unreadable files become warnings: the image is still made (A1111 behaviour)."""
         active, warnings, missing = [], [], []
-        for name, te, un in tags:
-            if te == 0 and un == 0:
-                continue
+        wanted = [t for t in tags if not (t[1] == 0 and t[2] == 0)]
+        if any(self.find(name) is None for name, _, _ in wanted):
+            self.refresh()  # a file added since the last scan (A1111 rescans before giving up on a name)
+        for name, te, un in wanted:
             info = self.find(name)
             if info is None:
                 missing.append(name)

@@ -5,9 +5,8 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any, Callable
 
-from .. import __version__
 from ..errors import StudioError
-from ..infotext import params_to_request_fields, parse_infotext
+from ..infotext import INFOTEXT_VERSION, params_to_request_fields, parse_infotext
 from ..request import GenerationRequest, GenerationResult
 from ..samplers import effective_schedule, resolve_sampler
 from .controlnet import rename_unit_field, units_from_alwayson
@@ -34,6 +33,18 @@ IGNORED_FIELDS = {
 }
 # override_settings keys that act on a request; others are accepted and ignored (as A1111 ignores unknown ones)
 OVERRIDE_CHECKPOINT, OVERRIDE_VAE, OVERRIDE_CLIP_SKIP = "sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers"
+OVERRIDE_RNG = "randn_source"   # A1111's "Random number generator source": "CPU", "GPU" (NV is refused)
+
+
+def check_rng(value: Any, field: str) -> str:
+    """An A1111 randn_source value as the request's ``rng``: "CPU" or "GPU" (the generation device)."""
+    text = value.strip().upper() if isinstance(value, str) else value
+    if text in ("CPU", "GPU"):
+        return text
+    if text == "NV":
+        raise StudioError("randn_source 'NV' (A1111's emulation of NVIDIA GPU noise on the CPU) is not supported.",
+                          field=field, fix="use 'CPU' (the same noise on every machine) or 'GPU'")
+    raise StudioError(f"'{field}' is {value!r}; it must be 'CPU' or 'GPU'.", field=field, fix="use 'CPU' or 'GPU'")
 
 
 def value(body: Any, name: str) -> Any:
@@ -70,6 +81,8 @@ def apply_infotext(body: GenerationBody, studio: "Studio") -> tuple[dict, dict]:
                 log.info("infotext names a checkpoint that is not here; kept the current one (%s)", exc)
         elif name == "clip_skip":
             overrides[OVERRIDE_CLIP_SKIP] = got
+        elif name == "rng":   # A1111 applies "RNG" as the randn_source override
+            overrides[OVERRIDE_RNG] = got
         elif name not in given and name in type(body).model_fields:
             body_values[name] = got
     if "sampler_name" in body_values and "scheduler" not in given and "scheduler" not in body_values:
@@ -108,7 +121,13 @@ def common_fields(body: GenerationBody, studio: "Studio", options: "OptionsStore
         clip_skip = check_clip_skip(override[OVERRIDE_CLIP_SKIP], field)
     else:
         clip_skip = check_clip_skip(options.get(OVERRIDE_CLIP_SKIP, 1), OVERRIDE_CLIP_SKIP)
-    ignored = sorted(set(override) - {OVERRIDE_CHECKPOINT, OVERRIDE_VAE, OVERRIDE_CLIP_SKIP})
+    if override.get(OVERRIDE_RNG) is not None:
+        field = "override_settings." + OVERRIDE_RNG if OVERRIDE_RNG in (body.override_settings or {}) else "infotext"
+        rng = check_rng(override[OVERRIDE_RNG], field)
+    else:
+        stored = options.get(OVERRIDE_RNG)
+        rng = check_rng(stored, OVERRIDE_RNG) if stored is not None else ""
+    ignored = sorted(set(override) - {OVERRIDE_CHECKPOINT, OVERRIDE_VAE, OVERRIDE_CLIP_SKIP, OVERRIDE_RNG})
     if ignored:
         notes.append(f"override_settings ignored (not used by the studio): {', '.join(ignored)}")
     for name, unused in IGNORED_FIELDS.items():
@@ -121,6 +140,7 @@ def common_fields(body: GenerationBody, studio: "Studio", options: "OptionsStore
         scheduler=get("scheduler") or "Automatic", steps=get("steps"), cfg_scale=get("cfg_scale"),
         width=get("width"), height=get("height"), batch_size=get("batch_size"), n_iter=get("n_iter"),
         seed=get("seed"), subseed=get("subseed"), subseed_strength=get("subseed_strength"), clip_skip=clip_skip,
+        rng=rng,
         checkpoint=checkpoint, vae=vae, save_images=bool(value(body, "save_images")),
         controlnet_units=units_from_alwayson(body.alwayson_scripts, studio, notes),
     )
@@ -201,7 +221,7 @@ def info_dict(request: GenerationRequest, result: GenerationResult | None, body:
         "extra_generation_params": {"Schedule type": schedule},
         "index_of_first_image": 0, "infotexts": list(r.infotexts), "styles": list(body.styles or []),
         "job_timestamp": r.job_timestamp, "clip_skip": request.clip_skip,
-        "is_using_inpainting_conditioning": inpainting, "version": __version__,
+        "is_using_inpainting_conditioning": inpainting, "version": INFOTEXT_VERSION,
         "interrupted": bool(r.interrupted) if result is not None else True,
         "job_id": r.job_id or None, "warnings": [*r.warnings, *warnings],
     }

@@ -49,6 +49,8 @@ class MergeCheckpointsRequest(_Body):
     discard: str = Field("", description="Regex: matching keys are left out of the result")
     save_metadata: bool = Field(True, description="Write sd_merge_recipe / sd_merge_models metadata")
     overwrite: bool = False
+    config_source: int = Field(0, ge=0, le=3, description="Copy the sidecar .yaml from: 0 A, B or C (the first "
+                                                          "found), 1 B, 2 C, 3 none (A1111's config_source)")
 
     @field_validator("block_weights")
     @classmethod

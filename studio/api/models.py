@@ -255,6 +255,17 @@ class PNGInfoRequest(BaseModel):
                                                   "prefix is allowed)")
 
 
+class InterrogateRequest(BaseModel):
+    image: str = Field("", title="Image", description="The base64 encoded image (a data: URL prefix is allowed)")
+    model: str = Field("clip", title="Model", description="'clip' (a BLIP caption from models/captioners), "
+                                                          "'deepdanbooru' (not available), or a folder name in "
+                                                          "models/captioners")
+
+
+class InterrogateResponse(BaseModel):
+    caption: str = Field(title="Caption", description="The generated caption for the image.")
+
+
 class PNGInfoResponse(BaseModel):
     info: str = Field(title="Image info", description="The infotext stored in the image ('' when none)")
     items: dict = Field(title="Items", description="The other text fields the image had")

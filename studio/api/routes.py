@@ -20,7 +20,7 @@ from ..infotext import parse_infotext, read_infotext
 from ..samplers import samplers_api, schedulers_api
 from . import models as m
 from .controlnet import register_controlnet
-from .convert import find_checkpoint, generation_response, inpainting_conditioning, rename_field, to_request
+from .convert import check_rng, find_checkpoint, generation_response, inpainting_conditioning, rename_field, to_request
 from .errors import StudioRoute, auth_dependency, normalise_credentials
 from .imagedata import decode_image
 from .img2img import img2img_request
@@ -118,6 +118,9 @@ class _Api:
                         response_model=m.EmptyResponse, tags=tags)
         r.add_api_route("/sdapi/v1/reload-checkpoint", self.reload_checkpoint, methods=["POST"],
                         response_model=m.EmptyResponse, tags=tags)
+        r.add_api_route("/sdapi/v1/interrogate", self.interrogate, methods=["POST"],
+                        response_model=m.InterrogateResponse, tags=tags,
+                        summary="Caption an image (BLIP from models/captioners; through the job queue)")
         r.add_api_route("/sdapi/v1/png-info", self.png_info, methods=["POST"], response_model=m.PNGInfoResponse,
                         tags=tags, summary="Read and parse the infotext of an image")
 
@@ -217,6 +220,7 @@ class _Api:
             "samples_save": bool(settings.save_images), "samples_format": "png",
             "outdir_txt2img_samples": str(studio.outputs.outdir / "txt2img-images"),
             "show_progress_every_n_steps": settings.preview_every, "live_previews_enable": settings.preview_every > 0,
+            "randn_source": "CPU" if settings.rng == "cpu" else "GPU",
             **self.options.snapshot(),
         }
         info = self._current_info()
@@ -243,6 +247,8 @@ class _Api:
         if "CLIP_stop_at_last_layers" in values:
             values["CLIP_stop_at_last_layers"] = check_clip_skip(values["CLIP_stop_at_last_layers"],
                                                                  "CLIP_stop_at_last_layers")
+        if "randn_source" in values:
+            values["randn_source"] = check_rng(values["randn_source"], "randn_source")
         if "sd_vae" in values:
             vae = check_text(values["sd_vae"], "sd_vae")
             if vae not in ("Automatic", "None"):
@@ -371,6 +377,18 @@ class _Api:
                               fix="drop a .safetensors checkpoint there and POST /sdapi/v1/refresh-checkpoints")
         self.studio.switch_checkpoint(info.title if info.kind != "hub" else info.name)
         return {}
+
+    async def interrogate(self, req: m.InterrogateRequest) -> dict:
+        from ..interrogate import submit_interrogate
+        image = decode_image(req.image, "image", self.studio.settings.max_image_pixels)
+        try:
+            job = submit_interrogate(self.studio, image, req.model)
+        except RuntimeError as exc:  # the queue is shut down
+            raise StudioError(str(exc), status=503) from None
+        caption = await run_in_threadpool(job.wait)
+        if caption is None:
+            raise StudioError("The interrogation was interrupted.", status=409)
+        return {"caption": caption}
 
     def png_info(self, req: m.PNGInfoRequest) -> dict:
         image = decode_image(req.image, "image", self.studio.settings.max_image_pixels)

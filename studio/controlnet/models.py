@@ -2,7 +2,9 @@
 
 Titles follow the A1111 extension: ``<file stem> [<8 hex>]`` where the hash is A1111's ``sd_models.model_hash``
 (the old 8-hex hash of 64 KiB at offset 1 MiB; e.g. ``control_v11p_sd15_canny [d14c016b]``), so API scripts
-written for the extension find the same models.
+written for the extension find the same models. A file under 1 MiB would get sha256 of nothing (e3b0c442) there;
+it gets its own short sha256 (``hashes.title_model_hash``). A diffusers folder is titled by its name and the hash
+of its weights file.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ class ControlNetInfo:
     name: str                   # path relative to models/ControlNet, '/'-separated
     path: Path
     kind: str                   # "file" | "diffusers"
-    hash: str | None = None     # A1111 model_hash (8 hex) for files
+    hash: str | None = None     # A1111 model_hash (8 hex) of the file / the folder's weights file
     family: str | None = None   # known once read (header or config.json) or loaded
 
     @property
@@ -41,6 +43,15 @@ class ControlNetInfo:
     @property
     def title(self) -> str:
         return f"{self.model_name} [{self.hash}]" if self.hash else self.model_name
+
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
+
+
+def folder_weights(folder: Path) -> Path | None:
+    """The weights file of a diffusers ControlNet folder (None when it has none)."""
+    return next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
 
 
 class ControlNetLibrary:
@@ -65,8 +76,14 @@ class ControlNetLibrary:
             for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
                 here = Path(dirpath)
                 if here != root and (here / "config.json").is_file():
-                    found[here.relative_to(root).as_posix()] = ControlNetInfo(
-                        here.relative_to(root).as_posix(), here.resolve(), "diffusers")
+                    info = ControlNetInfo(here.relative_to(root).as_posix(), here.resolve(), "diffusers")
+                    weights = folder_weights(here)
+                    if weights is not None:  # the extension lists (and hashes) the weights file itself
+                        try:
+                            info.hash = self.hashes.get_or_compute(weights, "title")
+                        except OSError:
+                            pass
+                    found[info.name] = info
                     dirnames[:] = []
                     continue
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -76,7 +93,7 @@ class ControlNetLibrary:
                         p = here / fn
                         info = ControlNetInfo(p.relative_to(root).as_posix(), p.resolve(), "file")
                         try:
-                            info.hash = self.hashes.get_or_compute(p, "legacy")
+                            info.hash = self.hashes.get_or_compute(p, "title")
                         except OSError:
                             continue
                         found[info.name] = info

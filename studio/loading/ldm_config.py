@@ -39,6 +39,22 @@ def normalize_keys(sd: dict) -> dict:
     return sd
 
 
+def linear_text_projection(sd: dict) -> dict:
+    """diffusers' ``convert_diffusers_to_original_sdxl.py`` writes the OpenCLIP projection as
+    ``…model.text_projection.weight`` (nn.Linear layout, [proj, width]); Stability's files (and the loader) use
+    ``…model.text_projection`` ([width, proj], used as ``x @ P``). Rename and transpose; works on tensors and on
+    header shapes alike."""
+    out = sd
+    for prefix in set(OPENCLIP_PREFIX.values()):
+        linear, ldm = prefix + "text_projection.weight", prefix + "text_projection"
+        if linear in sd and ldm not in sd:
+            if out is sd:
+                out = dict(sd)
+            value = out.pop(linear)
+            out[ldm] = value.T.contiguous() if hasattr(value, "contiguous") else tuple(reversed(value))
+    return out
+
+
 def _count(shapes: Shapes, prefix: str) -> int:
     """Number of distinct integer children under ``prefix`` (e.g. layers of an encoder)."""
     pat = re.compile(re.escape(prefix) + r"(\d+)\.")

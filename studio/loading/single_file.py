@@ -11,9 +11,9 @@ import torch
 
 from ..errors import ModelLoadError
 from .components import Components
-from .ldm_config import (CLIP_PREFIX, OPENCLIP_PREFIX, UNET, clip_config, detect_family, open_clip_config,
-                         normalize_keys, read_sidecar_yaml, scheduler_config, shapes_of, unet_config,
-                         vae_config, vae_prefix)
+from .ldm_config import (CLIP_PREFIX, OPENCLIP_PREFIX, UNET, clip_config, detect_family, linear_text_projection,
+                         normalize_keys, open_clip_config, read_sidecar_yaml, scheduler_config, shapes_of,
+                         unet_config, vae_config, vae_prefix)
 from .state_dict import read_header_shapes, read_state_dict
 from .tokenizers import load_clip_tokenizer, pad_token_for
 
@@ -124,8 +124,8 @@ def load_single_file(path, *, dtype=torch.float32, device="cpu", prediction: str
     """An LDM-layout .safetensors/.ckpt checkpoint -> Components (no network)."""
     path = os.fspath(path)
     if path.lower().endswith(".safetensors"):  # decide from the header before reading gigabytes
-        detect_family(normalize_keys(read_header_shapes(path)), path)
-    sd = normalize_keys(read_state_dict(path))
+        detect_family(linear_text_projection(normalize_keys(read_header_shapes(path))), path)
+    sd = linear_text_projection(normalize_keys(read_state_dict(path)))
     shapes = shapes_of(sd)
     family = detect_family(shapes, path)
     notes = [f"family {family} (text-encoder layout, confirmed by cross-attention width)"]

@@ -53,6 +53,10 @@ class MergeSpec:
     discard: str = ""                       # regex; matching keys are left out of the result
     save_metadata: bool = True
     overwrite: bool = False
+    config_source: int = 0                  # A1111's "Copy config from": 0 A, B or C; 1 B; 2 C; 3 don't
+
+
+CONFIG_SOURCES = ("A, B or C", "B", "C", "Don't")
 
 
 @dataclass
@@ -79,6 +83,9 @@ def _validate(spec: MergeSpec) -> tuple[re.Pattern | None, list[float] | None]:
         raise StudioError(f"{METHODS[spec.method]} needs model B.", field="model_b", fix="choose model B")
     if spec.method == "add_difference" and not spec.c:
         raise StudioError("Add difference needs model C (A + (B − C) × M).", field="model_c", fix="choose model C")
+    if isinstance(spec.config_source, bool) or spec.config_source not in range(len(CONFIG_SOURCES)):
+        raise StudioError(f"config_source is {spec.config_source!r}.", field="config_source",
+                          fix="0: copy the .yaml of A, B or C (the first found); 1: B's; 2: C's; 3: none")
     if spec.output_format not in FORMATS:
         raise StudioError(f"Unknown output format {spec.output_format!r}.", field="output_format",
                           fix="use safetensors or diffusers")
@@ -185,6 +192,25 @@ def _inputs(srcs, vae: dict | None, needed_vae: set[str], tmp_dir: Path, stack: 
     return inputs, len(inputs) - 1
 
 
+def _config_yaml(spec, infos) -> Path | None:
+    """The sidecar .yaml to copy next to the result (A1111 extras.create_config: A, then B, then C for 0)."""
+    def near(info):
+        if info is None or info.kind != "file":
+            return None
+        path = Path(info.path).with_suffix(".yaml")
+        return path if path.is_file() else None
+
+    picks = {0: infos, 1: infos[1:2], 2: infos[2:3]}.get(spec.config_source, [])
+    return next((y for y in map(near, picks) if y is not None), None)
+
+
+def _custom_name(spec, dest: Path) -> str:
+    """The recipe's custom_name: the name the user gave ("" for a derived one), without the extension added."""
+    if not spec.output_name:
+        return ""
+    return dest.stem if dest.suffix.lower() == ".safetensors" else dest.name
+
+
 def _metadata(spec, infos, srcs, registry, weights, out_name, report) -> dict[str, str]:
     meta = {"format": "pt"}
     if not spec.save_metadata:
@@ -198,7 +224,8 @@ def _metadata(spec, infos, srcs, registry, weights, out_name, report) -> dict[st
         "tertiary_model": infos[2].name if infos[2] else None,
         "interp_method": METHODS[spec.method], "method": spec.method, "multiplier": spec.multiplier,
         "block_weights": weights, "te_multiplier": spec.te_multiplier, "save_as_half": spec.fp16,
-        "custom_name": out_name, "bake_in_vae": spec.bake_vae or "None", "discard_weights": spec.discard,
+        "custom_name": out_name, "config_source": spec.config_source, "bake_in_vae": spec.bake_vae or "None",
+        "discard_weights": spec.discard,
         "is_inpainting": bool(in_ch and in_ch.shape[1] == 9 and spec.method != "no_interpolation"),
         "is_instruct_pix2pix": bool(in_ch and in_ch.shape[1] == 8 and spec.method != "no_interpolation"),
     }
@@ -248,7 +275,8 @@ def merge_checkpoints(spec: MergeSpec, registry, settings, progress: Progress | 
                                   field=label, fix=f"pick a {family_label(fams[0])} model")
         vae = vae_tensors(registry, spec.bake_vae) if spec.bake_vae and spec.bake_vae != "None" else None
         plan = _plan(spec, srcs, vae, weights, discard, report)
-        meta = _metadata(spec, infos, srcs, registry, weights, dest.name, report)
+        meta = _metadata(spec, infos, srcs, registry, weights, _custom_name(spec, dest), report)
+        config = _config_yaml(spec, infos)
         inputs, vae_index = _inputs(srcs, vae, {k[18:] for k, p in plan.items() if p.action == "vae"},
                                     dest.parent, stack)
         ops = _job(spec, plan, srcs, vae_index)
@@ -258,13 +286,19 @@ def merge_checkpoints(spec: MergeSpec, registry, settings, progress: Progress | 
             os.replace(tmp, dest)
             if hash_output:
                 registry.hashes.put(dest, "checkpoint", report.stats["sha256"])  # no second read to hash it
+            if config is not None:
+                shutil.copyfile(config, dest.with_suffix(".yaml"))
+                report.notes.append(f"config {config.name} copied to {dest.with_suffix('.yaml').name}")
         else:
             single = dest.with_name(f".{dest.name}.{os.getpid()}.single.safetensors")  # the loader wants the suffix
             try:
                 report.stats = runner.run(ops, inputs, single, meta, progress)
+                if config is not None:  # read by the loader: the folder's scheduler gets its prediction type
+                    shutil.copyfile(config, single.with_suffix(".yaml"))
                 _to_diffusers(single, dest, spec.fp16, meta)
             finally:
                 single.unlink(missing_ok=True)
+                single.with_suffix(".yaml").unlink(missing_ok=True)
     if report.copied_from_a:
         report.notes.append(f"{len(report.copied_from_a)} tensors are missing or shaped differently in B/C and "
                             f"were copied from A (e.g. {report.copied_from_a[0]})")
