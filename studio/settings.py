@@ -55,6 +55,11 @@ class Settings:
     max_steps: int = 150
     max_batch_size: int = 8
     max_batch_count: int = 100
+    # A1111 has no prompt limit; ours is generous (long real prompts with many LoRA tags stay far below it) but
+    # keeps one request from holding the single job queue for minutes: 10000 characters is ~2500 CLIP tokens,
+    # and 40 chunks of 75 tokens (BREAK starts a new one) is ~3000 tokens of cross-attention context
+    max_prompt_length: int = 10000
+    max_prompt_chunks: int = 40
     save_images: bool = True
     filename_pattern: str = "[seed]"
     lora_cache_mb: int = 1024        # parsed LoRA files kept in RAM
