@@ -66,6 +66,10 @@ def vae_tensors(registry, name: str) -> dict:
 _BAD_NAME = re.compile(r"[\\/:*?\"<>|\x00-\x1f]")
 
 
+# file systems allow 255 bytes per name; the writer's temporary ".<name>.<pid>.tmp" needs room too
+MAX_NAME_BYTES = 200
+
+
 def output_path(folder: Path, name: str, *, ext: str | None, overwrite: bool, field: str = "output_name") -> Path:
     """``folder/name[.ext]``, refusing paths, hidden names and (unless ``overwrite``) existing entries."""
     clean = (name or "").strip()
@@ -77,6 +81,9 @@ def output_path(folder: Path, name: str, *, ext: str | None, overwrite: bool, fi
             if clean.lower().endswith(known):
                 clean = clean[: -len(known)]
         clean += ext
+    if len(clean.encode("utf-8")) > MAX_NAME_BYTES:
+        raise StudioError(f"Output name is {len(clean.encode('utf-8'))} bytes long; the limit is {MAX_NAME_BYTES}.",
+                          field=field, fix=f"use a shorter name (at most {MAX_NAME_BYTES} bytes)")
     path = Path(folder) / clean
     if path.exists() and not overwrite:
         raise StudioError(f"{path.name!r} already exists in {folder}.", field=field, path=str(path),
