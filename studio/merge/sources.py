@@ -81,9 +81,15 @@ def output_path(folder: Path, name: str, *, ext: str | None, overwrite: bool, fi
             if clean.lower().endswith(known):
                 clean = clean[: -len(known)]
         clean += ext
-    if len(clean.encode("utf-8")) > MAX_NAME_BYTES:
-        raise StudioError(f"Output name is {len(clean.encode('utf-8'))} bytes long; the limit is {MAX_NAME_BYTES}.",
-                          field=field, fix=f"use a shorter name (at most {MAX_NAME_BYTES} bytes)")
+    size = len(clean.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise StudioError(f"Output name is {size} bytes long; the limit is {MAX_NAME_BYTES}.", field=field,
+                          fix=f"use a shorter name (at most {MAX_NAME_BYTES} bytes)")
+    try:
+        clean.encode("utf-8")
+    except UnicodeEncodeError:
+        raise StudioError(f"Output name {name!a} holds a lone surrogate, which no file name can hold.", field=field,
+                          fix="use plain text (valid UTF-8)") from None
     path = Path(folder) / clean
     if path.exists() and not overwrite:
         raise StudioError(f"{path.name!r} already exists in {folder}.", field=field, path=str(path),

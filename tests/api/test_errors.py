@@ -50,7 +50,7 @@ def test_deeply_nested_json_body_is_a_client_error(client):
     r = client.post("/sdapi/v1/options", content=deep.encode(), headers={"content-type": "application/json"})
     assert 400 <= r.status_code < 500, r.text
     assert "Internal error" not in r.json()["detail"]
-    r = client.post("/sdapi/v1/txt2img", content=("[" * 100000).encode(), headers={"content-type": "application/json"})
+    r = client.post("/sdapi/v1/txt2img", content=b"[" * 100000, headers={"content-type": "application/json"})
     assert 400 <= r.status_code < 500, r.text
 
 
@@ -104,6 +104,10 @@ def test_unreadable_embedding_is_listed_with_its_error(studio):
         for bad in ("broken", "odd"):
             assert body["skipped"][bad]["vectors"] == 0 and body["skipped"][bad]["error"], body["skipped"][bad]
         assert "broken.safetensors" in body["skipped"]["broken"]["error"]
+    from webui.extra_networks import CardRenderer   # the UI's panel shows the reason on the card
+
+    html = CardRenderer(studio).embeddings()
+    assert html.count("⚠ unreadable") == 2 and "broken.safetensors is not a valid .safetensors file" in html
 
 
 # ---- checkpoints whose modules cannot be built --------------------------------------------------------------------
@@ -115,7 +119,8 @@ def test_unbuildable_checkpoint_names_file_and_layout(studio):
 
     src = studio.settings.ckpt_path / "tiny-sd1.safetensors"
     sd = load_file(str(src))
-    for key in ("model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.input_blocks.1.0.out_layers.3.weight"):
+    for key in ("model.diffusion_model.input_blocks.0.0.weight",
+                "model.diffusion_model.input_blocks.1.0.out_layers.3.weight"):
         shape = list(sd[key].shape)
         shape[0] = 36
         sd[key] = torch.zeros(shape)
@@ -154,8 +159,10 @@ def test_detect_accepts_webuiapi_image_key(client):
 
 
 # ---- merge output names --------------------------------------------------------------------------------------------
-def test_overlong_merge_output_name(client):
-    r = client.post("/sdapi/v1/merge/checkpoints", json={"a": "tiny-sd1", "b": "tiny-sd1-b",
-                                                         "output_name": "m" * 300})
+@pytest.mark.parametrize("name,words", [("m" * 300, "limit"), ("merged \ud800", "surrogate")],
+                         ids=["long", "surrogate"])
+def test_bad_merge_output_name(client, name, words):
+    raw = json.dumps({"a": "tiny-sd1", "b": "tiny-sd1-b", "output_name": name})
+    r = client.post("/sdapi/v1/merge/checkpoints", content=raw.encode(), headers={"content-type": "application/json"})
     body = _error(r, "output_name")
-    assert "limit" in body["detail"]
+    assert words in body["detail"]
