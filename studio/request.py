@@ -169,7 +169,7 @@ class GenerationRequest:
         from .prompt_parser import count_breaks
 
         max_len = settings.max_prompt_length if settings else 10000
-        max_chunks = settings.max_prompt_chunks if settings else 40
+        max_chunks = settings.max_prompt_chunks if settings else 64
         for name in PROMPT_FIELDS:
             text = getattr(self, name)
             if len(text) > max_len:

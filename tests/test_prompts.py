@@ -176,7 +176,7 @@ def test_prompt_limits_name_the_field(changes, field):
     with pytest.raises(StudioError) as err:
         GenerationRequest(**changes).validate()
     assert err.value.field == field and field in str(err.value)
-    GenerationRequest(prompt="x" * 10000, negative_prompt="a BREAK " * 39).validate()   # at the limits
+    GenerationRequest(prompt="x" * 10000, negative_prompt="a BREAK " * 63).validate()   # at the limits
 
 
 def test_prompt_limits_follow_settings():
