@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .errors import StudioError
+from .errors import JobInterrupted, StudioError
 from .img2img import prepare
 from .infotext import INFOTEXT_VERSION, build_params, format_infotext
 from .manager import Loaded, PipelineManager
@@ -163,8 +163,15 @@ class Engine:
             used_embeddings: set[str] = set()
 
             def conds(steps: int, text: str = prompt, neg: str = negative) -> Conditioning:
-                cond = self.prompts.encode(loaded.components, text, neg, steps=steps, clip_skip=request.clip_skip,
-                                           state_key=(loaded.key, adapter_key), embeddings=embeddings)
+                try:
+                    cond = self.prompts.encode(loaded.components, text, neg, steps=steps, clip_skip=request.clip_skip,
+                                               state_key=(loaded.key, adapter_key), embeddings=embeddings,
+                                               check=getattr(ctx, "check", None),
+                                               max_chunks=self.settings.max_prompt_chunks)
+                except JobInterrupted as exc:  # Interrupt while encoding: the images made so far are the result
+                    result.interrupted = True
+                    exc.result = result
+                    raise
                 used_embeddings.update(cond.embeddings_used)
                 return cond
 

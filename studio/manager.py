@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import devices
-from .errors import StudioError
+from .errors import ModelLoadError, StudioError
 from .loading.components import Components
 from .registry import CheckpointInfo, Registry, VaeInfo
 from .settings import Settings
@@ -142,16 +142,23 @@ class PipelineManager:
                               field="model_overrides", fix="use 'v' or 'epsilon'")
         prediction = {"v": "v_prediction"}.get(prediction, prediction)
         # load on the CPU, then move: a half-read file never leaves a half-filled GPU behind
-        if info.kind == "file":
-            loader = self._loaders.get("file", single_file.load_single_file)
-            comps = loader(info.path, dtype=self.dtype, device="cpu", prediction=prediction)
-        elif info.kind == "diffusers":
-            loader = self._loaders.get("diffusers", diffusers_folder.load_diffusers_folder)
-            comps = loader(info.path, dtype=self.dtype, device="cpu")
-        else:
-            loader = self._loaders.get("hub", hub.load_hub_repo)
-            comps = loader(str(info.path), allow_download=self.settings.allow_download, dtype=self.dtype,
-                           device="cpu")
+        try:
+            if info.kind == "file":
+                loader = self._loaders.get("file", single_file.load_single_file)
+                comps = loader(info.path, dtype=self.dtype, device="cpu", prediction=prediction)
+            elif info.kind == "diffusers":
+                loader = self._loaders.get("diffusers", diffusers_folder.load_diffusers_folder)
+                comps = loader(info.path, dtype=self.dtype, device="cpu")
+            else:
+                loader = self._loaders.get("hub", hub.load_hub_repo)
+                comps = loader(str(info.path), allow_download=self.settings.allow_download, dtype=self.dtype,
+                               device="cpu")
+        except (ValueError, KeyError, IndexError, AssertionError, ZeroDivisionError) as e:
+            # diffusers / transformers refusing an odd layout deep inside conversion: the file is at fault
+            log.warning("Loading %s failed", info.path, exc_info=True)
+            raise ModelLoadError(f"{info.name} could not be loaded: {type(e).__name__}: {e}.", path=str(info.path),
+                                 fix="the file is damaged or an unsupported variant; use a standard SD 1 / 2 / "
+                                     "XL checkpoint") from e
         vdtype = devices.vae_dtype(self.settings, self.dtype)
         if comps.vae.dtype != vdtype:
             comps.vae.to(vdtype)

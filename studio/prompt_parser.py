@@ -1,19 +1,28 @@
 """The A1111 prompt language, parsed without torch: emphasis, BREAK, scheduling, alternation, extra networks.
 
 Behaviour follows A1111's prompt_parser.py and extra_networks.py (checked against its docstring examples in
-tests/test_prompt_parser.py); the code is our own small recursive-descent parser instead of its lark grammar.
+tests/test_prompts.py); the code is our own small recursive-descent parser, run on an explicit stack (no
+recursion limit) instead of its lark grammar.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, Generator
 
 ROUND, SQUARE = 1.1, 1 / 1.1
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
-_WEIGHT_CLOSE = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
+_BREAK_WORD = re.compile(r"\bBREAK\b")
+# A1111 takes [.\d]+ and float() crashes on "1.2.3"; a weight that is no number stays plain text here
+_WEIGHT_CLOSE = re.compile(r":\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)")
 _EXTRA = re.compile(r"<(\w+):([^>]+)>")
 _AND = re.compile(r"\bAND\b(?!_PERP|_SALT|_TOPK)")
 _AND_WEIGHT = re.compile(r"^(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$", re.S)
+
+
+def count_breaks(text: str) -> int:
+    """How many BREAK keywords a prompt has (each closes a 75-token chunk)."""
+    return len(_BREAK_WORD.findall(text))
 
 
 # ---- emphasis -------------------------------------------------------------------------------------------------
@@ -88,8 +97,13 @@ class _Alt:
     options: list
 
 
-def _parse(text: str, i: int = 0, stop: str = "") -> tuple[list, int]:
-    """Parse until one of ``stop`` (not consumed). Nodes: str, _Sched, _Alt, or ("(", seq, ")")-style lists."""
+def _parse(text: str, i: int, stop: str) -> Generator:
+    """Parse until one of ``stop`` (not consumed). Nodes: str, _Sched, _Alt, or ("(", seq, ")")-style lists.
+
+    A generator run by :func:`_run`: it yields sub-parses instead of recursing (no recursion limit), and a
+    bracket that turns out literal hands the rest of the text to a memoised sub-parse, so unclosed runs like
+    ``((((...`` cost linear time, not exponential.
+    """
     seq: list = []
     buf = ""
     while i < len(text) and text[i] not in stop:
@@ -97,41 +111,43 @@ def _parse(text: str, i: int = 0, stop: str = "") -> tuple[list, int]:
         if ch == "\\" and i + 1 < len(text):
             buf += text[i:i + 2]
             i += 2
-        elif ch == "[":
-            node, end = _parse_square(text, i)
-            if node is None:
-                buf += ch
-                i += 1
-            else:
-                seq.append(buf)
-                buf = ""
-                seq.append(node)
-                i = end
-        elif ch == "(":
-            inner, end = _parse(text, i + 1, ")")
-            if end < len(text):
-                seq.append(buf)
-                buf = ""
-                seq.append(["(", *inner, ")"])
-                i = end + 1
-            else:
-                buf += ch
-                i += 1
-        else:
-            buf += ch
-            i += 1
+            continue
+        if ch in "[(":
+            node, end = yield ("[", i, "") if ch == "[" else ("(", i + 1, ")")
+            if ch == "(" and end < len(text):
+                node, end = ["(", *node, ")"], end + 1
+            elif ch == "(":
+                node = None
+            if node is None and ch == "[" and end >= len(text) and stop == ":|]":
+                # an unclosed "[" inside a square part: the enclosing "[" cannot close either (its parts
+                # from here on are the same ones), so stop now rather than rescan the rest for each level
+                return [], len(text)
+            if node is None:  # a literal bracket: the rest parses exactly as from the next character
+                rest, end = yield ("(", i + 1, stop)
+                if rest and isinstance(rest[0], str):
+                    rest = [buf + ch + rest[0], *rest[1:]]
+                else:
+                    rest = [buf + ch, *rest]
+                return [s for s in seq + rest if s != ""], end
+            seq.append(buf)
+            buf = ""
+            seq.append(node)
+            i = end
+            continue
+        buf += ch
+        i += 1
     seq.append(buf)
     return [s for s in seq if s != ""], i
 
 
-def _parse_square(text: str, start: int) -> tuple[object | None, int]:
+def _parse_square(text: str, start: int) -> Generator:
     """At ``[``: a schedule ``[a:b:n]`` / ``[b:n]``, an alternation ``[a|b]``, or plain emphasis ``[x]``."""
     parts, seps, i = [], [], start + 1
     while True:
-        part, i = _parse(text, i, ":|]")
+        part, i = yield ("(", i, ":|]")
         parts.append(part)
         if i >= len(text):
-            return None, start
+            return None, len(text)   # unclosed (literal "["): callers tell this from a non-schedule by end
         if text[i] == "]":
             break
         seps.append(text[i])
@@ -157,39 +173,75 @@ def _parse_square(text: str, start: int) -> tuple[object | None, int]:
     return None, start
 
 
+def _run(text: str) -> list:
+    """Drive the parse generators with an explicit stack; each (kind, position, stop) is parsed once."""
+    memo: dict[tuple, tuple] = {}
+
+    def start(call: tuple) -> Generator:
+        return _parse_square(text, call[1]) if call[0] == "[" else _parse(text, call[1], call[2])
+
+    root = ("(", 0, "")
+    stack = [(root, start(root))]
+    value: Any = None
+    while stack:
+        key, gen = stack[-1]
+        try:
+            call = gen.send(value)
+        except StopIteration as done:
+            stack.pop()
+            memo[key] = value = done.value
+            continue
+        if call in memo:
+            value = memo[call]
+        else:
+            stack.append((call, start(call)))
+            value = None
+    return memo[root][0]
+
+
+def _children(node: Any, step: int | None, steps: int) -> list:
+    """The sub-sequences of a node (those shown at ``step``, or all of them when ``step`` is None)."""
+    if isinstance(node, _Sched):
+        if step is None:
+            return [node.before, node.after]
+        return [node.before if step <= _step_of(node.when, steps) else node.after]
+    if isinstance(node, _Alt):
+        return node.options if step is None else [node.options[(step - 1) % len(node.options)]]
+    return [node]
+
+
 def _step_of(when: str, steps: int) -> int:
     value = float(when)
     value = value * steps if "." in when else value  # A1111 >= 1.6: "0.5" is a fraction, "10" a step
-    return min(steps, int(value))
+    return int(min(steps, value))   # min first: "[a:999...9]" is inf as a float
 
 
 def _collect(seq: list, steps: int, out: set[int]) -> None:
-    for node in seq:
-        if isinstance(node, _Sched):
-            at = _step_of(node.when, steps)
-            if at >= 1:
-                out.add(at)
-            _collect(node.before, steps, out)
-            _collect(node.after, steps, out)
-        elif isinstance(node, _Alt):
-            out.update(range(1, steps + 1))
-            for option in node.options:
-                _collect(option, steps, out)
-        elif isinstance(node, list):
-            _collect(node, steps, out)
+    stack = [seq]
+    while stack:
+        for node in stack.pop():
+            if isinstance(node, str):
+                continue
+            if isinstance(node, _Sched):
+                at = _step_of(node.when, steps)
+                if at >= 1:
+                    out.add(at)
+            elif isinstance(node, _Alt):
+                out.update(range(1, steps + 1))
+            stack.extend(_children(node, None, steps))
 
 
 def _render(seq: list, step: int, steps: int) -> str:
-    out = []
-    for node in seq:
-        if isinstance(node, str):
+    out: list[str] = []
+    stack = [iter(seq)]   # depth-first, in order, without recursion
+    while stack:
+        node = next(stack[-1], None)
+        if node is None:
+            stack.pop()
+        elif isinstance(node, str):
             out.append(node)
-        elif isinstance(node, _Sched):
-            out.append(_render(node.before if step <= _step_of(node.when, steps) else node.after, step, steps))
-        elif isinstance(node, _Alt):
-            out.append(_render(node.options[(step - 1) % len(node.options)], step, steps))
         else:
-            out.append(_render(node, step, steps))
+            stack.extend(iter(child) for child in reversed(_children(node, step, steps)))
     return "".join(out)
 
 
@@ -199,7 +251,7 @@ def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     >>> prompt_schedule("a [b:c:0.5] d", 10)
     [(5, 'a b d'), (10, 'a c d')]
     """
-    tree, _ = _parse(prompt)
+    tree = _run(prompt)
     ends: set[int] = {steps}
     _collect(tree, steps, ends)
     schedule: list[tuple[int, str]] = []

@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
+from .errors import StudioError
 from .prompt_parser import parse_attention, prompt_schedule
 
 CHUNK = 75
@@ -220,8 +221,9 @@ class PromptEncoder:
         return count, max(1, len(chunks)) * CHUNK
 
     @torch.no_grad()
-    def _encode_text(self, components: Any, key: tuple, text: str, clip_skip: int,
-                     embeddings: dict) -> tuple[torch.Tensor, torch.Tensor | None, frozenset]:
+    def _encode_text(self, components: Any, key: tuple, text: str, clip_skip: int, embeddings: dict,
+                     check: Callable[[], None] | None = None,
+                     max_chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, frozenset]:
         cache_key = (key, text, clip_skip)
         hit = self._cache.get(cache_key)
         if hit is not None:
@@ -233,9 +235,14 @@ class PromptEncoder:
         used: set[str] = set()
         for model in self._models(components, embeddings):
             chunks, _ = model.chunks(text)
+            if max_chunks and len(chunks) > max_chunks:
+                raise StudioError(f"The prompt makes {len(chunks)} chunks of 75 tokens; the limit is {max_chunks}.",
+                                  field="prompt", fix="shorten the prompt (setting max_prompt_chunks)")
             used.update(emb.name for chunk in chunks for _, emb in chunk.fixes)
             zs = []
             for i, chunk in enumerate(chunks):
+                if check is not None:
+                    check()   # Interrupt stops a long prompt between chunks
                 z, p = model.encode(chunk, clip_skip, xl)
                 self.encoder_runs += 1
                 zs.append(z)
@@ -252,11 +259,13 @@ class PromptEncoder:
         return z, pooled, frozenset(used)
 
     def encode(self, components: Any, prompt: str, negative: str, *, steps: int, clip_skip: int = 1,
-               state_key: tuple = (), embeddings: dict | None = None) -> Conditioning:
+               state_key: tuple = (), embeddings: dict | None = None, check: Callable[[], None] | None = None,
+               max_chunks: int | None = None) -> Conditioning:
         """Encode with schedules (``[a:b:0.5]``, ``[a|b]``) for ``steps`` sampling steps.
 
         ``state_key`` identifies the model and its text-encoder adapter state, so patched weights never hit a
-        stale cache entry.
+        stale cache entry. ``check`` (the job's ``ctx.check``) is called between chunks and scheduled prompts
+        and raises to stop; more than ``max_chunks`` 75-token chunks in one text is a StudioError.
         """
         embeddings = embeddings or {}
         key = (id(components), state_key, tuple(sorted(embeddings)))
@@ -264,7 +273,9 @@ class PromptEncoder:
         for text in (prompt, negative):
             side = []
             for end, t in prompt_schedule(text, steps):
-                z, pooled, names = self._encode_text(components, key, t, clip_skip, embeddings)
+                if check is not None:
+                    check()
+                z, pooled, names = self._encode_text(components, key, t, clip_skip, embeddings, check, max_chunks)
                 used |= names
                 side.append((end, z, pooled))
             sides.append(side)

@@ -120,6 +120,10 @@ class GenerationRequest:
                      "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise StudioError(f"'{name}' must be text, got {type(getattr(self, name)).__name__}.", field=name)
+            _check_unicode(getattr(self, name), name)
+        for key, value in self.extra_infotext:
+            _check_unicode(f"{key}{value}", "extra_infotext")
+        self._check_prompts(settings)
         if self.rng not in RNG_SOURCES:
             if str(self.rng).upper() == "NV":
                 raise StudioError("RNG 'NV' (A1111's emulation of NVIDIA GPU noise on the CPU) is not supported.",
@@ -166,6 +170,36 @@ class GenerationRequest:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
                 raise StudioError(f"'{name}' is {value!r}; it must be a number from {lo} to {hi}.", field=name)
         return self
+
+    def _check_prompts(self, settings: "Settings | None") -> None:
+        """Length and chunk limits, checked before the request takes a place in the queue."""
+        from .prompt_parser import count_breaks
+
+        max_len = settings.max_prompt_length if settings else 10000
+        max_chunks = settings.max_prompt_chunks if settings else 64
+        for name in PROMPT_FIELDS:
+            text = getattr(self, name)
+            if len(text) > max_len:
+                raise StudioError(f"'{name}' is {len(text)} characters long; the limit is {max_len}.", field=name,
+                                  fix=f"shorten it to {max_len} characters (setting max_prompt_length)")
+            chunks = count_breaks(text) + 1
+            if chunks > max_chunks:
+                raise StudioError(f"'{name}' has {chunks - 1} BREAKs, which make {chunks} chunks of 75 tokens; the "
+                                  f"limit is {max_chunks}.", field=name,
+                                  fix="use fewer BREAKs (setting max_prompt_chunks)")
+
+
+PROMPT_FIELDS = ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")
+
+
+def _check_unicode(text: str, name: str) -> None:
+    """A lone surrogate (JSON "\\ud800") is no text: it cannot be tokenized, saved in a PNG or logged."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise StudioError(f"'{name}' holds {text[exc.start:exc.end]!a} at character {exc.start}, a lone "
+                          "surrogate that is not valid Unicode text.", field=name,
+                          fix="send the text as valid UTF-8 (surrogates only in pairs)") from None
 
 
 @dataclass

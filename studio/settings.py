@@ -55,6 +55,12 @@ class Settings:
     max_steps: int = 150
     max_batch_size: int = 8
     max_batch_count: int = 100
+    # A1111 has no prompt limit; ours is generous (long real prompts with many LoRA tags stay far below it) but
+    # keeps one request from holding the single job queue for minutes. 10000 characters of ordinary prompt text
+    # are ~2000-3500 CLIP tokens (27-47 chunks of 75); 64 chunks leave room for that and still stop
+    # BREAK-heavy prompts (each BREAK starts a chunk: one text-encoder pass and 77 more cross-attention tokens)
+    max_prompt_length: int = 10000
+    max_prompt_chunks: int = 64
     save_images: bool = True
     filename_pattern: str = "[seed]"
     lora_cache_mb: int = 1024        # parsed LoRA files kept in RAM

@@ -31,7 +31,9 @@ SECTIONS = [
         ("default_checkpoint", "Checkpoint to use when none is chosen"), ("default_vae", "Default VAE"),
         ("preview_every", "Live preview every N steps (0: off)"), ("max_steps", "Max sampling steps"),
         ("max_width", "Max width"), ("max_height", "Max height"), ("max_batch_size", "Max batch size"),
-        ("max_batch_count", "Max batch count"), ("allow_download", "Allow Hugging Face downloads"),
+        ("max_batch_count", "Max batch count"), ("max_prompt_length", "Max prompt length (characters)"),
+        ("max_prompt_chunks", "Max prompt chunks (75 tokens each; BREAK starts one)"),
+        ("allow_download", "Allow Hugging Face downloads"),
     ]),
     ("Model folders (empty: inside the models folder)", [
         ("models_dir", "Models folder"), ("ckpt_dir", "Checkpoints (Stable-diffusion)"), ("vae_dir", "VAE"),

@@ -140,3 +140,93 @@ def test_sdxl_long_prompt_and_weights(studio):
                                             checkpoint="tiny-sdxl.safetensors", steps=2, width=64, height=64,
                                             save_images=False))
     assert res.images[0].size == (64, 64)
+
+
+# ---- limits, deep nesting, interrupt (issue 14) ---------------------------------------------------------------
+def test_deep_nesting_parses_without_recursion_limit():
+    deep = "(" * 5000 + "cat" + ")" * 5000
+    assert prompt_schedule(deep, 10) == [(10, deep)]
+    [(text, weight)] = parse_attention(deep)
+    assert text == "cat" and weight > 1e200
+    squares = "[" * 3000 + "x" + "]" * 3000
+    assert prompt_schedule(squares, 10) == [(10, squares)]
+    nested = "[a:" * 800 + "b" + ":5]" * 800   # schedules inside schedules, 800 deep
+    assert prompt_schedule(nested, 10) == [(5, "a"), (10, "b")]
+    for unclosed in ("(" * 10000, "[" * 10000, "([" * 5000, "[a:" * 3000, "[a|" * 3000):
+        assert prompt_schedule(unclosed, 20) == [(20, unclosed)]
+
+
+def test_malformed_numbers_stay_text():
+    assert parse_attention("(a:1.2.3) b") == [("a:1.2.3", 1.1), (" b", 1.0)]
+    assert prompt_schedule("[a:b:" + "9" * 400 + "]", 10) == [(10, "a")]
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"prompt": "x" * 10001}, "prompt"),
+    ({"negative_prompt": "x" * 10001}, "negative_prompt"),
+    ({"hr_prompt": "x" * 10001}, "hr_prompt"),
+    ({"hr_negative_prompt": "a BREAK " * 1000}, "hr_negative_prompt"),
+    ({"prompt": "a BREAK " * 1000}, "prompt"),
+    ({"prompt": "\ud800 x"}, "prompt"),
+    ({"negative_prompt": "ok \udfff"}, "negative_prompt"),
+])
+def test_prompt_limits_name_the_field(changes, field):
+    from studio.errors import StudioError
+
+    with pytest.raises(StudioError) as err:
+        GenerationRequest(**changes).validate()
+    assert err.value.field == field and field in str(err.value)
+    GenerationRequest(prompt="x" * 10000, negative_prompt="a BREAK " * 63).validate()   # at the limits
+
+
+def test_prompt_limits_follow_settings():
+    from studio.errors import StudioError
+    from studio.settings import Settings
+
+    with pytest.raises(StudioError, match="limit is 20"):
+        GenerationRequest(prompt="x" * 21).validate(Settings(max_prompt_length=20))
+    with pytest.raises(StudioError, match="limit is 2"):
+        GenerationRequest(prompt="a BREAK b BREAK c").validate(Settings(max_prompt_chunks=2))
+
+
+def test_encoder_caps_chunks_and_stops_between_them(sd1):
+    from studio.errors import JobInterrupted, StudioError
+
+    enc = PromptEncoder()
+    with pytest.raises(StudioError) as err:
+        enc.encode(sd1, ", ".join(["cat"] * 200), "", steps=4, max_chunks=2)
+    assert err.value.field == "prompt"
+    calls = []
+
+    def check():
+        calls.append(1)
+        if len(calls) >= 3:
+            raise JobInterrupted("stop")
+
+    with pytest.raises(JobInterrupted):
+        enc.encode(sd1, " BREAK ".join(["cat"] * 10), "", steps=4, check=check)
+    assert enc.encoder_runs < 10
+
+
+def test_interrupt_stops_prompt_encoding(studio):
+    """Interrupt during encoding of a 20-chunk prompt: the job ends without encoding the rest."""
+    forwards = []
+    job_box = []
+
+    def on_forward(module, args, output):
+        forwards.append(1)
+        if len(forwards) == 2:
+            job_box[0].interrupt()
+
+    with studio.manager.acquire() as loaded:
+        hook = loaded.components.text_encoder.register_forward_hook(on_forward)
+    try:
+        prompt = " BREAK ".join(f"word{i}" for i in range(20))
+        job = studio.submit(GenerationRequest(prompt=prompt, steps=2, width=64, height=64, save_images=False))
+        job_box.append(job)
+        result = job.wait(300)
+    finally:
+        hook.remove()
+    assert job.state == "interrupted"
+    assert result is not None and result.interrupted and result.images == []
+    assert len(forwards) < 20

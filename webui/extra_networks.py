@@ -223,7 +223,8 @@ class CardRenderer:
         for i, name in enumerate(sorted(library.names(), key=str.lower)):
             ef = library.file(name)
             if ef is None:
-                badges = ["<span class='en-badge en-warn' title='could not be read'>⚠ unreadable</span>"]
+                why = html.escape(library.error(name) or "could not be read", quote=True)
+                badges = [f"<span class='en-badge en-warn' title='{why}'>⚠ unreadable</span>"]
                 cards.append(self._card(i, name, name, None, badges, "", [], [name]))
                 continue
             family = "sdxl" if "clip_g" in ef.parts or "clip_l" in ef.parts else \

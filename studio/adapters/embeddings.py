@@ -82,6 +82,8 @@ def parse_embedding(data: dict, name: str, path: Path) -> EmbeddingFile:
         if len(tensors) != 1:
             raise bad(f"holds {len(tensors)} tensors and none of the known keys")
         parts = {"single": tensors[0]}
+    if not parts:
+        raise bad("holds no vectors")
     parts = {k: (v[None] if v.ndim == 1 else v).detach().float().cpu() for k, v in parts.items()}
     if any(v.ndim != 2 for v in parts.values()):
         raise bad("holds vectors that are not 2-D [n_vectors, width]")
@@ -192,21 +194,30 @@ class EmbeddingLibrary:
             return None
         try:
             ident = file_ident(path)
-        except OSError:
+        except OSError as e:
+            with self._lock:
+                self._errors[name] = f"Embedding file {path} could not be read: {e.strerror or e}."
             return None
         with self._lock:
             if ident in self._cache:
                 return self._cache[ident]
         try:
             ef = load_embedding_file(path)
-        except StudioError as e:
+        except Exception as e:  # noqa: BLE001 - one bad file is listed with its error, never fails the list
+            message = str(e) if isinstance(e, StudioError) else \
+                f"Embedding file {path} could not be read ({type(e).__name__}: {e})."
             with self._lock:
-                self._errors[name] = str(e)
+                self._errors[name] = message
             return None
         with self._lock:
             self.reads += 1
             self._cache[ident] = ef
         return ef
+
+    def error(self, name: str) -> str | None:
+        """Why the file of ``name`` could not be read (None if it could, or was not tried yet)."""
+        with self._lock:
+            return self._errors.get(name)
 
     def for_model(self, components) -> tuple[dict[str, Embedding], dict[str, str]]:
         """(loaded: name -> Embedding fitted to ``components``, skipped: name -> reason)."""
@@ -227,14 +238,16 @@ class EmbeddingLibrary:
 
     def api_dict(self, components) -> dict:
         """GET /sdapi/v1/embeddings: ``{"loaded": {name: {step, sd_checkpoint, sd_checkpoint_name, shape,
-        vectors}}, "skipped": {...}}`` (unreadable files are listed as skipped with zero vectors)."""
+        vectors}}, "skipped": {...}}`` (unreadable files are listed as skipped with zero vectors and their
+        ``error``)."""
         loaded, skipped = self.for_model(components) if components is not None else ({}, {n: "" for n in
                                                                                         self.names()})
         out = {"loaded": {n: e.file.api_dict() for n, e in loaded.items()}, "skipped": {}}
         for n in skipped:
             ef = self.file(n)
-            out["skipped"][n] = ef.api_dict() if ef else {"step": None, "sd_checkpoint": None,
-                                                           "sd_checkpoint_name": None, "shape": None, "vectors": 0}
+            out["skipped"][n] = ef.api_dict() if ef else {
+                "step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": 0,
+                "error": self.error(n) or "could not be read"}
         return out
 
     def hash(self, name: str) -> str | None:

@@ -5,9 +5,10 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from ..controlnet import ControlUnit
+from ..controlnet.preprocessors import RESOLUTION_RANGE
 from ..controlnet.units import _bool
 from ..errors import StudioError
 from .imagedata import decode_image, encode_png
@@ -25,8 +26,14 @@ class DetectRequest(BaseModel):
     """POST /controlnet/detect (the extension's body fields and defaults)."""
 
     controlnet_module: str = Field(default="none", description="Preprocessor name (see /controlnet/module_list).")
-    controlnet_input_images: list[str] = Field(default_factory=list, description="Base64 images.")
-    controlnet_processor_res: int = Field(default=512, description="Preprocessor resolution (-1 = its default).")
+    model_config = ConfigDict(populate_by_name=True)
+    # webuiapi's controlnet_detect sends the images as controlnet_images
+    controlnet_input_images: list[str] = Field(default_factory=list, description="Base64 images (alias "
+                                               "controlnet_images).",
+                                               validation_alias=AliasChoices("controlnet_input_images",
+                                                                             "controlnet_images"))
+    controlnet_processor_res: int = Field(default=512, description="Preprocessor resolution (-1 = its default, "
+                                          f"else {RESOLUTION_RANGE[0]} to {RESOLUTION_RANGE[1]}).")
     controlnet_threshold_a: float = Field(default=64, description="First slider (out of range = its default).")
     controlnet_threshold_b: float = Field(default=64, description="Second slider (out of range = its default).")
     controlnet_masks: list[str] | None = Field(default=None, description="Accepted and checked; no built-in "
@@ -92,6 +99,12 @@ def _detect(studio: "Studio", req: DetectRequest) -> dict:
     """Run the preprocessor on each image; a missing annotator file is a 422 naming the file."""
     reg, max_pixels = studio.preprocessors, studio.settings.max_image_pixels
     module = reg.get(req.controlnet_module, field="controlnet_module").name
+    lo, hi = RESOLUTION_RANGE
+    res = req.controlnet_processor_res
+    if res != -1 and not lo <= res <= hi:
+        raise StudioError(f"controlnet_processor_res is {res}; it must be -1 (the preprocessor's default) or "
+                          f"from {lo} to {hi}.", field="controlnet_processor_res",
+                          fix=f"use -1 or a resolution from {lo} to {hi}, e.g. 512")
     if not req.controlnet_input_images:
         raise StudioError("No image was given.", field="controlnet_input_images",
                           fix="send one or more base64 images in controlnet_input_images")

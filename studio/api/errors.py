@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import StudioError
 
@@ -55,7 +56,7 @@ def studio_error_response(exc: StudioError) -> JSONResponse:
         type(exc).__name__, str(exc), exc.field, [{"loc": loc, "msg": str(exc), "type": kind}]))
 
 
-def http_error_response(exc: HTTPException) -> JSONResponse:
+def http_error_response(exc: StarletteHTTPException) -> JSONResponse:
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     return JSONResponse(status_code=exc.status_code, content=error_body("HTTPException", detail),
                         headers=getattr(exc, "headers", None))
@@ -78,7 +79,7 @@ class StudioRoute(APIRoute):
                 return validation_response(exc)
             except StudioError as exc:
                 return studio_error_response(exc)
-            except HTTPException as exc:
+            except StarletteHTTPException as exc:  # FastAPI's own (e.g. 400 on a body json cannot parse) too
                 return http_error_response(exc)
             except Exception as exc:  # noqa: BLE001 - a bug: log it, answer 500, keep serving
                 log.exception("API %s %s failed", request.method, request.url.path)

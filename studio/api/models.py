@@ -215,8 +215,9 @@ class EmbeddingItem(BaseModel):
     step: Optional[int] = None
     sd_checkpoint: Optional[str] = None
     sd_checkpoint_name: Optional[str] = None
-    shape: int
+    shape: Optional[int] = Field(default=None, description="Vector width (null when the file is unreadable)")
     vectors: int
+    error: Optional[str] = Field(default=None, description="Why the file could not be read (skipped only)")
 
 
 class EmbeddingsResponse(BaseModel):

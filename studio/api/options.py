@@ -5,7 +5,9 @@ Options that act:
   the current one. Not stored here: the pipeline manager knows what is current.
 - ``sd_vae``: the VAE for API requests that do not override it ("Automatic", "None" or a file in the VAE folder).
 - ``CLIP_stop_at_last_layers``: the clip skip for API requests that do not override it.
-Everything else is stored as given in ``<data_dir>/api-options.json`` (written atomically) and returned by GET.
+Every other A1111 option key (:mod:`.a1111_options`), extension setting key or key stored before is type-checked
+and stored as given in ``<data_dir>/api-options.json`` (written atomically) and returned by GET; an unknown key,
+a value of the wrong type or an oversized value is a 422 naming the key.
 """
 from __future__ import annotations
 
@@ -70,6 +72,38 @@ class OptionsStore:
             tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, self.path)
             self._data = merged
+
+
+MAX_OPTION_CHARS = 65536   # one value as JSON; A1111's largest (lists of names) are far smaller
+_TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list"}
+
+
+def check_option(key: Any, value: Any, known: dict[str, type | None]) -> Any:
+    """``value`` checked for option ``key`` (``known``: key -> type of its default, None = any JSON)."""
+    if key not in known:
+        raise StudioError(f"Unknown option {str(key)[:100]!r}.", field=str(key)[:100],
+                          fix="use an A1111 option key (GET /sdapi/v1/options lists the current ones) or a "
+                              "setting key an extension declared")
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+        text.encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:   # UnicodeEncodeError: a lone surrogate
+        raise StudioError(f"Option '{key}' cannot be stored: {exc}.", field=key,
+                          fix="send plain JSON text (valid UTF-8)") from None
+    if len(text) > MAX_OPTION_CHARS:
+        raise StudioError(f"Option '{key}' is {len(text)} characters as JSON; the limit is {MAX_OPTION_CHARS}.",
+                          field=key, fix="send a smaller value")
+    kind = known[key]
+    if kind is None or value is None and kind is str:
+        return value
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise StudioError(f"Option '{key}' must be {_TYPE_NAMES[kind]}, got {value!r:.80}.", field=key)
+    return value
 
 
 def check_clip_skip(value: Any, field: str) -> int:

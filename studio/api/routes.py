@@ -26,7 +26,8 @@ from .imagedata import decode_image
 from .img2img import img2img_request
 from .merge import register_merge
 from .networks import register_networks
-from .options import OVERRIDE_CHECKPOINT_KEYS, OptionsStore, check_clip_skip, check_text
+from .a1111_options import OPTION_TYPES
+from .options import OVERRIDE_CHECKPOINT_KEYS, OptionsStore, check_clip_skip, check_option, check_text
 from .progress import (JobMeta, JobWaiter, PreviewCache, idle_progress, internal_progress, job_progress)
 from .training import register_training
 
@@ -236,7 +237,8 @@ class _Api:
     async def set_options(self, req: dict[str, Any] = Body(..., examples=[{"sd_model_checkpoint": "model.safetensors",
                                                                            "CLIP_stop_at_last_layers": 2}])) -> dict:
         studio = self.studio
-        values = dict(req)
+        known = self._option_types()
+        values = {key: check_option(key, val, known) for key, val in req.items()}
         store: dict[str, Any] = {}
         checkpoint = None
         for key in OVERRIDE_CHECKPOINT_KEYS:
@@ -271,6 +273,17 @@ class _Api:
         if store:
             await run_in_threadpool(self.options.update, store)
         return {}
+
+    def _option_types(self) -> dict[str, Any]:
+        """Keys POST /options accepts -> the type of their default (None: any JSON value)."""
+        known: dict[str, Any] = dict(OPTION_TYPES)
+        known.update({key: None for key in self.options.snapshot() if key not in known})  # stored before
+        settings, extensions = self.studio.settings, getattr(self.studio, "extensions", None)
+        known.update({key: None for key in settings.extension_settings if key not in known})
+        for _name, spec in (extensions.setting_specs() if extensions is not None else []):
+            default = spec.default
+            known.setdefault(spec.key, type(default) if isinstance(default, (bool, int, float, str, list)) else None)
+        return known
 
     def get_cmd_flags(self) -> dict:
         s = self.studio.settings

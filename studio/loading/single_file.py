@@ -20,12 +20,34 @@ from .tokenizers import load_clip_tokenizer, pad_token_for
 PREDICTIONS = ("epsilon", "v_prediction")
 
 
-def build_module(cls_or_factory, state: dict, *, what: str, path: str, dtype, device):
+# what the config derivation read off the tensors, named in the error when a module cannot be built from it
+_SUMMARY_KEYS = ("in_channels", "block_out_channels", "layers_per_block", "attention_head_dim",
+                 "transformer_layers_per_block", "cross_attention_dim", "latent_channels", "norm_num_groups",
+                 "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size")
+
+
+def describe_config(cfg: dict | None) -> str:
+    return ", ".join(f"{k} {cfg[k]}" for k in _SUMMARY_KEYS if k in (cfg or {})) or "no layout"
+
+
+def unsupported_layout(path: str, what: str, cfg: dict | None, exc: BaseException) -> ModelLoadError:
+    """A module that diffusers / transformers refuse to build from the layout read off the file."""
+    return ModelLoadError(
+        f"{os.path.basename(path)}: the {what} cannot be built from the layout read off its tensors "
+        f"({describe_config(cfg)}); unsupported: {exc}.", path=path,
+        fix="this is not a standard SD 1 / 2 / XL layout (or the file is damaged); use a standard checkpoint "
+            "or a diffusers folder with its config files.")
+
+
+def build_module(cls_or_factory, state: dict, *, what: str, path: str, dtype, device, config: dict | None = None):
     """Create a module with empty weights and assign ``state`` into it, strictly (names and shapes)."""
     from accelerate import init_empty_weights
 
-    with init_empty_weights():
-        model = cls_or_factory()
+    try:
+        with init_empty_weights():
+            model = cls_or_factory()
+    except (ValueError, TypeError, KeyError, IndexError, AssertionError, ZeroDivisionError, RuntimeError) as e:
+        raise unsupported_layout(path, what, config, e) from e
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -60,9 +82,9 @@ def load_clip(sd: dict, prefix: str, *, path: str, dtype, device):
     shapes = shapes_of({k: v for k, v in sd.items() if k.startswith(prefix)})
     state = {"text_model." + k[len(prefix):]: v for k, v in sd.items()
              if k.startswith(prefix) and not k.endswith("position_ids")}
-    return build_module(_clip_model(CLIPTextModel, clip_config(shapes, prefix)),
-                        _unwrap_text_model(CLIPTextModel, state), what="text encoder", path=path,
-                        dtype=dtype, device=device)
+    cfg = clip_config(shapes, prefix)
+    return build_module(_clip_model(CLIPTextModel, cfg), _unwrap_text_model(CLIPTextModel, state),
+                        what="text encoder", path=path, dtype=dtype, device=device, config=cfg)
 
 
 def load_open_clip(sd: dict, prefix: str, *, path: str, dtype, device, with_projection: bool):
@@ -80,16 +102,19 @@ def load_open_clip(sd: dict, prefix: str, *, path: str, dtype, device, with_proj
     holder = type("ConfigHolder", (), {"config": CLIPTextConfig(**cfg)})()
     state = convert_open_clip_checkpoint(holder, sub, prefix=prefix)
     return build_module(_clip_model(cls, cfg), _unwrap_text_model(cls, state),
-                        what="OpenCLIP text encoder", path=path, dtype=dtype, device=device)
+                        what="OpenCLIP text encoder", path=path, dtype=dtype, device=device, config=cfg)
 
 
 def load_unet(sd: dict, cfg: dict, *, path: str, dtype, device):
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    state = convert_ldm_unet_checkpoint(sd, cfg)
+    try:
+        state = convert_ldm_unet_checkpoint(sd, cfg)
+    except (ValueError, KeyError, IndexError, AssertionError, RuntimeError) as e:
+        raise unsupported_layout(path, "UNet", cfg, e) from e
     return build_module(lambda: UNet2DConditionModel.from_config(cfg), state, what="UNet", path=path,
-                        dtype=dtype, device=device)
+                        dtype=dtype, device=device, config=cfg)
 
 
 def load_vae(sd: dict, cfg: dict, *, path: str, dtype, device, prefix: str = ""):
@@ -100,9 +125,12 @@ def load_vae(sd: dict, cfg: dict, *, path: str, dtype, device, prefix: str = "")
     sub = {"first_stage_model." + k[len(prefix):]: v for k, v in sd.items()
            if k.startswith(prefix) and (k[len(prefix):].startswith(("encoder.", "decoder.", "quant_conv.",
                                                                      "post_quant_conv.")))}
-    state = convert_ldm_vae_checkpoint(sub, cfg)
+    try:
+        state = convert_ldm_vae_checkpoint(sub, cfg)
+    except (ValueError, KeyError, IndexError, AssertionError, RuntimeError) as e:
+        raise unsupported_layout(path, "VAE", cfg, e) from e
     return build_module(lambda: AutoencoderKL.from_config(cfg), state, what="VAE", path=path,
-                        dtype=dtype, device=device)
+                        dtype=dtype, device=device, config=cfg)
 
 
 def _prediction(explicit: str | None, sidecar: dict, notes: list[str]) -> str:

@@ -63,6 +63,10 @@ def vae_tensors(registry, name: str) -> dict:
     return out
 
 
+# file systems allow 255 bytes per name; the writer's temporary ".<name>.<pid>.tmp" needs room too
+MAX_NAME_BYTES = 200
+
+
 def output_path(folder: Path, name: str, *, ext: str | None, overwrite: bool, field: str = "output_name") -> Path:
     """``folder/name[.ext]``, refusing paths, hidden names and (unless ``overwrite``) existing entries."""
     clean = plain_name(name or "", field)
@@ -71,6 +75,15 @@ def output_path(folder: Path, name: str, *, ext: str | None, overwrite: bool, fi
             if clean.lower().endswith(known):
                 clean = clean[: -len(known)]
         clean += ext
+    size = len(clean.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise StudioError(f"Output name is {size} bytes long; the limit is {MAX_NAME_BYTES}.", field=field,
+                          fix=f"use a shorter name (at most {MAX_NAME_BYTES} bytes)")
+    try:
+        clean.encode("utf-8")
+    except UnicodeEncodeError:
+        raise StudioError(f"Output name {name!a} holds a lone surrogate, which no file name can hold.", field=field,
+                          fix="use plain text (valid UTF-8)") from None
     path = Path(folder) / clean
     if path.exists() and not overwrite:
         raise StudioError(f"{path.name!r} already exists in {folder}.", field=field, path=str(path),

@@ -173,18 +173,18 @@ def test_override_settings_checkpoint_is_temporary(client):
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == models["tiny-sd1"]
 
 
-def test_clip_skip_option_and_unknown_keys_persist(client, api_studio):
+def test_clip_skip_option_and_other_a1111_keys_persist(client, api_studio):
     try:
-        assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2, "my_tool_key": [1, "a"]}
+        assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2, "hidden_tabs": [1, "a"]}
                            ).status_code == 200
         opts = client.get("/sdapi/v1/options").json()
-        assert opts["CLIP_stop_at_last_layers"] == 2 and opts["my_tool_key"] == [1, "a"]
+        assert opts["CLIP_stop_at_last_layers"] == 2 and opts["hidden_tabs"] == [1, "a"]
         info = txt2img(client)["info"]
         assert info["clip_skip"] == 2 and "Clip skip: 2" in info["infotexts"][0]
         # a per-request override wins
         assert txt2img(client, override_settings={"CLIP_stop_at_last_layers": 1})["info"]["clip_skip"] == 1
         saved = json.loads((api_studio.settings.settings_file.parent / "api-options.json").read_text())
-        assert saved["my_tool_key"] == [1, "a"] and "sd_model_checkpoint" not in saved
+        assert saved["hidden_tabs"] == [1, "a"] and "sd_model_checkpoint" not in saved
     finally:
         client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
 
