@@ -20,6 +20,8 @@ from typing import Any
 
 import gradio as gr
 
+from webui.model_lists import refresh_button
+
 log = logging.getLogger(__name__)
 
 HIDDEN = dict(queue=False, api_visibility="private", show_progress="hidden")
@@ -98,7 +100,9 @@ def extra_networks_panel(studio: Any, prompt_box: Any, tab: str) -> dict:
         with gr.Row(equal_height=True):
             search = gr.Textbox("", placeholder="Search by name, alias or trigger word…", show_label=False,
                                 container=False, scale=5, elem_id=f"{tab}_extra_search")
-            refresh = gr.Button("🔄 Refresh", size="sm", scale=0, min_width=110, elem_id=f"{tab}_extra_refresh")
+            # also a refresh of every model list of the page (webui.model_lists)
+            refresh = refresh_button(gr.Button("🔄 Refresh", size="sm", scale=0, min_width=110,
+                                               elem_id=f"{tab}_extra_refresh"))
         with gr.Tabs(elem_id=f"{tab}_extra_tabs"):
             with gr.Tab("Lora", id=f"{tab}_extra_lora"):
                 lora = gr.HTML(cards.loras(), js_on_load=_on_load_js(tab), css_template=CSS,

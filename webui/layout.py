@@ -10,6 +10,7 @@ import tabs
 from studio.errors import StudioError
 from webui import sendto
 from webui.extension_tabs import build_extension_tabs
+from webui.model_lists import ModelLists, model_list, refresh_button
 from webui.common import (NO_CHECKPOINT_HELP, checkpoint_titles, current_checkpoint_title, error_html, note_html,
                           vae_choices)
 
@@ -63,27 +64,28 @@ def build_blocks(studio: Any) -> gr.Blocks:
                 module.connect(studio, ui)
         sendto.connect(studio, ui)
 
-        listing = [quick["checkpoint"], quick["vae"], *helps]
-        quick["refresh"].click(lambda: _listing(studio, refresh=True), None, listing, queue=False,
-                               api_visibility="private")
         quick["checkpoint"].input(lambda name: _switch(studio, name), quick["checkpoint"],
                                   [quick["checkpoint"], quick["status"]], concurrency_id="gpu",
                                   concurrency_limit=None, api_name="switch_checkpoint")
-        # every page load re-reads the lists (another page may have added or loaded a model), then marks ready
-        blocks.load(lambda: _listing(studio), None, listing, queue=False, api_visibility="private") \
-              .then(None, None, None, js=READY_JS, queue=False, api_visibility="private")
+        # every model list of the page is refreshed together: by any 🔄, on every tab select and on page load
+        # (another page, a training or a merge may have added a model; a file may have been dropped in)
+        every_tab = [b for b in blocks.blocks.values() if isinstance(b, gr.Tab)]
+        lists = ModelLists.collect(studio, blocks)
+        loaded = lists.connect(blocks, every_tab, extra=(helps, lambda: _help_updates(studio)))
+        loaded.then(None, None, None, js=READY_JS, queue=False, api_visibility="private")
     return blocks
 
 
 def _quicksettings(studio: Any) -> dict:
     with gr.Row(elem_id="quicksettings"):
-        checkpoint = gr.Dropdown(checkpoint_titles(studio), value=current_checkpoint_title(studio),
-                                 label="Stable Diffusion checkpoint", elem_id="setting_sd_model_checkpoint",
-                                 allow_custom_value=True, scale=4, min_width=300)
-        refresh = gr.Button("🔄", elem_id="refresh_sd_model_checkpoint", elem_classes=["refresh-button"], scale=0,
-                            min_width=44)
-        vae = gr.Dropdown(vae_choices(studio), value=studio.settings.default_vae or "Automatic", label="SD VAE",
-                          elem_id="setting_sd_vae", allow_custom_value=True, scale=2, min_width=200)
+        checkpoint = model_list(gr.Dropdown(checkpoint_titles(studio), value=current_checkpoint_title(studio),
+                                            label="Stable Diffusion checkpoint", elem_id="setting_sd_model_checkpoint",
+                                            allow_custom_value=True, scale=4, min_width=300), "checkpoint", current=True)
+        refresh = refresh_button(gr.Button("🔄", elem_id="refresh_sd_model_checkpoint",
+                                           elem_classes=["refresh-button"], scale=0, min_width=44))
+        vae = model_list(gr.Dropdown(vae_choices(studio), value=studio.settings.default_vae or "Automatic",
+                                     label="SD VAE", elem_id="setting_sd_vae", allow_custom_value=True, scale=2,
+                                     min_width=200), "vae")
         status = gr.HTML("", elem_id="quicksettings_status")
     return {"checkpoint": checkpoint, "refresh": refresh, "vae": vae, "status": status}
 
@@ -96,14 +98,8 @@ def _help_text(studio: Any) -> str:
     return NO_CHECKPOINT_HELP.format(ckpt_dir=studio.settings.ckpt_path.resolve())
 
 
-def _listing(studio: Any, refresh: bool = False) -> list:
-    if refresh:
-        studio.registry.refresh()
-    titles = checkpoint_titles(studio)
-    current = current_checkpoint_title(studio)
-    show_help = not titles
-    helps = [gr.update(visible=show_help, value=_help_text(studio))] * len(tabs.TABS)
-    return [gr.update(choices=titles, value=current), gr.update(choices=vae_choices(studio)), *helps]
+def _help_updates(studio: Any) -> list:
+    return [gr.update(visible=not _has_checkpoints(studio), value=_help_text(studio))] * len(tabs.TABS)
 
 
 def _switch(studio: Any, name: str) -> tuple:
