@@ -83,7 +83,7 @@ def _checkpoints(studio: Any) -> dict:
     me["job_state"] = gr.State(None)
 
     me["method"].change(lambda m: f"`{METHOD_HELP.get(m, '')}`", me["method"], method_help, **HIDDEN)
-    me["interrupt"].click(lambda job_id: _interrupt(studio, job_id), me["job_state"], None, **HIDDEN)
+    me["interrupt"].click(lambda job_id: _interrupt(studio, job_id), me["job_state"], me["progress"], **HIDDEN)
     return me
 
 
@@ -147,8 +147,10 @@ def retitle(studio: Any, value: str | None) -> str | None:
 
 def _interrupt(studio: Any, job_id: str | None) -> None:
     job = studio.queue.get(job_id) if job_id else None
-    if job is not None and job.kind == "merge":  # never stop someone's generation from here
-        job.interrupt()
+    if job is None or job.kind != "merge" or job.done:  # never stop someone's generation from here
+        return gr.update()
+    job.interrupt()
+    return jobview.progress_html(job)     # "Interrupting…" at once, not when the current tensor is done
 
 
 def _spec(a, b, c, method, multiplier, use_blocks, block_text, te, output_name, fmt, fp16, vae, discard,

@@ -133,16 +133,18 @@ def build(studio: Any) -> dict:
                                           elem_id="merge_extract_min_diff")
             _output_row("merge_extract", t, fp16=True)
     for t in tools.values():
-        t["interrupt"].click(lambda job_id: _interrupt(studio, job_id), t["job_state"], None, **HIDDEN)
+        t["interrupt"].click(lambda job_id: _interrupt(studio, job_id), t["job_state"], t["progress"], **HIDDEN)
     return {"tools": tools, "checkpoint_pickers": [tools["bake"]["checkpoint"], tools["extract"]["tuned"],
                                                    tools["extract"]["base"]],
             "lora_pickers": [tools["bake"]["add"], tools["merge"]["add"], tools["resize"]["lora"]]}
 
 
-def _interrupt(studio: Any, job_id: str | None) -> None:
+def _interrupt(studio: Any, job_id: str | None) -> Any:
     job = studio.queue.get(job_id) if job_id else None
-    if job is not None and job.kind == "merge":
-        job.interrupt()
+    if job is None or job.kind != "merge" or job.done:
+        return gr.update()
+    job.interrupt()
+    return jobview.progress_html(job)     # "Interrupting…" at once
 
 
 def _int(v) -> int:

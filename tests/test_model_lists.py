@@ -8,6 +8,8 @@ import time
 import gradio as gr
 import pytest
 
+from tests.uihelpers import by_id, handlers
+
 
 @pytest.fixture()
 def page(studio):
@@ -15,14 +17,10 @@ def page(studio):
     return build_blocks(studio)
 
 
-def by_id(blocks, elem_id):
-    return next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == elem_id)
-
-
 def handler(blocks, block, event):
     """The one model-list handler fired by ``event`` on ``block`` (its fn, inputs and outputs)."""
     from webui.model_lists import ModelLists
-    fns = [f for f in blocks.fns.values() if (block._id, event) in f.targets and f.fn is not None]
+    fns = handlers(blocks, block, event)
     lists = ModelLists.collect(None, blocks).components
     hits = [f for f in fns if list(f.outputs[:len(lists)]) == lists]
     assert len(hits) == 1, f"{len(hits)} model-list handlers on {block.elem_id}.{event}"

@@ -133,8 +133,9 @@ def output_panel(prefix: str, studio: Any, folder: str) -> dict:
 def wire_controls(studio: Any, me: dict, seed_buttons: dict) -> None:
     """Interrupt / Skip (this page's job, else the running one) and ♻️ (seed of the selected image)."""
     prefix = me["prefix"]
-    me["interrupt"].click(lambda job_id: _control(studio, job_id, "interrupt"), me["job_state"], None,
-                          queue=False, api_name=f"{prefix}_interrupt")
+    # queue=False: the status says "Interrupting…" at once, though the engine stops only at the step's end
+    me["interrupt"].click(lambda job_id: _interrupt_now(studio, job_id), me["job_state"], me["progress"],
+                          queue=False, api_name=f"{prefix}_interrupt", show_progress="hidden")
     me["skip"].click(lambda job_id: _control(studio, job_id, "skip"), me["job_state"], None, queue=False,
                      api_name=f"{prefix}_skip")
     seed_buttons["reuse_seed"].click(_reuse_seed, [me["results"], me["fields"]["seed"]], me["fields"]["seed"],
@@ -283,6 +284,8 @@ def selected(state: dict | None) -> tuple[str | None, str]:
 
 def progress_html(job: Any, prefix_text: str = "") -> str:
     p = job.progress
+    if getattr(job, "interrupt_requested", False) and not job.done:
+        return interrupting_html(p.fraction if p.steps else 0.0, p.step, p.steps)
     if job.state == "queued":
         text, pct = f"Waiting in the queue (position {job.queue_position})…", 0
     elif not p.steps:
@@ -295,6 +298,16 @@ def progress_html(job: Any, prefix_text: str = "") -> str:
     return (f"<div class='studio-progress' data-state='{job.state}'><div class='studio-progress-bar' "
             f"style='width:{pct}%'></div><span class='studio-progress-text'>{html.escape(prefix_text + text)}"
             "</span></div>")
+
+
+INTERRUPTING = "Interrupting… (the current step finishes first)"
+
+
+def interrupting_html(fraction: float = 0.0, step: int = 0, steps: int = 0) -> str:
+    at = f" · at step {step}/{steps}" if steps else ""
+    return (f"<div class='studio-progress' data-state='interrupting'><div class='studio-progress-bar' "
+            f"style='width:{int(fraction * 100)}%'></div><span class='studio-progress-text'>"
+            f"{html.escape(INTERRUPTING + at)}</span></div>")
 
 
 def progress_html_text(text: str) -> str:
@@ -312,12 +325,19 @@ def _reuse_seed(state: dict, seed: Any) -> Any:
     return seeds[min(int(state.get("selected", 0)), len(seeds) - 1)] if seeds else seed
 
 
-def _control(studio: Any, job_id: str | None, action: str) -> None:
+def _interrupt_now(studio: Any, job_id: str | None) -> Any:
+    """Interrupt, and show it at once (nothing running: the status stays as it is)."""
+    job = _control(studio, job_id, "interrupt")
+    return progress_html(job) if job is not None and not job.done else gr.update()
+
+
+def _control(studio: Any, job_id: str | None, action: str) -> Any:
     job = studio.queue.get(job_id) if job_id else None
     if job is None or job.done:
         job = studio.queue.current()
     if job is not None:
         getattr(job, action)()
+    return job
 
 
 def _open_folder(folder: Path) -> str:
