@@ -40,3 +40,24 @@ def test_interrupt_shows_at_once_while_the_step_still_runs(page, studio):
 def test_interrupt_without_a_job_changes_nothing(page, studio):
     (fn,) = handlers(page, by_id(page, "img2img_interrupt"), "click")
     assert fn.fn(None) == {"__type__": "update"}
+
+
+def test_dropped_train_files_are_imported_at_once(page, studio, tmp_path):
+    from PIL import Image
+    files = []
+    for i in range(2):
+        path = tmp_path / f"shape{i}.png"
+        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(path)
+        (tmp_path / f"shape{i}.txt").write_text(f"shp, shape {i}", encoding="utf-8")
+        files += [str(path), str(tmp_path / f"shape{i}.txt")]
+    drop = by_id(page, "train_files")
+    (fn,) = handlers(page, drop, "upload")
+    values = [files if c is drop else c.value for c in fn.inputs]
+    out = dict(zip(fn.outputs, fn.fn(*values)))
+    folder = out[by_id(page, "train_dataset_dir")]
+    assert folder and sorted(p.name for p in __import__("pathlib").Path(folder).glob("*.png")) == \
+        ["shape0.png", "shape1.png"]
+    rows = out[by_id(page, "train_captions")]
+    assert [r[1] for r in rows] == ["shp, shape 0", "shp, shape 1"]
+    assert "Imported 4 file(s)" in out[by_id(page, "train_import_report")]
+    assert out[drop] is None                      # the drop box is emptied: Import will not add them twice
