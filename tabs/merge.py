@@ -17,6 +17,7 @@ from studio.merge.service import field_label, submit_checkpoint_merge
 from tabs import merge_lora
 from webui import jobview
 from webui.common import checkpoint_titles, current_checkpoint_title, error_html, note_html
+from webui.icons import icon_button
 from webui.model_lists import model_list, refresh_button
 
 # label -> engine method (the engine's own table lives in a torch-importing module)
@@ -50,8 +51,8 @@ def _checkpoints(studio: Any) -> dict:
                            ("c", "Tertiary model (C, add difference only)")):
             me[key] = model_list(gr.Dropdown(titles, value=None, label=label, elem_id=f"merge_model_{key}", scale=3,
                                              allow_custom_value=True), "checkpoint")
-        me["refresh"] = refresh_button(gr.Button("🔄", elem_id="merge_refresh", elem_classes=["refresh-button"],
-                                                 scale=0, min_width=44))
+        me["refresh"] = refresh_button(icon_button("Refresh", "refresh", elem_id="merge_refresh",
+                                                   elem_classes=["refresh-button"], scale=0, min_width=44))
     with gr.Row():
         me["method"] = gr.Radio(list(METHODS.items()), value="weighted_sum", label="Interpolation method",
                                 elem_id="merge_method", scale=2)

@@ -14,6 +14,7 @@ import gradio as gr
 
 from studio.errors import StudioError
 from webui.common import error_html, note_html
+from webui.icons import icon_button
 from webui.model_lists import model_list, refresh_button
 
 HIDDEN = dict(queue=False, api_visibility="private")
@@ -173,13 +174,13 @@ def _unit(studio: Any, prefix: str, with_init: bool, init_label: str, big: bool)
     with gr.Row(equal_height=False, elem_classes=["cn-tools"]):
         u["module"] = gr.Dropdown(module_choices(studio), value="none", label="Preprocessor",
                                   elem_id=f"{prefix}_module", scale=3, min_width=160)
-        u["preview_button"] = gr.Button("💥 Preview", elem_id=f"{prefix}_preview_button", scale=0, min_width=110,
-                                        size="md")
-        # every unit's list (and every other model list) is refreshed by any 🔄: see webui.model_lists
+        u["preview_button"] = icon_button("Preview", "preview", text=True, elem_id=f"{prefix}_preview_button",
+                                          scale=0, min_width=110, size="md")
+        # every unit's list (and every other model list) is refreshed by any refresh button: see webui.model_lists
         u["model"] = model_list(gr.Dropdown(model_choices(studio), value="None", label="Model",
                                             elem_id=f"{prefix}_model", scale=4, min_width=200), "controlnet")
-        u["refresh"] = refresh_button(gr.Button("🔄", elem_id=f"{prefix}_refresh", elem_classes=["refresh-button"],
-                                                scale=0, min_width=44))
+        u["refresh"] = refresh_button(icon_button("Refresh", "refresh", elem_id=f"{prefix}_refresh",
+                                                  elem_classes=["refresh-button"], scale=0, min_width=44))
     with gr.Row():
         u["weight"] = gr.Slider(0, 2, value=1, step=0.05, label="Control weight", elem_id=f"{prefix}_weight")
         u["guidance_start"] = gr.Slider(0, 1, value=0, step=0.01, label="Starting control step",

@@ -21,6 +21,7 @@ from typing import Any
 import gradio as gr
 
 from webui.model_lists import refresh_button
+from webui.icons import icon_button
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def extra_networks_panel(studio: Any, prompt_box: Any, tab: str) -> dict:
             search = gr.Textbox("", placeholder="Search by name, alias or trigger word…", show_label=False,
                                 container=False, scale=5, elem_id=f"{tab}_extra_search")
             # also a refresh of every model list of the page (webui.model_lists)
-            refresh = refresh_button(gr.Button("🔄 Refresh", size="sm", scale=0, min_width=110,
+            refresh = refresh_button(icon_button("Refresh", "refresh", text=True, size="sm", scale=0, min_width=110,
                                                elem_id=f"{tab}_extra_refresh"))
         with gr.Tabs(elem_id=f"{tab}_extra_tabs"):
             with gr.Tab("Lora", id=f"{tab}_extra_lora"):

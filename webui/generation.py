@@ -24,6 +24,7 @@ from studio.errors import StudioError
 from studio.request import GenerationRequest
 from studio.samplers import SAMPLERS, SCHEDULE_TYPES
 from webui.common import DEMO_NOTE, TokenCounter, error_html, is_demo_model, note_html
+from webui.icons import icon_button
 
 POLL_SECONDS = 0.2
 SEND_TARGETS = (("img2img", "Send to img2img"), ("inpaint", "Send to inpaint"), ("controlnet", "Send to ControlNet"))
@@ -92,8 +93,10 @@ def sampling_options(prefix: str, studio: Any, f: dict, *, size: bool = True,
     f["cfg_scale"] = gr.Slider(1, 30, value=d.cfg_scale, step=0.5, label="CFG Scale", elem_id=f"{prefix}_cfg")
     with gr.Row():
         f["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{prefix}_seed", scale=5)
-        random_seed = gr.Button("🎲", elem_id=f"{prefix}_random_seed", scale=0, min_width=48, size="sm")
-        reuse_seed = gr.Button("♻️", elem_id=f"{prefix}_reuse_seed", scale=0, min_width=48, size="sm")
+        random_seed = icon_button("Random seed (-1)", "dice", elem_id=f"{prefix}_random_seed", scale=0,
+                                  min_width=48, size="sm")
+        reuse_seed = icon_button("Reuse the seed of the selected image", "reuse", elem_id=f"{prefix}_reuse_seed",
+                                 scale=0, min_width=48, size="sm")
     with gr.Accordion("Variation seed", open=False, elem_id=f"{prefix}_variation"):
         with gr.Row():
             f["subseed"] = gr.Number(value=-1, precision=0, label="Variation seed", elem_id=f"{prefix}_subseed")
@@ -119,7 +122,8 @@ def output_panel(prefix: str, studio: Any, folder: str) -> dict:
     with gr.Row(elem_id=f"{prefix}_send_row", elem_classes=["send-row"]):
         out["send"] = {target: gr.Button(label, elem_id=f"{prefix}_send_{target}", size="sm", min_width=120)
                        for target, label in SEND_TARGETS}
-        open_folder = gr.Button("📂 Open outputs folder", elem_id=f"{prefix}_open_folder", size="sm", min_width=160)
+        open_folder = icon_button("Open outputs folder", "folder", text=True, elem_id=f"{prefix}_open_folder",
+                                  size="sm", min_width=160)
     path = Path(studio.settings.outdir).resolve() / f"{folder}-images"
     folder_note = gr.Markdown(f"Saved to `{path}`", elem_id=f"{prefix}_folder")
     out["info"] = gr.HTML("", elem_id=f"{prefix}_info")
@@ -131,7 +135,7 @@ def output_panel(prefix: str, studio: Any, folder: str) -> dict:
 
 
 def wire_controls(studio: Any, me: dict, seed_buttons: dict) -> None:
-    """Interrupt / Skip (this page's job, else the running one) and ♻️ (seed of the selected image)."""
+    """Interrupt / Skip (this page's job, else the running one) and reuse-seed (seed of the selected image)."""
     prefix = me["prefix"]
     # queue=False: the status says "Interrupting…" at once, though the engine stops only at the step's end
     me["interrupt"].click(lambda job_id: _interrupt_now(studio, job_id), me["job_state"], me["progress"],

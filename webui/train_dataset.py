@@ -17,6 +17,7 @@ from studio.errors import StudioError
 from studio.training.config import TrainConfig
 from webui.common import error_html, note_html
 from webui.generation import HIDDEN
+from webui.icons import icon_button
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def build(studio: Any, f: dict) -> dict:
         with gr.Column(scale=3):
             f["dataset_dir"] = gr.Textbox("", label="Dataset folder (what training reads; Enter rescans)",
                                           elem_id="train_dataset_dir", placeholder="import, or type a folder")
-            d["rescan"] = gr.Button("🔄 Rescan folder", elem_id="train_dataset_rescan", size="sm")
+            d["rescan"] = icon_button("Rescan folder", "refresh", text=True, elem_id="train_dataset_rescan", size="sm")
             d["report"] = gr.HTML("", elem_id="train_import_report")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
