@@ -48,8 +48,8 @@ PROVIDERS: dict[str, Provider] = {
 
 
 def model_list(component: Any, kind: str, *, current: bool = False) -> Any:
-    """Mark a dropdown as showing the ``kind`` models. ``current``: a page load also sets it to the loaded
-    checkpoint (the quicksettings list)."""
+    """Mark a dropdown as showing the ``kind`` models. ``current``: a page load (or a refresh while it is empty)
+    also sets it to the loaded / default checkpoint (the quicksettings list)."""
     if kind not in PROVIDERS:
         raise ValueError(f"unknown model list kind {kind!r}; known: {', '.join(PROVIDERS)}")
     setattr(component, MARK, (kind, current))
@@ -57,7 +57,7 @@ def model_list(component: Any, kind: str, *, current: bool = False) -> Any:
 
 
 def refresh_button(button: Any) -> Any:
-    """Mark a 🔄 button: clicking it rescans every model folder and refreshes every model list."""
+    """Mark a refresh button: clicking it rescans every model folder and refreshes every model list."""
     setattr(button, REFRESH_MARK, True)
     return button
 
@@ -110,7 +110,7 @@ class ModelLists:
                 if value not in choices and value not in (None, "") and not getattr(comp, "allow_custom_value",
                                                                                     False):
                     update["value"] = PROVIDERS[kind].fallback
-            if initial and current:
+            if current and (initial or value in (None, "")):   # the first checkpoint dropped into an empty list
                 update["value"] = current_checkpoint_title(self.studio)
             out.append(gr.update(**update))
         return out, fresh
