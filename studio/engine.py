@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from .errors import JobInterrupted, StudioError
+from .filenames import NameContext
 from .img2img import prepare
 from .infotext import INFOTEXT_VERSION, build_params, format_infotext
 from .manager import Loaded, PipelineManager
@@ -199,7 +200,7 @@ class Engine:
                     run.infotext["TI hashes"] = self.loras.infotext_hashes([p for p in pairs if p[1]])
                 for i, image in enumerate(images):
                     self._finish_image(result, request, image, seeds[lo + i], subseeds[lo + i], loaded, sampler,
-                                       schedule, run.infotext)
+                                       schedule, run.infotext, all_seeds=seeds)
                 if batch == 0:
                     self._save_detected_maps(run, result)
             result.interrupted = bool(ctx.interrupted) or getattr(ctx, "stopped_by_extension", False)
@@ -278,7 +279,8 @@ class Engine:
         return fitted
 
     def _finish_image(self, result: GenerationResult, request: GenerationRequest, image: Any, seed: int,
-                      subseed: int, loaded: Loaded, sampler: str, schedule: str, extra: dict) -> None:
+                      subseed: int, loaded: Loaded, sampler: str, schedule: str, extra: dict,
+                      all_seeds: list[int] | None = None) -> None:
         shown = request.replace(sampler_name=sampler, scheduler=schedule)
         params = build_params(shown, seed=seed, subseed=subseed, model_name=loaded.info.model_name,
                               model_hash=loaded.info.short_hash,
@@ -297,6 +299,10 @@ class Engine:
                     if version is not None:
                         params["Version"] = version
         infotext = format_infotext(request.prompt, request.negative_prompt, params)
+        names = NameContext.from_request(request, seed=seed, image=image, index=len(result.images),
+                                         all_seeds=all_seeds or [seed], sampler=sampler, scheduler=schedule,
+                                         model_name=loaded.info.model_name, model_hash=loaded.info.short_hash or "",
+                                         job_timestamp=result.job_timestamp)
         result.images.append(image)
         result.seeds.append(seed)
         result.subseeds.append(subseed)
@@ -305,7 +311,9 @@ class Engine:
         result.infotexts.append(infotext)
         if request.save_images and self.settings.save_images:
             folder = "img2img" if request.mode in ("img2img", "inpaint") else "txt2img"
-            path = self.outputs.save(image, mode=folder, seed=seed, infotext=infotext)
+            # the live setting: a pattern saved in Settings applies to the next image
+            path = self.outputs.save(image, mode=folder, seed=seed, infotext=infotext,
+                                     pattern=self.settings.filename_pattern, context=names)
             result.paths.append(str(path))
             if ext is not None and ext.has("studio_image_saved"):
                 from .extension_api import SavedImage

@@ -103,6 +103,11 @@ class Job:
             raise self.error
         return self.result
 
+    @property
+    def interrupt_requested(self) -> bool:
+        """True once ``interrupt()`` was asked for (a running job stops at its next check, e.g. a step's end)."""
+        return self._interrupt
+
     def interrupt(self) -> bool:
         """Stop the job: a running one at its next check, a queued one is cancelled without running."""
         return self._queue._interrupt(self)

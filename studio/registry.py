@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import StudioError
+from .folders import FolderWatch
 from .hashes import HashCache, short_hash
 from .settings import Settings
 
@@ -83,17 +84,29 @@ class Registry:
         self._lock = threading.RLock()
         self._checkpoints: dict[str, CheckpointInfo] = {}
         self._vaes: dict[str, VaeInfo] = {}
+        self._watch = FolderWatch()
         self.refresh()
 
     # ---- scanning --------------------------------------------------------------------------------
     def refresh(self) -> None:
         """Re-read the checkpoint and VAE folders (cheap: no file is opened)."""
         with self._lock:
+            self._watch.mark(self._roots())
             self._checkpoints = self._scan_checkpoints(self.settings.ckpt_path)
             self._vaes = self._scan_vaes(self.settings.vae_path)
             for info in self._checkpoints.values():  # hashes already known cost nothing
                 if info.kind == "file":
                     info.sha256 = self.hashes.get_cached(info.path, "checkpoint")
+
+    def _roots(self) -> list[Path]:
+        return [self.settings.ckpt_path, self.settings.vae_path]
+
+    def refresh_if_changed(self) -> bool:
+        """Rescan when a file was added, removed or rewritten since the last scan (a stat walk, no file read)."""
+        if not self._watch.changed(self._roots()):
+            return False
+        self.refresh()
+        return True
 
     def refresh_vaes(self) -> None:
         with self._lock:

@@ -12,6 +12,7 @@ import gradio as gr
 
 from studio.errors import StudioError
 from webui.common import error_html, note_html
+from webui.icons import icon_button
 
 RESTART_NOTE = ("Enabling or disabling an extension is saved at once and **takes effect after a UI reload / "
                 "restart** of the studio (extensions are imported once, when it starts). New installs too.")
@@ -22,7 +23,7 @@ def build(studio: Any) -> dict:
     gr.Markdown(RESTART_NOTE, elem_id="extensions_note")
     # a callable value is re-read on every page load: errors of extension tabs built after this one show up
     table = gr.HTML(lambda: render_table(manager), elem_id="extensions_table")
-    refresh = gr.Button("🔄 Refresh list", elem_id="extensions_refresh", scale=0, min_width=160)
+    refresh = icon_button("Refresh list", "refresh", text=True, elem_id="extensions_refresh", scale=0, min_width=160)
     enabled = gr.CheckboxGroup(_names(manager), value=_enabled(manager), elem_id="extensions_enabled",
                                label="Enabled extensions (takes effect after a UI reload / restart)")
     enabled_msg = gr.HTML("", elem_id="extensions_enabled_message")

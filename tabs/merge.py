@@ -17,6 +17,8 @@ from studio.merge.service import field_label, submit_checkpoint_merge
 from tabs import merge_lora
 from webui import jobview
 from webui.common import checkpoint_titles, current_checkpoint_title, error_html, note_html
+from webui.icons import icon_button
+from webui.model_lists import model_list, refresh_button
 
 # label -> engine method (the engine's own table lives in a torch-importing module)
 METHODS = {"Weighted sum": "weighted_sum", "Add difference": "add_difference", "No interpolation": "no_interpolation"}
@@ -45,14 +47,12 @@ def _checkpoints(studio: Any) -> dict:
     titles = checkpoint_titles(studio)
     with gr.Row(equal_height=True):
         # custom values allowed: a title gains its hash once the file is hashed, the chosen name stays valid
-        me["a"] = gr.Dropdown(titles, value=None, label="Primary model (A)", elem_id="merge_model_a", scale=3,
-                              allow_custom_value=True)
-        me["b"] = gr.Dropdown(titles, value=None, label="Secondary model (B)", elem_id="merge_model_b", scale=3,
-                              allow_custom_value=True)
-        me["c"] = gr.Dropdown(titles, value=None, label="Tertiary model (C, add difference only)",
-                              elem_id="merge_model_c", scale=3, allow_custom_value=True)
-        me["refresh"] = gr.Button("🔄", elem_id="merge_refresh", elem_classes=["refresh-button"], scale=0,
-                                  min_width=44)
+        for key, label in (("a", "Primary model (A)"), ("b", "Secondary model (B)"),
+                           ("c", "Tertiary model (C, add difference only)")):
+            me[key] = model_list(gr.Dropdown(titles, value=None, label=label, elem_id=f"merge_model_{key}", scale=3,
+                                             allow_custom_value=True), "checkpoint")
+        me["refresh"] = refresh_button(icon_button("Refresh", "refresh", elem_id="merge_refresh",
+                                                   elem_classes=["refresh-button"], scale=0, min_width=44))
     with gr.Row():
         me["method"] = gr.Radio(list(METHODS.items()), value="weighted_sum", label="Interpolation method",
                                 elem_id="merge_method", scale=2)
@@ -66,7 +66,8 @@ def _checkpoints(studio: Any) -> dict:
         me["format"] = gr.Radio(FORMATS, value="safetensors", label="Format", elem_id="merge_format", scale=2)
         me["fp16"] = gr.Checkbox(False, label="Save as float16", elem_id="merge_fp16", scale=1)
     with gr.Row():
-        me["vae"] = gr.Dropdown(vae_names(studio), value="None", label="Bake in VAE", elem_id="merge_bake_vae")
+        me["vae"] = model_list(gr.Dropdown(vae_names(studio), value="None", label="Bake in VAE",
+                                           elem_id="merge_bake_vae"), "bake_vae")
         me["discard"] = gr.Textbox("", label="Discard weights (regex on key names)", elem_id="merge_discard",
                                    placeholder=r"e.g. ^model_ema\.")
     with gr.Row():
@@ -83,9 +84,7 @@ def _checkpoints(studio: Any) -> dict:
     me["job_state"] = gr.State(None)
 
     me["method"].change(lambda m: f"`{METHOD_HELP.get(m, '')}`", me["method"], method_help, **HIDDEN)
-    me["refresh"].click(lambda: _pickers(studio, refresh=True, n=3) + [gr.update(choices=vae_names(studio))],
-                        None, [me["a"], me["b"], me["c"], me["vae"]], **HIDDEN)
-    me["interrupt"].click(lambda job_id: _interrupt(studio, job_id), me["job_state"], None, **HIDDEN)
+    me["interrupt"].click(lambda job_id: _interrupt(studio, job_id), me["job_state"], me["progress"], **HIDDEN)
     return me
 
 
@@ -137,12 +136,6 @@ def _fmt(values) -> str:
     return ",".join(f"{float(v):g}" for v in values)
 
 
-def _pickers(studio: Any, *, refresh: bool = False, n: int) -> list:
-    if refresh:
-        studio.registry.refresh()
-    return [gr.update(choices=checkpoint_titles(studio))] * n
-
-
 def retitle(studio: Any, value: str | None) -> str | None:
     """The current title of a chosen checkpoint ("name [hash]" once hashed); unknown values stay as they are."""
     if not value:
@@ -155,8 +148,10 @@ def retitle(studio: Any, value: str | None) -> str | None:
 
 def _interrupt(studio: Any, job_id: str | None) -> None:
     job = studio.queue.get(job_id) if job_id else None
-    if job is not None and job.kind == "merge":  # never stop someone's generation from here
-        job.interrupt()
+    if job is None or job.kind != "merge" or job.done:  # never stop someone's generation from here
+        return gr.update()
+    job.interrupt()
+    return jobview.progress_html(job)     # "Interrupting…" at once, not when the current tensor is done
 
 
 def _spec(a, b, c, method, multiplier, use_blocks, block_text, te, output_name, fmt, fp16, vae, discard,

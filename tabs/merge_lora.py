@@ -16,6 +16,7 @@ from studio.errors import StudioError
 from studio.merge.service import field_label, submit_lora
 from webui import jobview
 from webui.common import checkpoint_titles, note_html
+from webui.model_lists import model_list
 
 HIDDEN = dict(queue=False, api_visibility="private")
 RESIZE_METHODS = [("Fixed rank", "fixed"), ("Singular-value ratio (sv_ratio)", "sv_ratio"),
@@ -52,7 +53,8 @@ def parse_lora_list(text: str) -> list[tuple]:
 
 
 def _lora_list(prefix: str, studio: Any, t: dict) -> None:
-    t["add"] = gr.Dropdown(lora_names(studio), value=None, label="Add a LoRA", elem_id=f"{prefix}_add")
+    t["add"] = model_list(gr.Dropdown(lora_names(studio), value=None, label="Add a LoRA", elem_id=f"{prefix}_add"),
+                          "lora")
     t["list"] = gr.Textbox("", lines=4, label="LoRAs (one per line: name:weight or name:te_weight:unet_weight)",
                            elem_id=f"{prefix}_list", placeholder="myLora:0.8\notherLora:0.5")
 
@@ -91,8 +93,9 @@ def build(studio: Any) -> dict:
     with gr.Tabs(elem_id="merge_lora_tools"):
         with gr.Tab("Bake into checkpoint", id="bake", elem_id="merge_lora_tab_bake"):
             t = tools["bake"] = {"verb": "Bake"}
-            t["checkpoint"] = gr.Dropdown(titles, value=None, label="Checkpoint", elem_id="merge_bake_checkpoint",
-                                          allow_custom_value=True)
+            t["checkpoint"] = model_list(gr.Dropdown(titles, value=None, label="Checkpoint",
+                                                     elem_id="merge_bake_checkpoint", allow_custom_value=True),
+                                         "checkpoint")
             _lora_list("merge_bake", studio, t)
             _output_row("merge_bake", t, fp16=False, metadata=True)
         with gr.Tab("Merge LoRAs", id="merge", elem_id="merge_lora_tab_merge"):
@@ -104,7 +107,8 @@ def build(studio: Any) -> dict:
             _output_row("merge_loras", t, fp16=True)
         with gr.Tab("Resize", id="resize", elem_id="merge_lora_tab_resize"):
             t = tools["resize"] = {"verb": "Resize"}
-            t["lora"] = gr.Dropdown(lora_names(studio), value=None, label="LoRA", elem_id="merge_resize_lora")
+            t["lora"] = model_list(gr.Dropdown(lora_names(studio), value=None, label="LoRA",
+                                               elem_id="merge_resize_lora"), "lora")
             t["method"] = gr.Radio(RESIZE_METHODS, value="fixed", label="New rank by", elem_id="merge_resize_method")
             _rank_sliders("merge_resize", t, 16, "Conv rank (0: same as rank)")
             t["param"] = gr.Number(0.9, label="Parameter (ratio ≥ 1 for sv_ratio, share 0–1 for sv_fro / "
@@ -115,10 +119,12 @@ def build(studio: Any) -> dict:
         with gr.Tab("Extract", id="extract", elem_id="merge_lora_tab_extract"):
             t = tools["extract"] = {"verb": "Extract"}
             with gr.Row():
-                t["tuned"] = gr.Dropdown(titles, value=None, label="Tuned model", elem_id="merge_extract_tuned",
-                                         allow_custom_value=True)
-                t["base"] = gr.Dropdown(titles, value=None, label="Base model", elem_id="merge_extract_base",
-                                        allow_custom_value=True)
+                t["tuned"] = model_list(gr.Dropdown(titles, value=None, label="Tuned model",
+                                                    elem_id="merge_extract_tuned", allow_custom_value=True),
+                                        "checkpoint")
+                t["base"] = model_list(gr.Dropdown(titles, value=None, label="Base model",
+                                                   elem_id="merge_extract_base", allow_custom_value=True),
+                                       "checkpoint")
             _rank_sliders("merge_extract", t, 32, "Conv rank (3×3 convs; 0: none)")
             with gr.Row():
                 t["clamp"] = gr.Slider(0.5, 1, value=0.99, step=0.001, label="Clamp quantile (1: no clamp)",
@@ -127,16 +133,18 @@ def build(studio: Any) -> dict:
                                           elem_id="merge_extract_min_diff")
             _output_row("merge_extract", t, fp16=True)
     for t in tools.values():
-        t["interrupt"].click(lambda job_id: _interrupt(studio, job_id), t["job_state"], None, **HIDDEN)
+        t["interrupt"].click(lambda job_id: _interrupt(studio, job_id), t["job_state"], t["progress"], **HIDDEN)
     return {"tools": tools, "checkpoint_pickers": [tools["bake"]["checkpoint"], tools["extract"]["tuned"],
                                                    tools["extract"]["base"]],
             "lora_pickers": [tools["bake"]["add"], tools["merge"]["add"], tools["resize"]["lora"]]}
 
 
-def _interrupt(studio: Any, job_id: str | None) -> None:
+def _interrupt(studio: Any, job_id: str | None) -> Any:
     job = studio.queue.get(job_id) if job_id else None
-    if job is not None and job.kind == "merge":
-        job.interrupt()
+    if job is None or job.kind != "merge" or job.done:
+        return gr.update()
+    job.interrupt()
+    return jobview.progress_html(job)     # "Interrupting…" at once
 
 
 def _int(v) -> int:

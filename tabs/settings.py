@@ -24,7 +24,9 @@ SECTIONS = [
         ("ram_budget_mb", "RAM budget for cached models, MB (0: from system RAM)"),
     ]),
     ("Outputs", [
-        ("outdir", "Output folder"), ("filename_pattern", "File name pattern"),
+        ("outdir", "Output folder"),
+        ("filename_pattern", "File name pattern (after the 00000- counter; A1111 tags: [seed] [prompt_words] "
+                             "[model_name] [datetime<%Y%m%d>] ...)"),
         ("save_images", "Save every generated image"),
     ]),
     ("Defaults and limits", [

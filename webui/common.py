@@ -10,7 +10,7 @@ NO_CHECKPOINT_HELP = """\
 ### No checkpoint yet
 The studio needs a Stable Diffusion checkpoint (`.safetensors`) to make images. Any one of these works:
 
-1. **Drop a file** into `{ckpt_dir}` and press 🔄 next to the checkpoint list at the top.
+1. **Drop a file** into `{ckpt_dir}` and press the refresh button next to the checkpoint list at the top.
 2. **Use an AUTOMATIC1111 install:** start with `python launch.py --ckpt-dir /path/to/stable-diffusion-webui/models/Stable-diffusion`.
 3. **Type a Hugging Face repo id** (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`) into the checkpoint box
    when online and started with `--allow-download`.

@@ -14,6 +14,8 @@ import gradio as gr
 
 from studio.errors import StudioError
 from webui.common import error_html, note_html
+from webui.icons import icon_button
+from webui.model_lists import model_list, refresh_button
 
 HIDDEN = dict(queue=False, api_visibility="private")
 # what infotext restores (PNG Info / Send to), in this order
@@ -172,12 +174,13 @@ def _unit(studio: Any, prefix: str, with_init: bool, init_label: str, big: bool)
     with gr.Row(equal_height=False, elem_classes=["cn-tools"]):
         u["module"] = gr.Dropdown(module_choices(studio), value="none", label="Preprocessor",
                                   elem_id=f"{prefix}_module", scale=3, min_width=160)
-        u["preview_button"] = gr.Button("💥 Preview", elem_id=f"{prefix}_preview_button", scale=0, min_width=110,
-                                        size="md")
-        u["model"] = gr.Dropdown(model_choices(studio), value="None", label="Model", elem_id=f"{prefix}_model",
-                                 scale=4, min_width=200)
-        u["refresh"] = gr.Button("🔄", elem_id=f"{prefix}_refresh", elem_classes=["refresh-button"], scale=0,
-                                 min_width=44)
+        u["preview_button"] = icon_button("Preview", "preview", text=True, elem_id=f"{prefix}_preview_button",
+                                          scale=0, min_width=110, size="md")
+        # every unit's list (and every other model list) is refreshed by any refresh button: see webui.model_lists
+        u["model"] = model_list(gr.Dropdown(model_choices(studio), value="None", label="Model",
+                                            elem_id=f"{prefix}_model", scale=4, min_width=200), "controlnet")
+        u["refresh"] = refresh_button(icon_button("Refresh", "refresh", elem_id=f"{prefix}_refresh",
+                                                  elem_classes=["refresh-button"], scale=0, min_width=44))
     with gr.Row():
         u["weight"] = gr.Slider(0, 2, value=1, step=0.05, label="Control weight", elem_id=f"{prefix}_weight")
         u["guidance_start"] = gr.Slider(0, 1, value=0, step=0.01, label="Starting control step",
@@ -217,7 +220,6 @@ def _wire(studio: Any, u: dict) -> None:
     u["ready_map"].input(lambda ready, m: [gr.update(value="none" if ready else m, interactive=not ready),
                                            *slider_updates(studio, "none" if ready else m)],
                          [u["ready_map"], u["module"]], [u["module"], *sliders], **HIDDEN)
-    u["refresh"].click(lambda current: _refresh_models(studio, current), u["model"], u["model"], **HIDDEN)
 
 
 def _wire_preview(studio: Any, u: dict, size: tuple[Any, Any] | None, init: Any) -> None:
@@ -291,12 +293,6 @@ def _model_for(studio: Any, module: str, current: str) -> Any:
     family = module.split("_")[0].lower()
     match = next((t for t in studio.controlnets.titles() if family in t.lower()), None)
     return match or gr.update()
-
-
-def _refresh_models(studio: Any, current: str) -> Any:
-    studio.controlnets.refresh()
-    titles = model_choices(studio)
-    return gr.update(choices=titles, value=current if current in titles else "None")
 
 
 # ---- preview ---------------------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ from typing import Any
 
 import gradio as gr
 
+from webui.model_lists import refresh_button
+from webui.icons import icon_button
+
 log = logging.getLogger(__name__)
 
 HIDDEN = dict(queue=False, api_visibility="private", show_progress="hidden")
@@ -98,7 +101,9 @@ def extra_networks_panel(studio: Any, prompt_box: Any, tab: str) -> dict:
         with gr.Row(equal_height=True):
             search = gr.Textbox("", placeholder="Search by name, alias or trigger word…", show_label=False,
                                 container=False, scale=5, elem_id=f"{tab}_extra_search")
-            refresh = gr.Button("🔄 Refresh", size="sm", scale=0, min_width=110, elem_id=f"{tab}_extra_refresh")
+            # also a refresh of every model list of the page (webui.model_lists)
+            refresh = refresh_button(icon_button("Refresh", "refresh", text=True, size="sm", scale=0, min_width=110,
+                                               elem_id=f"{tab}_extra_refresh"))
         with gr.Tabs(elem_id=f"{tab}_extra_tabs"):
             with gr.Tab("Lora", id=f"{tab}_extra_lora"):
                 lora = gr.HTML(cards.loras(), js_on_load=_on_load_js(tab), css_template=CSS,
@@ -106,8 +111,9 @@ def extra_networks_panel(studio: Any, prompt_box: Any, tab: str) -> dict:
             with gr.Tab("Textual Inversion", id=f"{tab}_extra_ti"):
                 ti = gr.HTML(cards.embeddings(), js_on_load=_on_load_js(tab), css_template=CSS,
                              elem_id=f"{tab}_extra_ti_cards")
-    # opening re-renders without a rescan: a model may have loaded (fit / warning badges) since the page was built
-    accordion.expand(lambda: (cards.loras(), cards.embeddings()), None, [lora, ti], **HIDDEN)
+    # opening re-renders (a model may have loaded since: fit / warning badges), rescanning only folders whose files
+    # changed (a LoRA trained or dropped in meanwhile)
+    accordion.expand(lambda: cards.refresh(only_changed=True), None, [lora, ti], **HIDDEN)
     refresh.click(lambda: cards.refresh(), None, [lora, ti], **HIDDEN)
     # .change, not .input: a js-only .input listener never fired on this Textbox in Gradio 6.31 (checked in Chromium)
     search.change(None, search, None, js=f"""(q) => {{
@@ -178,9 +184,12 @@ class CardRenderer:
         return None, getattr(current, "family", None)
 
     # ---- actions -------------------------------------------------------------------------------------------
-    def refresh(self) -> tuple[str, str]:
-        self.studio.loras.refresh()
-        self.studio.embeddings.refresh()
+    def refresh(self, only_changed: bool = False) -> tuple[str, str]:
+        for library in (self.studio.loras, self.studio.embeddings):
+            if only_changed and hasattr(library, "refresh_if_changed"):
+                library.refresh_if_changed()
+            elif not only_changed:
+                library.refresh()
         return self.loras(), self.embeddings()
 
     def loras(self) -> str:

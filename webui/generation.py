@@ -24,6 +24,7 @@ from studio.errors import StudioError
 from studio.request import GenerationRequest
 from studio.samplers import SAMPLERS, SCHEDULE_TYPES
 from webui.common import DEMO_NOTE, TokenCounter, error_html, is_demo_model, note_html
+from webui.icons import icon_button
 
 POLL_SECONDS = 0.2
 SEND_TARGETS = (("img2img", "Send to img2img"), ("inpaint", "Send to inpaint"), ("controlnet", "Send to ControlNet"))
@@ -92,8 +93,10 @@ def sampling_options(prefix: str, studio: Any, f: dict, *, size: bool = True,
     f["cfg_scale"] = gr.Slider(1, 30, value=d.cfg_scale, step=0.5, label="CFG Scale", elem_id=f"{prefix}_cfg")
     with gr.Row():
         f["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{prefix}_seed", scale=5)
-        random_seed = gr.Button("🎲", elem_id=f"{prefix}_random_seed", scale=0, min_width=48, size="sm")
-        reuse_seed = gr.Button("♻️", elem_id=f"{prefix}_reuse_seed", scale=0, min_width=48, size="sm")
+        random_seed = icon_button("Random seed (-1)", "dice", elem_id=f"{prefix}_random_seed", scale=0,
+                                  min_width=48, size="sm")
+        reuse_seed = icon_button("Reuse the seed of the selected image", "reuse", elem_id=f"{prefix}_reuse_seed",
+                                 scale=0, min_width=48, size="sm")
     with gr.Accordion("Variation seed", open=False, elem_id=f"{prefix}_variation"):
         with gr.Row():
             f["subseed"] = gr.Number(value=-1, precision=0, label="Variation seed", elem_id=f"{prefix}_subseed")
@@ -119,7 +122,8 @@ def output_panel(prefix: str, studio: Any, folder: str) -> dict:
     with gr.Row(elem_id=f"{prefix}_send_row", elem_classes=["send-row"]):
         out["send"] = {target: gr.Button(label, elem_id=f"{prefix}_send_{target}", size="sm", min_width=120)
                        for target, label in SEND_TARGETS}
-        open_folder = gr.Button("📂 Open outputs folder", elem_id=f"{prefix}_open_folder", size="sm", min_width=160)
+        open_folder = icon_button("Open outputs folder", "folder", text=True, elem_id=f"{prefix}_open_folder",
+                                  size="sm", min_width=160)
     path = Path(studio.settings.outdir).resolve() / f"{folder}-images"
     folder_note = gr.Markdown(f"Saved to `{path}`", elem_id=f"{prefix}_folder")
     out["info"] = gr.HTML("", elem_id=f"{prefix}_info")
@@ -131,10 +135,11 @@ def output_panel(prefix: str, studio: Any, folder: str) -> dict:
 
 
 def wire_controls(studio: Any, me: dict, seed_buttons: dict) -> None:
-    """Interrupt / Skip (this page's job, else the running one) and ♻️ (seed of the selected image)."""
+    """Interrupt / Skip (this page's job, else the running one) and reuse-seed (seed of the selected image)."""
     prefix = me["prefix"]
-    me["interrupt"].click(lambda job_id: _control(studio, job_id, "interrupt"), me["job_state"], None,
-                          queue=False, api_name=f"{prefix}_interrupt")
+    # queue=False: the status says "Interrupting…" at once, though the engine stops only at the step's end
+    me["interrupt"].click(lambda job_id: _interrupt_now(studio, job_id), me["job_state"], me["progress"],
+                          queue=False, api_name=f"{prefix}_interrupt", show_progress="hidden")
     me["skip"].click(lambda job_id: _control(studio, job_id, "skip"), me["job_state"], None, queue=False,
                      api_name=f"{prefix}_skip")
     seed_buttons["reuse_seed"].click(_reuse_seed, [me["results"], me["fields"]["seed"]], me["fields"]["seed"],
@@ -283,6 +288,8 @@ def selected(state: dict | None) -> tuple[str | None, str]:
 
 def progress_html(job: Any, prefix_text: str = "") -> str:
     p = job.progress
+    if getattr(job, "interrupt_requested", False) and not job.done:
+        return interrupting_html(p.fraction if p.steps else 0.0, p.step, p.steps)
     if job.state == "queued":
         text, pct = f"Waiting in the queue (position {job.queue_position})…", 0
     elif not p.steps:
@@ -295,6 +302,16 @@ def progress_html(job: Any, prefix_text: str = "") -> str:
     return (f"<div class='studio-progress' data-state='{job.state}'><div class='studio-progress-bar' "
             f"style='width:{pct}%'></div><span class='studio-progress-text'>{html.escape(prefix_text + text)}"
             "</span></div>")
+
+
+INTERRUPTING = "Interrupting… (the current step finishes first)"
+
+
+def interrupting_html(fraction: float = 0.0, step: int = 0, steps: int = 0) -> str:
+    at = f" · at step {step}/{steps}" if steps else ""
+    return (f"<div class='studio-progress' data-state='interrupting'><div class='studio-progress-bar' "
+            f"style='width:{int(fraction * 100)}%'></div><span class='studio-progress-text'>"
+            f"{html.escape(INTERRUPTING + at)}</span></div>")
 
 
 def progress_html_text(text: str) -> str:
@@ -312,12 +329,19 @@ def _reuse_seed(state: dict, seed: Any) -> Any:
     return seeds[min(int(state.get("selected", 0)), len(seeds) - 1)] if seeds else seed
 
 
-def _control(studio: Any, job_id: str | None, action: str) -> None:
+def _interrupt_now(studio: Any, job_id: str | None) -> Any:
+    """Interrupt, and show it at once (nothing running: the status stays as it is)."""
+    job = _control(studio, job_id, "interrupt")
+    return progress_html(job) if job is not None and not job.done else gr.update()
+
+
+def _control(studio: Any, job_id: str | None, action: str) -> Any:
     job = studio.queue.get(job_id) if job_id else None
     if job is None or job.done:
         job = studio.queue.current()
     if job is not None:
         getattr(job, action)()
+    return job
 
 
 def _open_folder(folder: Path) -> str:

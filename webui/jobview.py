@@ -16,7 +16,9 @@ POLL_SECONDS = 0.3
 def progress_html(job: Any) -> str:
     """The same bar as generation (``.studio-progress``), with the job's own text (tensor i/n · key)."""
     p = job.progress
-    if job.state == "queued":
+    if getattr(job, "interrupt_requested", False) and not job.done:
+        text, pct = "Interrupting… (the current tensor finishes first)", int(p.fraction * 100) if p.steps else 0
+    elif job.state == "queued":
         text, pct = f"Waiting in the queue (position {job.queue_position})…", 0
     else:
         pct = int(p.fraction * 100) if p.steps else 0

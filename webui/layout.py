@@ -10,6 +10,8 @@ import tabs
 from studio.errors import StudioError
 from webui import sendto
 from webui.extension_tabs import build_extension_tabs
+from webui.icons import TITLES_JS, icon_button, icons_css
+from webui.model_lists import ModelLists, model_list, refresh_button
 from webui.common import (NO_CHECKPOINT_HELP, checkpoint_titles, current_checkpoint_title, error_html, note_html,
                           vae_choices)
 
@@ -18,6 +20,13 @@ log = logging.getLogger(__name__)
 CSS = """
 #quicksettings { align-items: end; gap: 8px; }
 #quicksettings .refresh-button { max-width: 44px; min-width: 44px; height: 40px; }
+/* the status after a checkpoint switch fills its column at the row's height and scrolls inside it: a long error
+   (also shown as a toast) must not make the row taller and push every tab down */
+#quicksettings_status { align-self: stretch; position: relative; min-height: 0; padding: 0; }
+#quicksettings_status .studio-error, #quicksettings_status .studio-note { position: absolute; inset: 0;
+    overflow-y: auto; overflow-wrap: anywhere; margin: 0; font-size: 0.85em; }
+/* toasts float over everything, the positioned status box included */
+.toast-wrap { z-index: 1000 !important; }
 /* token counters sit over the top-right corner of their prompt box, as in A1111 */
 .token-box { margin-bottom: calc(-1 * var(--layout-gap) - 22px);
     z-index: 5; text-align: right; padding-right: 12px; pointer-events: none; }
@@ -34,13 +43,13 @@ CSS = """
 .studio-infotext { font-size: 0.9em; word-break: break-word; }
 .studio-params th { text-align: left; padding-right: 12px; vertical-align: top; white-space: nowrap; }
 .send-row { gap: 6px; flex-wrap: wrap; }
-/* ControlNet unit: Preview and 🔄 sit at the bottom of the dropdowns' row instead of stretching to its height */
+/* ControlNet unit: Preview and refresh sit at the bottom of the dropdowns' row instead of stretching to its height */
 .cn-tools { align-items: end; }
 .demo-note, .no-checkpoint { border-left: 4px solid #f59e0b; padding-left: 10px; }
-"""
+""" + icons_css()
 
 # Browser tests (and humans with a slow machine) wait for this marker: the load chain has finished.
-READY_JS = "() => { document.body.dataset.appReady = '1'; }"
+READY_JS = "() => { " + TITLES_JS + " document.body.dataset.appReady = '1'; }"
 
 
 def build_blocks(studio: Any) -> gr.Blocks:
@@ -63,27 +72,29 @@ def build_blocks(studio: Any) -> gr.Blocks:
                 module.connect(studio, ui)
         sendto.connect(studio, ui)
 
-        listing = [quick["checkpoint"], quick["vae"], *helps]
-        quick["refresh"].click(lambda: _listing(studio, refresh=True), None, listing, queue=False,
-                               api_visibility="private")
         quick["checkpoint"].input(lambda name: _switch(studio, name), quick["checkpoint"],
                                   [quick["checkpoint"], quick["status"]], concurrency_id="gpu",
                                   concurrency_limit=None, api_name="switch_checkpoint")
-        # every page load re-reads the lists (another page may have added or loaded a model), then marks ready
-        blocks.load(lambda: _listing(studio), None, listing, queue=False, api_visibility="private") \
-              .then(None, None, None, js=READY_JS, queue=False, api_visibility="private")
+        # every model list of the page is refreshed together: by any 🔄, on every tab select and on page load
+        # (another page, a training or a merge may have added a model; a file may have been dropped in)
+        every_tab = [b for b in blocks.blocks.values() if isinstance(b, gr.Tab)]
+        lists = ModelLists.collect(studio, blocks)
+        loaded = lists.connect(blocks, every_tab, extra=(helps, lambda: _help_updates(studio)))
+        loaded.then(None, None, None, js=READY_JS, queue=False, api_visibility="private")
     return blocks
 
 
 def _quicksettings(studio: Any) -> dict:
     with gr.Row(elem_id="quicksettings"):
-        checkpoint = gr.Dropdown(checkpoint_titles(studio), value=current_checkpoint_title(studio),
-                                 label="Stable Diffusion checkpoint", elem_id="setting_sd_model_checkpoint",
-                                 allow_custom_value=True, scale=4, min_width=300)
-        refresh = gr.Button("🔄", elem_id="refresh_sd_model_checkpoint", elem_classes=["refresh-button"], scale=0,
-                            min_width=44)
-        vae = gr.Dropdown(vae_choices(studio), value=studio.settings.default_vae or "Automatic", label="SD VAE",
-                          elem_id="setting_sd_vae", allow_custom_value=True, scale=2, min_width=200)
+        checkpoint = model_list(gr.Dropdown(checkpoint_titles(studio), value=current_checkpoint_title(studio),
+                                            label="Stable Diffusion checkpoint", elem_id="setting_sd_model_checkpoint",
+                                            allow_custom_value=True, scale=4, min_width=300), "checkpoint",
+                                current=True)
+        refresh = refresh_button(icon_button("Refresh the model lists", "refresh", elem_id="refresh_sd_model_checkpoint",
+                                             elem_classes=["refresh-button"], scale=0, min_width=44))
+        vae = model_list(gr.Dropdown(vae_choices(studio), value=studio.settings.default_vae or "Automatic",
+                                     label="SD VAE", elem_id="setting_sd_vae", allow_custom_value=True, scale=2,
+                                     min_width=200), "vae")
         status = gr.HTML("", elem_id="quicksettings_status")
     return {"checkpoint": checkpoint, "refresh": refresh, "vae": vae, "status": status}
 
@@ -96,14 +107,8 @@ def _help_text(studio: Any) -> str:
     return NO_CHECKPOINT_HELP.format(ckpt_dir=studio.settings.ckpt_path.resolve())
 
 
-def _listing(studio: Any, refresh: bool = False) -> list:
-    if refresh:
-        studio.registry.refresh()
-    titles = checkpoint_titles(studio)
-    current = current_checkpoint_title(studio)
-    show_help = not titles
-    helps = [gr.update(visible=show_help, value=_help_text(studio))] * len(tabs.TABS)
-    return [gr.update(choices=titles, value=current), gr.update(choices=vae_choices(studio)), *helps]
+def _help_updates(studio: Any) -> list:
+    return [gr.update(visible=not _has_checkpoints(studio), value=_help_text(studio))] * len(tabs.TABS)
 
 
 def _switch(studio: Any, name: str) -> tuple:

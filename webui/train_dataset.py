@@ -17,6 +17,7 @@ from studio.errors import StudioError
 from studio.training.config import TrainConfig
 from webui.common import error_html, note_html
 from webui.generation import HIDDEN
+from webui.icons import icon_button
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,8 @@ def build(studio: Any, f: dict) -> dict:
     d: dict[str, Any] = {}
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
-            d["files"] = gr.File(file_count="multiple", label="Drop images (+ .txt / .caption files) or one .zip",
-                                 elem_id="train_files", height=150)
+            d["files"] = gr.File(file_count="multiple", elem_id="train_files", height=150,
+                                 label="Drop images (+ .txt / .caption files) or one .zip: imported at once")
         with gr.Column(scale=2):
             d["source_path"] = gr.Textbox("", label="…or a folder / zip on the server (keeps N_name sub-folders)",
                                           elem_id="train_source_path", placeholder="/path/to/images or .zip")
@@ -42,7 +43,7 @@ def build(studio: Any, f: dict) -> dict:
         with gr.Column(scale=3):
             f["dataset_dir"] = gr.Textbox("", label="Dataset folder (what training reads; Enter rescans)",
                                           elem_id="train_dataset_dir", placeholder="import, or type a folder")
-            d["rescan"] = gr.Button("🔄 Rescan folder", elem_id="train_dataset_rescan", size="sm")
+            d["rescan"] = icon_button("Rescan folder", "refresh", text=True, elem_id="train_dataset_rescan", size="sm")
             d["report"] = gr.HTML("", elem_id="train_import_report")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
@@ -163,6 +164,16 @@ def _wire(studio: Any, f: dict, d: dict) -> None:
                                   (d["save"].click, save, [d["table"]]), (d["bulk"].click, bulk, [d["table"], *edits]),
                                   (d["blip"].click, blip, blip_in)):
         event(handler(action, len(inputs)), [*inputs, *scan_in], outs, api_visibility="private")
+    # a drop is meant to be used: import it at once (into "Dataset name"), then empty the drop box so a later
+    # Import of a server folder does not import the same files again
+    def import_dropped(files, name, scan):
+        return do_import(files, "", name, scan=scan)
+    dropped = handler(import_dropped, 2)
+
+    def on_drop(*values):
+        out = dropped(*values)
+        return [*out, gr.update() if "studio-error" in str(out[3]) else None]
+    d["files"].upload(on_drop, [d["files"], d["name"], *scan_in], [*outs, d["files"]], api_visibility="private")
     bucket_in = [f[n] for n in BUCKET_FIELDS]
     d["bucket_button"].click(lambda *a: _bucket_report(svc, *a), [*bucket_in, *scan_in], d["buckets"], **HIDDEN)
 

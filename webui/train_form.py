@@ -16,6 +16,7 @@ from studio.errors import StudioError
 from studio.training.config import (CACHE_MODES, OPTIMIZERS, PRECISIONS, PREDICTIONS, SCHEDULERS, SECTION_OF,
                                     UNET_TARGETS, TrainConfig)
 from webui.common import checkpoint_titles, current_checkpoint_title
+from webui.model_lists import model_list
 from webui.generation import HIDDEN
 
 METHODS = (("LoRA", "lora"), ("LoCon", "locon"), ("LoHa", "loha"), ("LoKr", "lokr"),
@@ -100,9 +101,10 @@ def method_section(f: dict) -> dict:
 def training_section(studio: Any, f: dict) -> None:
     """Base model, optimizer and schedule, length, precision, sampling and output fields."""
     with gr.Row():
-        f["base_model"] = gr.Dropdown(checkpoint_titles(studio), value=current_checkpoint_title(studio),
-                                      label="Base checkpoint (a title from the list, or a file path)",
-                                      allow_custom_value=True, scale=3, elem_id="train_base_model")
+        f["base_model"] = model_list(gr.Dropdown(checkpoint_titles(studio), value=current_checkpoint_title(studio),
+                                                 label="Base checkpoint (a title from the list, or a file path)",
+                                                 allow_custom_value=True, scale=3, elem_id="train_base_model"),
+                                     "checkpoint")
         _drop("prediction", "Prediction", PREDICTIONS, f, scale=1)
         _num("clip_skip", "Clip skip", f, scale=1)
     with gr.Row():

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import StudioError
+from ..folders import FolderWatch
 from ..hashes import HashCache, short_hash
 from ..loading.state_dict import _read_pickle, read_state_dict
 from .keys import FAMILY_LABEL
@@ -157,10 +158,12 @@ class EmbeddingLibrary:
         self._cache: dict[str, EmbeddingFile] = {}
         self._errors: dict[str, str] = {}     # name -> why the file could not be read
         self.reads = 0
+        self._watch = FolderWatch()
         self.refresh()
 
     def refresh(self) -> None:
         """Rescan the folder (sub-folders too). The first file with a given stem wins."""
+        self._watch.mark([self.settings.embeddings_path])
         paths: dict[str, Path] = {}
         root = Path(self.settings.embeddings_path)
         for _, path in scan_files([root], EMBEDDING_EXTS):
@@ -178,6 +181,13 @@ class EmbeddingLibrary:
         with self._lock:
             times = dict(self._dir_times)
         if all(_mtime(d) == t for d, t in times.items()):
+            return False
+        self.refresh()
+        return True
+
+    def refresh_if_changed(self) -> bool:
+        """Rescan when a file was added, removed or rewritten since the last scan (a stat walk)."""
+        if not self._watch.changed([self.settings.embeddings_path]):
             return False
         self.refresh()
         return True

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import StudioError
+from ..folders import FolderWatch
 from ..hashes import HashCache, short_hash
 from .keys import family_hint
 from .lora_files import LORA_EXTS, LoraFile, file_ident, header_info, load_lora_file
@@ -110,6 +111,7 @@ class LoraLibrary:
         self._cache: OrderedDict[str, LoraFile] = OrderedDict()
         self.reads = 0                        # files actually read and parsed (tests / benchmarks look)
         self.errors: dict[str, str] = {}      # path -> message for files that could not be scanned
+        self._watch = FolderWatch()
         self.refresh()
 
     # ---- scanning ------------------------------------------------------------------------------------------
@@ -122,6 +124,7 @@ class LoraLibrary:
 
     def refresh(self) -> None:
         """Rescan the folders (headers only). The first file of a name wins, as in A1111."""
+        self._watch.mark(self.roots())
         entries: dict[str, LoraInfo] = {}
         errors: dict[str, str] = {}
         for root, path in scan_files(self.roots(), LORA_EXTS):
@@ -139,6 +142,13 @@ class LoraLibrary:
                 trigger_words=trigger_words(meta, _sidecar(path)), folder="" if rel == "." else rel)
         with self._lock:
             self._entries, self.errors = entries, errors
+
+    def refresh_if_changed(self) -> bool:
+        """Rescan when a file (LoRA, preview, sidecar) was added, removed or rewritten since the last scan."""
+        if not self._watch.changed(self.roots()):
+            return False
+        self.refresh()
+        return True
 
     def list(self) -> list[dict]:
         """GET /sdapi/v1/loras: ``[{name, alias, path, metadata}]``."""

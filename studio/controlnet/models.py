@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError, StudioError
+from ..folders import FolderWatch
 from ..hashes import HashCache
 from ..settings import Settings
 from . import convert
@@ -62,6 +63,7 @@ class ControlNetLibrary:
         self.hashes = hash_cache or HashCache(settings.cache_file)
         self._lock = threading.RLock()
         self._items: dict[str, ControlNetInfo] = {}
+        self._watch = FolderWatch()
         self.refresh()
 
     @property
@@ -72,6 +74,7 @@ class ControlNetLibrary:
         """Re-read the folder. Hashes cost one 64 KiB read per new file (cached by path, mtime and size)."""
         found: dict[str, ControlNetInfo] = {}
         root = self.root
+        self._watch.mark([root])
         if root.is_dir():
             for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
                 here = Path(dirpath)
@@ -104,6 +107,13 @@ class ControlNetLibrary:
                     info.family = old[key].family
             self._items = dict(sorted(found.items(), key=lambda kv: Path(kv[0]).name.lower()))
             return list(self._items.values())
+
+    def refresh_if_changed(self) -> bool:
+        """Rescan when a file was added, removed or rewritten since the last scan (a stat walk, no file read)."""
+        if not self._watch.changed([self.root]):
+            return False
+        self.refresh()
+        return True
 
     def list(self) -> list[ControlNetInfo]:
         with self._lock:
