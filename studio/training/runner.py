@@ -113,7 +113,11 @@ def launch_command(config_path: str | os.PathLike, num_processes: int = 1, *, cp
 
 
 class TrainingProcess:
-    """A training running in a child process; progress comes from the run folder's JSON-lines file."""
+    """A training running in a child process; progress comes from the run folder's JSON-lines file.
+
+    The child ends with this process (see ``lifetime``). On Linux it also ends with the thread that made it
+    (``PR_SET_PDEATHSIG`` follows the creating thread): create it on a thread that outlives the run, as the
+    queue's worker does (it waits for the process)."""
 
     def __init__(self, config_path: str | os.PathLike, num_processes: int = 1, *, resume: bool = False,
                  env: dict | None = None):

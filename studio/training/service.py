@@ -114,7 +114,10 @@ class TrainingService:
         seen = {o["config"] for o in out}
         busy = {str(j["config"]) for j in [self.queue.current, *self.queue.pending()] if j}
         for toml in sorted(self.runs_dir.glob("*/run.toml"), key=lambda p: p.stat().st_mtime, reverse=True):
-            if str(toml) in seen or str(toml) in busy:
+            if str(toml) in seen:
+                continue
+            if str(toml) in busy:
+                out.append({"id": None, "config": str(toml), "state": "running", "resumable": False})
                 continue
             owner = lock_owner(toml.parent)
             if owner is not None:    # e.g. a trainer the previous studio process left running

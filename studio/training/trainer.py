@@ -25,10 +25,10 @@ from .buckets import LatentCache, epoch_batches, plan_buckets
 from .captions import tag_frequency, training_caption
 from .config import TrainConfig
 from .dataset import scan_dataset
+from .lifetime import OWNER_ENV, RunLock, start_time
 from .losses import diffusion_loss, encode_text, step_generator
 from .networks import build_network, with_ti_tokens
 from .optim import make_optimizer, make_scheduler
-from .lifetime import OWNER_ENV, RunLock, start_time
 from .progress import SAMPLES_DIR, STATE_DIR, ProgressWriter, StopRequest
 from .sampling import read_prompts, render_samples
 
@@ -271,6 +271,14 @@ class Trainer:
         return [e["path"] for e in events]
 
     # ---- the loop --------------------------------------------------------------------------------------------
+    def _stopping(self) -> bool:
+        """The stop decision, the same on every process: one rank leaving the loop alone would hang the rest."""
+        stop = self.stop()
+        if self.acc.num_processes > 1:
+            flag = torch.tensor([1.0 if stop else 0.0], device=self.acc.device)
+            stop = bool(self.acc.reduce(flag, reduction="sum").item() > 0)
+        return stop
+
     def run(self) -> TrainResult:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         own_lock = None
@@ -314,7 +322,7 @@ class Trainer:
             m.train()
         t0, acc_losses, prior = time.time(), [], None
         first_step = step
-        while step < self.total_steps and not self.stop():
+        while step < self.total_steps and not self._stopping():
             batches = self._batches(epoch)
             while batch_i < len(batches) and step < self.total_steps:
                 with self.acc.accumulate(*self.models.values()):
@@ -347,11 +355,11 @@ class Trainer:
                     self.save_state(position)
                     if self.acc.is_main_process:
                         result.intermediate.append(str(self.export(step, epoch, suffix=True)))
-                if self.stop():
+                if self._stopping():
                     break
             if batch_i >= len(batches):
                 epoch, batch_i = epoch + 1, 0
-            if self.stop():
+            if self._stopping():
                 break
         result.steps = step
         result.stopped = step < self.total_steps
