@@ -291,7 +291,7 @@ class TrainingQueue:
                 if job["stop"]:
                     job["state"] = "stopped"          # Stop pressed while preparing: nothing was trained
                     continue
-                owner = lock_owner(job["run_dir"])
+                owner = lock_owner(job["run_dir"]) if job["run_dir"] else None
                 if owner is not None:                 # taken since it was queued (a trainer we do not own)
                     raise locked_error(job["run_dir"], owner)
                 job["state"] = "running"
