@@ -179,7 +179,7 @@ def describe_owner(info: dict) -> str:
 def locked_error(run_dir: str | os.PathLike, info: dict) -> StudioError:
     return StudioError(f"Run {Path(run_dir).name!r} is already being trained by {describe_owner(info)}.",
                        field="output.output_name",
-                       fix="wait for it to finish, stop it, or train under another output name")
+                       fix="wait for it to finish, stop it, or train under another output name", status=409)
 
 
 class RunLock:

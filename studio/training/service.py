@@ -91,7 +91,7 @@ class TrainingService:
             raise locked_error(run_dir, owner)
         if self.queue.run_dir_busy(run_dir):
             raise StudioError(f"Run {Path(run_dir).name!r} is already queued or running in this studio.",
-                              field="output.output_name", fix="wait for it, or stop it first")
+                              field="output.output_name", fix="wait for it, or stop it first", status=409)
 
     def stop(self) -> bool:
         """Stop the running training (it saves state and a usable LoRA first)."""
