@@ -64,3 +64,21 @@ def test_caption_table_edits_and_bucket_report(tmp_path):
     report = _bucket_report(svc, 64, True, 64, 128, 64, *scan)
     assert "img0.png" in report and "img1.png" in report and "64x64" in report
     assert "centre crop at 64×64" in _bucket_report(svc, 64, False, 64, 128, 64, *scan)
+
+
+def test_finished_stop_clears_stopping_note_and_says_stopped(tmp_path):
+    """The Stop button's "Stopping: ..." note in the error area goes when the run ends; the result says stopped."""
+    from types import SimpleNamespace
+    from webui.train_run import tick
+    out_file = str(tmp_path / "Lora" / "shapes.safetensors")
+    proc = SimpleNamespace(status=lambda: {"state": "stopped", "step": 20, "total": 40, "outputs": [out_file],
+                                           "losses": [(20, 0.1)], "samples": [], "log": "", "loss": 0.1})
+    job = {"id": "j1", "process": proc, "state": "stopped", "error": None, "config": ""}
+    svc = SimpleNamespace(status=lambda: {"current": None, "queued": []}, queue=SimpleNamespace(finished=[job]),
+                          history=lambda: [])
+    names = ("progress", "loss", "samples", "log", "result", "try", "history", "state", "timer", "error")
+    r = {n: type("Widget", (), {"name": n})() for n in names}      # hashable stand-ins
+    out = tick(SimpleNamespace(training=svc), r, {"job": "j1"})
+    assert out[r["error"]] == ""
+    assert "Stopped early" in out[r["result"]] and "shapes.safetensors" in out[r["result"]]
+    assert "stopped" in out[r["progress"]] and "20/40" in out[r["progress"]]

@@ -63,7 +63,7 @@ def wire(studio: Any, f: dict, r: dict) -> None:
     names = [n for n in f]
     widgets = [f[n] for n in names]
     live = [r["progress"], r["loss"], r["samples"], r["log"], r["result"], r["try"], r["history"], r["state"],
-            r["timer"]]
+            r["timer"], r["error"]]
 
     def form_config(values) -> dict:
         return train_form.to_config_dict(names, values)
@@ -192,6 +192,7 @@ def tick(studio: Any, r: dict, state: dict) -> dict:
         state["log"] = out[r["log"]] = log
     if info["finished"]:
         state["done"] = True
+        out[r["error"]] = ""                 # "Stopping: ..." from the Stop button is over; the result says how
         out.update(_finished(studio, r, state, info))
     return out
 

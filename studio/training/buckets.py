@@ -143,11 +143,14 @@ class LatentCache:
             self.ram[k] = latent
         return latent
 
-    def warm(self, items: list[ImageItem], sizes: list[tuple[int, int]], flip: bool) -> None:
-        """Encode everything up front so training steps never wait on the VAE."""
+    def warm(self, items: list[ImageItem], sizes: list[tuple[int, int]], flip: bool, stop=None) -> None:
+        """Encode everything up front so training steps never wait on the VAE; ``stop()`` true ends it early
+        (a large dataset takes minutes)."""
         if self.mode == "none":
             return
         for item, size in zip(items, sizes):
+            if stop is not None and stop():
+                return
             for f in ((False, True) if flip else (False,)):
                 latent = self.get(item.path, size, f)
                 if self.mode == "disk":

@@ -39,6 +39,15 @@ class RunInfo:
     finished_at: float | None = None
     base_hash: str = ""          # full sha256 of the base checkpoint file
     base_legacy_hash: str = ""   # A1111's old 8-hex hash
+    num_epochs: int = 1          # kohya: ceil(max_train_steps / steps per epoch)
+    max_train_steps: int = 0
+    num_batches_per_epoch: int = 0
+    num_reg_images: int = 0
+    reg_dataset_dirs: dict = field(default_factory=dict)
+    bucket_info: dict | None = None
+    optimizer: str = ""          # kohya's spelling, e.g. torch.optim.adamw.AdamW(weight_decay=0.01)
+    session_id: int = 0
+    num_processes: int = 1
 
 
 # ---- tensor names --------------------------------------------------------------------------------------------
@@ -125,9 +134,26 @@ def base_hashes(path: str) -> tuple[str, str]:
 
 
 # ---- metadata ------------------------------------------------------------------------------------------------
+def bucket_info(items, plan) -> dict:
+    """kohya's ``ss_bucket_info``: non-empty buckets by their index in the sorted bucket list, with the image
+    count including repeats, and the mean |bucket aspect - image aspect| over the images (without repeats)."""
+    index = {b: i for i, b in enumerate(plan.buckets)}
+    buckets: dict[int, dict] = {}
+    errors = []
+    for item, size in zip(items, plan.sizes):
+        i = index.get(size, len(index))
+        b = buckets.setdefault(i, {"resolution": list(size), "count": 0})
+        b["count"] += item.repeats
+        errors.append(abs(size[0] / size[1] - item.width / item.height))
+    return {"buckets": dict(sorted(buckets.items())),
+            "mean_img_ar_error": sum(errors) / len(errors) if errors else 0}
+
+
 def lora_metadata(cfg: TrainConfig, info: RunInfo) -> dict[str, str]:
     v = info.prediction == "v_prediction"
-    args = {"conv_dim": cfg.conv_rank, "conv_alpha": cfg.conv_alpha} if cfg.conv_rank or cfg.method == "locon" else {}
+    # kohya: json.dumps of the --network_args key=value pairs, so every value is a string
+    args = {"conv_dim": str(cfg.conv_rank), "conv_alpha": str(cfg.conv_alpha)} \
+        if cfg.conv_rank or cfg.method == "locon" else {}
     if cfg.method in ("loha", "lokr"):
         args["algo"] = cfg.method
     base = BASE_VERSION.get(info.family, info.family) + ("_v" if v and info.family == "sd2" else "")
@@ -135,11 +161,11 @@ def lora_metadata(cfg: TrainConfig, info: RunInfo) -> dict[str, str]:
     meta = {
         "ss_output_name": cfg.output_name, "ss_network_module": cfg.network_module,
         "ss_network_dim": str(cfg.rank), "ss_network_alpha": str(cfg.alpha),
-        "ss_network_args": json.dumps(args), "ss_base_model_version": base, "ss_v2": str(info.family == "sd2"),
+        "ss_base_model_version": base, "ss_v2": str(info.family == "sd2"),
         "ss_resolution": f"({cfg.resolution}, {cfg.resolution})", "ss_learning_rate": str(cfg.learning_rate),
         "ss_unet_lr": str(cfg.lr_for("unet")), "ss_text_encoder_lr": str(cfg.lr_for("text_encoder")),
-        "ss_optimizer": cfg.optimizer, "ss_lr_scheduler": cfg.lr_scheduler,
-        "ss_num_train_images": str(info.num_train_images), "ss_num_epochs": str(cfg.epochs),
+        "ss_optimizer": info.optimizer or cfg.optimizer, "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_num_train_images": str(info.num_train_images), "ss_num_epochs": str(info.num_epochs),
         "ss_steps": str(info.steps), "ss_epoch": str(info.epoch), "ss_seed": str(cfg.seed),
         "ss_mixed_precision": cfg.mixed_precision, "ss_clip_skip": str(cfg.clip_skip),
         "ss_noise_offset": str(cfg.noise_offset), "ss_min_snr_gamma": str(cfg.min_snr_gamma),
@@ -148,6 +174,23 @@ def lora_metadata(cfg: TrainConfig, info: RunInfo) -> dict[str, str]:
         "ss_new_sd_model_hash": info.base_hash, "ss_training_started_at": str(info.started_at),
         "ss_training_finished_at": str(info.finished_at or time.time()),
         "ss_training_comment": f"trained by the studio ({cfg.method})",
+        # the other keys kohya's train_network.py writes, where this run has the value
+        "ss_session_id": str(info.session_id), "ss_network_dropout": "None", "ss_num_reg_images": str(info.num_reg_images),
+        "ss_num_batches_per_epoch": str(info.num_batches_per_epoch),
+        "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": str(cfg.grad_accum), "ss_max_train_steps": str(info.max_train_steps),
+        "ss_lr_warmup_steps": str(cfg.lr_warmup_steps), "ss_full_fp16": "False",
+        "ss_cache_latents": str(cfg.cache_latents != "none"), "ss_max_grad_norm": str(cfg.max_grad_norm),
+        "ss_caption_dropout_rate": str(cfg.caption_dropout), "ss_prior_loss_weight": str(cfg.prior_loss_weight),
+        "ss_zero_terminal_snr": "False", "ss_debiased_estimation": "False", "ss_loss_type": "l2",
+        "ss_batch_size_per_device": str(cfg.batch_size),
+        "ss_total_batch_size": str(cfg.batch_size * cfg.grad_accum * info.num_processes),
+        "ss_color_aug": "False", "ss_flip_aug": str(cfg.flip), "ss_random_crop": "False",
+        "ss_shuffle_caption": str(cfg.shuffle_caption), "ss_enable_bucket": str(cfg.enable_buckets),
+        # the limits the buckets were made with (plan_buckets never excludes the square one)
+        "ss_bucket_no_upscale": "False", "ss_min_bucket_reso": str(min(cfg.min_bucket_reso, cfg.resolution)),
+        "ss_max_bucket_reso": str(max(cfg.max_bucket_reso, cfg.resolution)), "ss_keep_tokens": str(cfg.keep_tokens),
+        "ss_reg_dataset_dirs": json.dumps(info.reg_dataset_dirs), "ss_bucket_info": json.dumps(info.bucket_info),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{ARCH.get(info.family, info.family)}{'-v' if v else ''}/{kind}",
         "modelspec.implementation": "diffusers", "modelspec.title": cfg.output_name,
@@ -155,7 +198,10 @@ def lora_metadata(cfg: TrainConfig, info: RunInfo) -> dict[str, str]:
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(info.finished_at or time.time())),
         "modelspec.prediction_type": "v" if v else "epsilon",
     }
-    trigger = cfg.token if cfg.is_ti else (cfg.instance_prompt.split()[0] if cfg.instance_prompt else "")
+    if args:   # kohya writes it only when network arguments were given
+        meta["ss_network_args"] = json.dumps(args)
+    # an embedding is triggered by its file name (A1111), not by the placeholder token it was trained with
+    trigger = cfg.output_name if cfg.is_ti else (cfg.instance_prompt.split()[0] if cfg.instance_prompt else "")
     if not trigger:
         top = [t for freq in info.tag_frequency.values() for t in list(freq)[:1]]
         trigger = top[0] if top else ""
@@ -192,3 +238,21 @@ def output_path(cfg: TrainConfig, step: int | None = None) -> Path:
     """``<output_dir>/<name>.safetensors``; intermediate saves get a kohya-style ``-000123`` step suffix."""
     suffix = f"-{step:06d}" if step is not None else ""
     return Path(cfg.output_dir) / f"{cfg.output_name}{suffix}.safetensors"
+
+
+def save_preview(output: str | os.PathLike, samples: list[str | os.PathLike]) -> Path | None:
+    """``<name>.preview.png`` beside the LoRA / embedding (A1111's extra-networks card): a copy of the newest
+    sample (the first prompt of the last sampled step), unless a preview is already there (the user's stays)."""
+    import re
+    import shutil
+    output = Path(output)
+    preview = output.with_name(output.stem + ".preview.png")
+    ranked = []
+    for p in map(Path, samples):
+        m = re.fullmatch(r"step(\d+)_(\d+)\.png", p.name)
+        if m and p.is_file():
+            ranked.append((-int(m[1]), int(m[2]), p))
+    if preview.exists() or not ranked:
+        return None
+    src = min(ranked)[2]
+    return write_with(preview, lambda tmp: shutil.copyfile(src, tmp))

@@ -82,7 +82,13 @@ class StopRequest:
 
     def clear(self) -> None:
         self._flag.clear()
+        self.file.unlink(missing_ok=True)
+
+    def clear_stale(self, since: float) -> None:
+        """Remove a stop file left from before ``since`` (a run that stopped earlier). A newer one stays: Stop
+        pressed while the trainer was still starting (importing torch, loading the model) must count."""
         try:
-            self.file.unlink()
+            if self.file.stat().st_mtime < since:
+                self.file.unlink(missing_ok=True)
         except FileNotFoundError:
             pass

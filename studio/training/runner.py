@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 from .config import TrainConfig
+from .lifetime import (OWNER_ENV, RunLock, lock_owner, locked_error, owner_token, preexec_die_with_parent,
+                       tie_to_owner)
 from .progress import PROGRESS_FILE, STOP_FILE, read_events
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -66,14 +68,19 @@ def run_config(path: str | os.PathLike, *, bar: bool = True, resume: bool | None
     if resume is not None:
         cfg.resume = resume
     cb = ConsoleBar() if bar else None
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return Trainer(cfg, on_event=cb).run()
+    # the run folder is ours from the class images to the last save; a second trainer is refused
+    with RunLock(cfg.resolved().run_dir) as lock:
         prepare_class_images(cfg, progress=cb)
-    return Trainer(cfg, on_event=cb).run()
+        return Trainer(cfg, on_event=cb, lock=lock).run()
 
 
 def cli_main(argv: list[str] | None = None) -> int:
     """``python -m studio.training run.toml [--resume] [--no-bar]``; also what ``launch.py --train`` calls."""
     from ..errors import StudioError
+    if os.environ.get(OWNER_ENV):
+        tie_to_owner()      # started by a studio: end with it (a shell user's nohup run is left alone)
     p = argparse.ArgumentParser(prog="python -m studio.training", description="Run a training config.")
     p.add_argument("config", help="TOML run config")
     p.add_argument("--resume", action="store_true", help="continue from the last saved state")
@@ -106,7 +113,11 @@ def launch_command(config_path: str | os.PathLike, num_processes: int = 1, *, cp
 
 
 class TrainingProcess:
-    """A training running in a child process; progress comes from the run folder's JSON-lines file."""
+    """A training running in a child process; progress comes from the run folder's JSON-lines file.
+
+    The child ends with this process (see ``lifetime``). On Linux it also ends with the thread that made it
+    (``PR_SET_PDEATHSIG`` follows the creating thread): create it on a thread that outlives the run, as the
+    queue's worker does (it waits for the process)."""
 
     def __init__(self, config_path: str | os.PathLike, num_processes: int = 1, *, resume: bool = False,
                  env: dict | None = None):
@@ -119,13 +130,17 @@ class TrainingProcess:
         # only this launch's events: earlier runs (before a resume) stay in the file above this offset
         self._offset = self.progress_file.stat().st_size if self.progress_file.exists() else 0
         self.events: list[dict] = []
+        self.stop_requested = False
         self.log_path = self.run_dir / "train.log"
         child_env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                      "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-                     **(env or {})}
+                     OWNER_ENV: owner_token(), **(env or {})}
         self._log = open(self.log_path, "ab")
+        # the launcher dies with us (Linux); the trainer under it with the launcher, or by watching our pid
         self.proc = subprocess.Popen(launch_command(self.config_path, num_processes, resume=resume),
-                                     cwd=REPO_ROOT, env=child_env, stdout=self._log, stderr=subprocess.STDOUT)
+                                     cwd=REPO_ROOT, env=child_env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     preexec_fn=preexec_die_with_parent if sys.platform.startswith("linux")
+                                     else None)
 
     def poll(self) -> list[dict]:
         """New events since the last call (also appended to ``events``)."""
@@ -135,6 +150,7 @@ class TrainingProcess:
 
     def stop(self) -> None:
         """Ask the trainer to stop: it saves its state and a usable LoRA, then exits."""
+        self.stop_requested = True
         (self.run_dir / STOP_FILE).touch()
 
     def kill(self) -> None:
@@ -161,13 +177,20 @@ class TrainingProcess:
         state = "running" if code is None else ends[-1]["type"] if ends else ("done" if code == 0 else "error")
         if code not in (None, 0) and state != "error":
             state = "error"
+        if state == "running" and self.stop_requested:
+            state = "stopping"    # the trainer finishes its step, saves state and the LoRA, then exits
         return {"state": state, "returncode": code, "step": last.get("step", 0), "total": last.get("total"),
                 "loss": last.get("loss"), "lr": last.get("lr"), "it_s": last.get("it_s"), "eta": last.get("eta"),
                 "epoch": last.get("epoch"), "losses": [(e["step"], e["loss"]) for e in steps],
                 "samples": [e for e in self.events if e.get("type") == "sample"],
                 "outputs": [e["path"] for e in self.events if e.get("type") == "saved"],
-                "error": next((e["message"] for e in reversed(ends) if e["type"] == "error"), None),
+                "error": next((e["message"] for e in reversed(ends) if e["type"] == "error"), None)
+                or (self._log_error() if state == "error" else None),
                 "config": str(self.config_path), "run_dir": str(self.run_dir), "log": self.log_tail()}
+
+    def _log_error(self) -> str | None:
+        """The CLI's ``error: ...`` line (a failure before training started, e.g. the run is locked)."""
+        return next((ln[7:] for ln in reversed(self.log_tail(200).splitlines()) if ln.startswith("error: ")), None)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -181,6 +204,13 @@ def launch_training(config_path: str | os.PathLike, num_processes: int = 1, *, r
                     env: dict | None = None) -> TrainingProcess:
     """Start ``accelerate launch ... -m studio.training config`` as a child process."""
     return TrainingProcess(config_path, num_processes, resume=resume, env=env)
+
+
+def _run_dir_of(config_path, run_dir=None) -> str | None:
+    try:
+        return str(Path(run_dir or TrainConfig.load(config_path).resolved().run_dir).resolve())
+    except Exception:  # noqa: BLE001 - an unreadable config fails at its launch, with its own message
+        return None
 
 
 class TrainingQueue:
@@ -201,7 +231,8 @@ class TrainingQueue:
         with self._lock:
             self._counter += 1
             job = {"id": f"train-{self._counter}-{int(time.time())}", "config": str(config_path),
-                   "resume": resume, "process": None, "state": "queued", "error": None}
+                   "run_dir": _run_dir_of(config_path), "resume": resume, "process": None, "state": "queued",
+                   "error": None, "stop": False}
             self._pending.append(job)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._worker, name="training-queue", daemon=True)
@@ -218,12 +249,23 @@ class TrainingQueue:
             self._pending = [j for j in self._pending if j["id"] != job_id]
             return len(self._pending) < before
 
-    def stop_current(self) -> bool:
+    def run_dir_busy(self, run_dir: str | os.PathLike) -> bool:
+        """A job of this queue (running or waiting) trains ``run_dir``."""
+        key = _run_dir_of(None, run_dir)
         with self._lock:
-            proc = self.current and self.current.get("process")
+            return any(j and j.get("run_dir") == key for j in [self.current, *self._pending])
+
+    def stop_current(self) -> bool:
+        """Stop the running job; one still preparing (class images) never launches its trainer."""
+        with self._lock:
+            job = self.current
+            if job is None:
+                return False
+            job["stop"] = True
+            proc = job.get("process")
         if proc:
             proc.stop()
-        return bool(proc)
+        return True
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         end = None if timeout is None else time.time() + timeout
@@ -246,8 +288,17 @@ class TrainingQueue:
             try:
                 if self.before_start:
                     self.before_start(job)
+                if job["stop"]:
+                    job["state"] = "stopped"          # Stop pressed while preparing: nothing was trained
+                    continue
+                owner = lock_owner(job["run_dir"]) if job["run_dir"] else None
+                if owner is not None:                 # taken since it was queued (a trainer we do not own)
+                    raise locked_error(job["run_dir"], owner)
                 job["state"] = "running"
-                job["process"] = launch_training(job["config"], self.num_processes, resume=job["resume"])
+                with self._lock:
+                    job["process"] = launch_training(job["config"], self.num_processes, resume=job["resume"])
+                    if job["stop"]:
+                        job["process"].stop()
                 job["process"].wait()
                 job["state"] = job["process"].status()["state"]
             except Exception as exc:  # noqa: BLE001 - a failed start must not stop the queue

@@ -82,8 +82,11 @@ def make_pipeline(components, text_encoder=None, tokenizer=None):
 
 @torch.no_grad()
 def render_samples(components, prompts: list[SamplePrompt], folder: Path, step: int, *, clip_skip: int = 1,
-                   prompt_filter=None) -> list[dict]:
-    """Render every prompt; PNGs go to ``folder/step{N}_{i}.png`` atomically. Returns progress events."""
+                   prompt_filter=None, stop=None) -> list[dict]:
+    """Render every prompt; PNGs go to ``folder/step{N}_{i}.png`` atomically. Returns progress events.
+
+    ``stop()`` is asked between denoising steps: a stop request ends sampling at once (the half-denoised image
+    is not saved)."""
     from .atomic import save_image
 
     pipe = make_pipeline(components)
@@ -93,14 +96,28 @@ def render_samples(components, prompts: list[SamplePrompt], folder: Path, step: 
     events = []
     try:
         for i, sp in enumerate(prompts):
+            if stop is not None and stop():
+                break
             prompt = prompt_filter(sp.prompt) if prompt_filter else sp.prompt
             gen = torch.Generator("cpu").manual_seed(sp.seed)
             kw = {"clip_skip": clip_skip - 1} if clip_skip > 1 else {}
+            if stop is not None:
+                kw["callback_on_step_end"] = _interrupt_on(stop)
             image = pipe(prompt, negative_prompt=sp.negative or None, width=sp.width, height=sp.height,
                          num_inference_steps=sp.steps, guidance_scale=sp.cfg, generator=gen, **kw).images[0]
+            if stop is not None and stop():
+                break
             path = save_image(folder / f"step{step:06d}_{i:02d}.png", image)
             events.append({"type": "sample", "step": step, "index": i, "path": str(path), "prompt": sp.prompt})
     finally:
         for m, was_training in modes.items():
             m.train(was_training)
     return events
+
+
+def _interrupt_on(stop):
+    def callback(pipe, step, timestep, kwargs):
+        if stop():
+            pipe._interrupt = True     # diffusers' pipelines skip the remaining steps
+        return kwargs
+    return callback

@@ -10,6 +10,7 @@ from .. import paths
 from ..errors import StudioError
 from .config import SECTION_OF, TrainConfig
 from .dataset import DatasetScan, ImportReport, import_into, scan_dataset
+from .lifetime import describe_owner, lock_owner, locked_error
 from .runner import TrainingQueue
 
 
@@ -103,14 +104,27 @@ class TrainingService:
         ``confined``: the config comes from a request (see ``complete``)."""
         if isinstance(cfg, (str, os.PathLike)):
             cfg = self.load_config(cfg) if confined else TrainConfig.load(cfg)
-        path = self.write_config(cfg, confined=confined)
+        cfg = self.complete(cfg, confined=confined)
+        self.check_free(cfg.run_dir)           # before run.toml is rewritten under a running trainer
+        path = self.write_config(cfg)
         return self.queue.submit(path, resume=resume)
 
     def resume(self, run_name: str) -> str:
         path = self.runs_dir / paths.plain_name(run_name, "run") / "run.toml"
         if not path.is_file():
             raise StudioError(f"No run named {run_name!r}.", field="run", fix="pick a run from the history")
+        self.check_free(TrainConfig.load(path).resolved().run_dir)
         return self.queue.submit(path, resume=True)
+
+    def check_free(self, run_dir: str | os.PathLike) -> None:
+        """StudioError when a trainer holds ``run_dir`` (one of ours, or one a killed studio left behind) or a
+        run of it is already queued: two trainers must never write one run folder."""
+        owner = lock_owner(run_dir)
+        if owner is not None:
+            raise locked_error(run_dir, owner)
+        if self.queue.run_dir_busy(run_dir):
+            raise StudioError(f"Run {Path(run_dir).name!r} is already queued or running in this studio.",
+                              field="output.output_name", fix="wait for it, or stop it first", status=409)
 
     def stop(self) -> bool:
         """Stop the running training (it saves state and a usable LoRA first)."""
@@ -131,10 +145,20 @@ class TrainingService:
                 **({"outputs": j["process"].status()["outputs"]} if j.get("process") else {})}
                for j in reversed(self.queue.finished)]
         seen = {o["config"] for o in out}
+        busy = {str(j["config"]) for j in [self.queue.current, *self.queue.pending()] if j}
         for toml in sorted(self.runs_dir.glob("*/run.toml"), key=lambda p: p.stat().st_mtime, reverse=True):
-            if str(toml) not in seen:
-                out.append({"id": None, "config": str(toml), "state": "on disk",
-                            "resumable": (toml.parent / "state" / "trainer.json").is_file()})
+            if str(toml) in seen:
+                continue
+            if str(toml) in busy:
+                out.append({"id": None, "config": str(toml), "state": "running", "resumable": False})
+                continue
+            owner = lock_owner(toml.parent)
+            if owner is not None:    # e.g. a trainer the previous studio process left running
+                out.append({"id": None, "config": str(toml), "state": "running", "resumable": False,
+                            "owner": owner, "note": f"trained by {describe_owner(owner)}, not this studio"})
+                continue
+            out.append({"id": None, "config": str(toml), "state": "on disk",
+                        "resumable": (toml.parent / "state" / "trainer.json").is_file()})
         return out
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -25,6 +25,7 @@ from .buckets import LatentCache, epoch_batches, plan_buckets
 from .captions import tag_frequency, training_caption
 from .config import TrainConfig
 from .dataset import scan_dataset
+from .lifetime import OWNER_ENV, RunLock, start_time
 from .losses import diffusion_loss, encode_text, step_generator
 from .networks import build_network, with_ti_tokens
 from .optim import make_optimizer, make_scheduler
@@ -62,10 +63,11 @@ class Trainer:
     """``Trainer(cfg).run()``; ``on_event`` receives every progress event in-process."""
 
     def __init__(self, cfg: TrainConfig, *, on_event: Callable[[dict], None] | None = None,
-                 stop: StopRequest | None = None, write_progress: bool = True):
+                 stop: StopRequest | None = None, write_progress: bool = True, lock: RunLock | None = None):
         self.cfg = cfg.resolved().validate()
         self.run_dir = Path(self.cfg.run_dir)
         self.stop = stop or StopRequest(self.run_dir)
+        self.lock = lock     # held by the caller (the CLI takes it before the class images); else run() takes it
         self.on_event = on_event
         self.write_progress = write_progress
 
@@ -134,7 +136,7 @@ class Trainer:
         if cfg.method == "dreambooth_lora":
             from .dreambooth import class_items
             self.class_items = class_items(cfg)
-        n_batches = len(self._batches(0))
+        self.n_batches = n_batches = len(self._batches(0))
         self.steps_per_epoch = max(1, math.ceil(n_batches / cfg.grad_accum))
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.text_cache: dict[str, dict] = {}
@@ -222,12 +224,25 @@ class Trainer:
 
     # ---- outputs ---------------------------------------------------------------------------------------------
     def _run_info(self, step: int, epoch: int) -> export.RunInfo:
+        from .optim import kohya_optimizer_name
+        reg_dirs = {}
+        for it in self.class_items:
+            d = reg_dirs.setdefault(Path(self.cfg.class_images_dir).name, {"n_repeats": 1, "img_count": 0})
+            d["img_count"] += 1
         return export.RunInfo(family=self.c.family, prediction=self.c.prediction_type, steps=step, epoch=epoch,
                               num_train_images=self.scan.num_images, tag_frequency=tag_frequency(self.scan.items),
                               dataset_dirs=self.scan.dirs, started_at=self.started,
-                              base_hash=self.base_hashes[0], base_legacy_hash=self.base_hashes[1])
+                              base_hash=self.base_hashes[0], base_legacy_hash=self.base_hashes[1],
+                              num_epochs=math.ceil(self.total_steps / self.steps_per_epoch),
+                              max_train_steps=self.total_steps, num_batches_per_epoch=self.n_batches,
+                              num_reg_images=len(self.class_items), reg_dataset_dirs=reg_dirs,
+                              bucket_info=export.bucket_info(self.scan.items, self.plan) if self.cfg.enable_buckets
+                              else None, optimizer=kohya_optimizer_name(self.cfg), session_id=self.session_id,
+                              num_processes=self.acc.num_processes)
 
     def export(self, step: int, epoch: int, *, suffix: bool) -> Path:
+        """Write the LoRA / embedding. ``epoch`` is what ``ss_epoch`` says (kohya: the epoch index for step
+        saves, the number of epochs begun, a partial one included, for the last save)."""
         cfg = self.cfg
         path = export.output_path(cfg, step if suffix else None)
         info = self._run_info(step, epoch)
@@ -250,15 +265,29 @@ class Trainer:
             return []
         filt = (lambda p: with_ti_tokens(p, self.net, self.cfg.token)) if self.cfg.is_ti else None
         events = render_samples(self.c, self.prompts, self.run_dir / SAMPLES_DIR, step,
-                                clip_skip=self.cfg.clip_skip, prompt_filter=filt)
+                                clip_skip=self.cfg.clip_skip, prompt_filter=filt, stop=self.stop)
         for e in events:
             self.progress.emit(e)
         return [e["path"] for e in events]
 
     # ---- the loop --------------------------------------------------------------------------------------------
+    def _stopping(self) -> bool:
+        """The stop decision, the same on every process: one rank leaving the loop alone would hang the rest."""
+        stop = self.stop()
+        if self.acc.num_processes > 1:
+            flag = torch.tensor([1.0 if stop else 0.0], device=self.acc.device)
+            stop = bool(self.acc.reduce(flag, reduction="sum").item() > 0)
+        return stop
+
     def run(self) -> TrainResult:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.stop.clear()
+        own_lock = None
+        if self.lock is None and int(os.environ.get("RANK", "0")) == 0:
+            own_lock = RunLock(self.run_dir).acquire()   # before any write: the folder may be another's
+        if not os.environ.get(OWNER_ENV):
+            # the CLI: a stop file from an earlier run is stale. A studio's launch removed that one already, and a
+            # newer file is a Stop pressed while this process was still starting: it counts.
+            self.stop.clear_stale(start_time() or time.time())
         self.stop.install_signals()
         try:
             return self._run()
@@ -268,10 +297,14 @@ class Trainer:
             raise
         finally:
             self.stop.restore_signals()
+            self.stop.clear()          # honoured (or moot): a later run of this folder starts clean
+            if own_lock:
+                own_lock.release()
 
     def _run(self) -> TrainResult:
         cfg = self.cfg
         self.started = time.time()
+        self.session_id = random.SystemRandom().randint(0, 2**32 - 1)   # kohya: which session made a file
         self._setup()
         self.base_hashes = export.base_hashes(cfg.base_model)
         self.prompts = read_prompts(cfg.sample_prompts, width=cfg.resolution, height=cfg.resolution,
@@ -282,14 +315,14 @@ class Trainer:
         self.progress.emit({"type": "start", "step": step, "total": self.total_steps, "method": cfg.method,
                             "images": self.scan.num_images, "skipped": self.scan.skipped,
                             "buckets": self.plan.report(self.scan.items), "resumed": step > 0})
-        self.cache.warm(self.scan.items, self.plan.sizes, cfg.flip)
-        if step == 0 and cfg.sample_at_start and cfg.sample_every:
+        self.cache.warm(self.scan.items, self.plan.sizes, cfg.flip, stop=self.stop)
+        if step == 0 and cfg.sample_at_start and cfg.sample_every and not self.stop():
             result.samples += self._samples(0)
         for m in self.models.values():
             m.train()
         t0, acc_losses, prior = time.time(), [], None
         first_step = step
-        while step < self.total_steps and not self.stop():
+        while step < self.total_steps and not self._stopping():
             batches = self._batches(epoch)
             while batch_i < len(batches) and step < self.total_steps:
                 with self.acc.accumulate(*self.models.values()):
@@ -316,23 +349,29 @@ class Trainer:
                                     "it_s": rate, "eta": (self.total_steps - step) / rate if rate else None,
                                     "epoch": epoch})
                 position = {"step": step, "epoch": epoch, "batch": batch_i, "micro": micro}
-                if cfg.sample_every and step % cfg.sample_every == 0:
+                if cfg.sample_every and step % cfg.sample_every == 0 and not self.stop():
                     result.samples += self._samples(step)
                 if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
                     self.save_state(position)
                     if self.acc.is_main_process:
                         result.intermediate.append(str(self.export(step, epoch, suffix=True)))
-                if self.stop():
+                if self._stopping():
                     break
             if batch_i >= len(batches):
                 epoch, batch_i = epoch + 1, 0
-            if self.stop():
+            if self._stopping():
                 break
         result.steps = step
         result.stopped = step < self.total_steps
         self.save_state({"step": step, "epoch": epoch, "batch": batch_i, "micro": micro})
         if self.acc.is_main_process:
-            result.output = self.export(step, epoch, suffix=False)
+            begun = epoch + (1 if batch_i else 0)
+            result.output = self.export(step, begun if result.stopped else math.ceil(
+                self.total_steps / self.steps_per_epoch), suffix=False)
+            # this session's samples; a resumed run that sampled nothing new: the run's earlier ones
+            samples = result.samples or ([str(p) for p in (self.run_dir / SAMPLES_DIR).glob("*.png")]
+                                         if pos["step"] else [])
+            export.save_preview(result.output, samples)
         result.vae_encodes = self.cache.encodes
         self.progress.emit({"type": "stopped" if result.stopped else "done", "step": step,
                             "total": self.total_steps, "output": str(result.output), "vae_encodes": result.vae_encodes})

@@ -89,3 +89,19 @@ def test_tiny_run_appears_in_loras(client, dataset, api_studio):
     history = client.get("/sdapi/v1/train/history").json()
     assert history[0]["id"] == job["id"] and history[0]["state"] == "done"
     assert client.post("/sdapi/v1/train/stop").json() == {"stopped": False}
+
+
+def test_start_of_a_run_another_trainer_holds_is_409(client, dataset, api_studio):
+    """A trainer a killed studio left behind still holds its run: a new start / resume is refused, clearly."""
+    from tests.training.test_lifecycle import hold_lock
+    run_dir = api_studio.training.runs_dir / "api_locked"
+    holder = hold_lock(run_dir)
+    try:
+        r = client.post("/sdapi/v1/train/start", json=tiny_config(dataset, output_name="api_locked"))
+        assert r.status_code == 409, r.text
+        body = r.json()
+        assert body["field"] == "output.output_name" and f"process {holder.pid}" in r.text, body
+        assert client.get("/sdapi/v1/train/status").json()["current"] is None
+    finally:
+        holder.kill()
+        holder.wait()

@@ -67,7 +67,7 @@ def test_metadata(lora_run):
     assert meta["ss_network_alpha"] == "2.0" and meta["ss_base_model_version"] == "sd_v1"
     assert meta["ss_steps"] == "16" and meta["ss_num_train_images"] == "4" and meta["ss_seed"] == "3"
     assert meta["ss_unet_lr"] == "0.01" and meta["ss_text_encoder_lr"] == "0.001"
-    assert meta["ss_lr_scheduler"] == "cosine" and meta["ss_optimizer"] == "AdamW"
+    assert meta["ss_lr_scheduler"] == "cosine" and meta["ss_optimizer"] == "torch.optim.adamw.AdamW(weight_decay=0.01)"
     assert json.loads(meta["ss_tag_frequency"])["dataset"]["shp"] == 4
     assert json.loads(meta["ss_dataset_dirs"]) == {"dataset": {"n_repeats": 1, "img_count": 4}}
     assert meta["ss_sd_model_name"] == "tiny-sd1.safetensors"
