@@ -26,6 +26,7 @@ METHOD_HELP = {"weighted_sum": "A × (1 − M) + B × M", "add_difference": "A +
                "no_interpolation": "A only: convert format, prune to fp16, bake a VAE"}
 FORMATS = [("safetensors (single file)", "safetensors"), ("diffusers folder", "diffusers")]
 HIDDEN = dict(queue=False, api_visibility="private")
+CONFIG_SOURCES = [("A, B or C", 0), ("B", 1), ("C", 2), ("Don't", 3)]
 
 
 def vae_names(studio: Any) -> list[str]:
@@ -73,6 +74,9 @@ def _checkpoints(studio: Any) -> dict:
     with gr.Row():
         me["save_metadata"] = gr.Checkbox(True, label="Save metadata (merge recipe)", elem_id="merge_metadata")
         me["overwrite"] = gr.Checkbox(False, label="Overwrite an existing file", elem_id="merge_overwrite")
+        # A1111's "Copy config from": which input's sidecar .yaml (v-prediction...) the merged file gets
+        me["config_source"] = gr.Radio(CONFIG_SOURCES, value=0, label="Copy config (.yaml) from",
+                                       elem_id="merge_config_source")
     with gr.Row():
         me["merge"] = gr.Button("Merge", variant="primary", elem_id="merge_run", scale=3)
         me["interrupt"] = gr.Button("Interrupt", elem_id="merge_interrupt", scale=1)
@@ -155,13 +159,14 @@ def _interrupt(studio: Any, job_id: str | None) -> None:
 
 
 def _spec(a, b, c, method, multiplier, use_blocks, block_text, te, output_name, fmt, fp16, vae, discard,
-          save_metadata, overwrite):
+          save_metadata, overwrite, config_source=0):
     from studio.merge.checkpoints import MergeSpec  # torch: only when a merge is asked for
     return MergeSpec(a=a or "", b=b or None, c=c or None, method=method, multiplier=float(multiplier),
                      block_weights=parse_block_weights(block_text) if use_blocks else None,
                      te_multiplier=float(te) if use_blocks else None, output_name=(output_name or "").strip(),
                      output_format=fmt, fp16=bool(fp16), bake_vae=None if vae in (None, "", "None") else vae,
-                     discard=discard or "", save_metadata=bool(save_metadata), overwrite=bool(overwrite))
+                     discard=discard or "", save_metadata=bool(save_metadata), overwrite=bool(overwrite),
+                     config_source=int(config_source))
 
 
 def _check_inputs(a, b, c, method) -> None:
@@ -185,7 +190,8 @@ def connect(studio: Any, ui: dict) -> None:
     me, quick = ui["merge"], ui["quick"]
     pickers = [me["a"], me["b"], me["c"], *me["lora"]["checkpoint_pickers"]]
     inputs = [me[k] for k in ("a", "b", "c", "method", "multiplier", "use_blocks", "block_text", "te",
-                              "output_name", "format", "fp16", "vae", "discard", "save_metadata", "overwrite")]
+                              "output_name", "format", "fp16", "vae", "discard", "save_metadata", "overwrite",
+                              "config_source")]
     outputs = [me["progress"], me["error"], me["result"], me["load"], me["new_title"], me["job_state"],
                quick["checkpoint"], *pickers]
 

@@ -71,3 +71,16 @@ def test_config_source_is_checked(registry, settings):
     with pytest.raises(StudioError) as err:
         merge_checkpoints(MergeSpec(a="tiny-sd1", b="tiny-sd1-b", config_source=7), registry, settings)
     assert err.value.field == "config_source"
+
+
+def test_merge_tab_passes_copy_config_from(registry, settings):
+    """The Merge tab's "Copy config (.yaml) from" radio reaches the merge: B's sidecar, recorded in the recipe."""
+    from tabs.merge import _spec
+
+    (settings.ckpt_path / "tiny-sd1-b.yaml").write_text("model:\n  params:\n    parameterization: v  # b\n")
+    registry.refresh()
+    spec = _spec("tiny-sd1", "tiny-sd1-b", None, "weighted_sum", 0.5, False, "", 0.3, "tabcfg", "safetensors",
+                 False, "None", "", True, False, 1)
+    out = merge_checkpoints(spec, registry, settings)
+    assert out.with_suffix(".yaml").read_text().endswith("# b\n")
+    assert _recipe(out)["config_source"] == 1
