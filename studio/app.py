@@ -77,6 +77,15 @@ class Studio:
 
             self.manager.on_model_loaded.append(announce)
 
+    def warm_up(self) -> None:
+        """Import the ML stack (torch, diffusers, transformers: seconds) and resolve the device.
+
+        Nothing built by ``__init__`` needs torch, so the server answers first and calls this in a thread; a
+        generation started meanwhile waits for the same imports (Python's import lock), then runs as usual.
+        """
+        from .loading import diffusers_folder, hub, single_file  # noqa: F401 - the imports are the point
+        self.manager.dtype  # noqa: B018 - resolves the device too (a --device that is not there raises here)
+
     def submit(self, request: GenerationRequest, *, task_id: str | None = None) -> Job:
         """Queue a generation; returns the Job at once (progress, preview, interrupt, wait)."""
         # bad fields fail here, before they take a place in the queue

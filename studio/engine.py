@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
 from . import __version__
 from .errors import StudioError
 from .img2img import prepare
 from .infotext import build_params, format_infotext
+from .lazy import torch
 from .manager import Loaded, PipelineManager
 from .outputs import OutputWriter
 from .prompt_parser import extract_extra_networks
