@@ -83,7 +83,11 @@ class Studio:
         Nothing built by ``__init__`` needs torch, so the server answers first and calls this in a thread; a
         generation started meanwhile waits for the same imports (Python's import lock), then runs as usual.
         """
-        from .loading import diffusers_folder, hub, single_file  # noqa: F401 - the imports are the point
+        import diffusers  # noqa: F401 - the imports are the point
+        from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
+        from transformers import CLIPTextModel  # noqa: F401
+
+        from .loading import diffusers_folder, hub, single_file  # noqa: F401
         self.manager.dtype  # noqa: B018 - resolves the device too (a --device that is not there raises here)
 
     def submit(self, request: GenerationRequest, *, task_id: str | None = None) -> Job:
