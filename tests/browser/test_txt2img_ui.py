@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 from tests.browser.conftest import open_app
 
@@ -117,8 +118,17 @@ def test_two_pages_both_get_results_in_order(browser, live, shoot):
             fill_prompt(p, f"page {i} prompt")
             small(p, steps=40)
         before = {j.id for j in studio.queue.history()}
-        for p in pages:
+
+        def submitted(description: str) -> bool:
+            jobs = [studio.queue.current(), *studio.queue.pending(), *studio.queue.history()]
+            return any(j is not None and j.id not in before and j.description == description for j in jobs)
+        for i, p in enumerate(pages):
             p.locator("#txt2img_generate").click()
+            # two pages' clicks race on a busy machine: page 1 clicks once page 0's job is in the queue
+            deadline = time.monotonic() + TIMEOUT / 1000
+            while not submitted(f"page {i} prompt"):
+                assert time.monotonic() < deadline, f"page {i}'s job never reached the queue"
+                time.sleep(0.1)
         for i, p in enumerate(pages):
             wait_for_images(p)
             assert info_text(p).startswith(f"page {i} prompt")
