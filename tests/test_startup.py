@@ -37,3 +37,35 @@ def test_studio_and_app_build_without_torch_and_warm_up_loads_it():
                           env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
                                "HOME": str(Path.home())})
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+GENERATE_DURING_WARM_UP = textwrap.dedent("""
+    import sys, tempfile, threading
+    from studio.app import Studio
+    from studio.request import GenerationRequest
+    from studio.settings import Settings
+
+    tmp = tempfile.mkdtemp()
+    studio = Studio(Settings(models_dir=sys.argv[1], data_dir=tmp + "/data", outdir=tmp + "/out",
+                             default_checkpoint="tiny.safetensors"), load_extensions=False)
+    assert "torch" not in sys.modules
+    warm = threading.Thread(target=studio.warm_up)  # what the server does once the port answers
+    warm.start()
+    result = studio.generate(GenerationRequest(prompt="clicked early", steps=1, width=64, height=64), timeout=600)
+    warm.join()
+    assert len(result.images) == 1 and "clicked early" in result.infotexts[0]
+    studio.close()
+    print("ok")
+""")
+
+
+def test_generate_during_warm_up_waits_for_it(tmp_path):
+    """diffusers' lazy imports are not thread-safe: a model load racing the warm-up imports used to fail."""
+    from tests import tinymodels
+    (tmp_path / "Stable-diffusion").mkdir()
+    tiny = tinymodels.make_tiny("sd1", seed=0)
+    tinymodels.write_single_file(tiny, tmp_path / "Stable-diffusion" / "tiny.safetensors")
+    done = subprocess.run([sys.executable, "-c", GENERATE_DURING_WARM_UP, str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900,
+                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(Path.home())})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
