@@ -160,6 +160,7 @@ def test_interrupt_acts_on_this_pages_own_job(browser, live):
         for p, prompt in ((first, "runs on"), (second, "waits then is cancelled")):
             fill_prompt(p, prompt)
             small(p, steps=2000 if p is first else 2)
+        set_slider(first, "txt2img_batch_count", 50)  # 100k steps: still running however slow the clicks below
         first.locator("#txt2img_generate").click()
         first.wait_for_function("/step [1-9]/.test(document.querySelector('#txt2img_progress')?.innerText)",
                                 timeout=TIMEOUT)
