@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ class Studio:
         self.outputs = OutputWriter(settings.outdir)
         self.prompts = PromptEncoder()
         self._tokenizer = None
+        self._imports = threading.Lock()  # diffusers' / transformers' lazy imports are not thread-safe
         from .adapters import EmbeddingLibrary, LoraLibrary
         self.loras = LoraLibrary(settings, self.hashes)
         self.embeddings = EmbeddingLibrary(settings, self.hashes)
@@ -77,6 +79,19 @@ class Studio:
 
             self.manager.on_model_loaded.append(announce)
 
+    def warm_up(self) -> None:
+        """Import the ML stack (torch, diffusers, transformers: seconds) and resolve the device, as a job.
+
+        Nothing built by ``__init__`` needs torch, so the server answers first and calls this afterwards. It runs
+        in the job queue because diffusers' and transformers' lazy imports are not thread-safe: a generation or
+        model load clicked meanwhile queues behind it, then runs as usual (the token counter waits on a lock).
+        """
+        def run() -> None:
+            with self._imports:
+                _import_ml_stack()
+        self.run_exclusive(run, kind="warm-up")
+        self.manager.dtype  # noqa: B018 - resolves the device too (a --device that is not there raises here)
+
     def submit(self, request: GenerationRequest, *, task_id: str | None = None) -> Job:
         """Queue a generation; returns the Job at once (progress, preview, interrupt, wait)."""
         # bad fields fail here, before they take a place in the queue
@@ -94,8 +109,9 @@ class Studio:
         from .loading.tokenizers import load_clip_tokenizer
         from .prompt_parser import extract_extra_networks
 
-        if self._tokenizer is None:  # the shipped tokenizer: counting works before any model is loaded
-            self._tokenizer = load_clip_tokenizer()
+        with self._imports:  # the token counter may run while warm_up imports transformers
+            if self._tokenizer is None:  # the shipped tokenizer: counting works before any model is loaded
+                self._tokenizer = load_clip_tokenizer()
         return self.prompts.count_tokens(self._tokenizer, extract_extra_networks(text)[0])[0]
 
     def run_exclusive(self, fn: Any, *, kind: str = "task") -> Any:
@@ -112,6 +128,14 @@ class Studio:
             training.stop()  # a running training saves its state and a usable LoRA, then ends with us
         self.queue.shutdown(wait=True)
         self.manager.unload_all()
+
+
+def _import_ml_stack() -> None:
+    import diffusers  # noqa: F401 - the imports are the point
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel  # noqa: F401
+
+    from .loading import diffusers_folder, hub, single_file  # noqa: F401
 
 
 def _adapt_preprocessor(fn: Any) -> Any:

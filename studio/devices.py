@@ -7,14 +7,18 @@ import importlib.util
 import logging
 
 import psutil
-import torch
 
 from .errors import StudioError
+from .lazy import torch
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _dtypes() -> dict:
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 GiB = 1024**3
 
 
@@ -40,7 +44,7 @@ def resolve_dtype(settings: Settings, device: torch.device) -> torch.dtype:
     """fp16 on GPUs, fp32 on the CPU (half precision on CPU is slow and lossy) unless set explicitly."""
     if settings.precision == "auto":
         return torch.float32 if device.type == "cpu" else torch.float16
-    return _DTYPES[settings.precision]
+    return _dtypes()[settings.precision]
 
 
 def vae_dtype(settings: Settings, dtype: torch.dtype) -> torch.dtype:
@@ -48,7 +52,7 @@ def vae_dtype(settings: Settings, dtype: torch.dtype) -> torch.dtype:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in _DTYPES.items()}.get(dtype, str(dtype))
+    return {v: k for k, v in _dtypes().items()}.get(dtype, str(dtype))
 
 
 def ram_budget(settings: Settings) -> int:

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
 from .errors import JobInterrupted, StudioError
 from .filenames import NameContext
 from .img2img import prepare
 from .infotext import INFOTEXT_VERSION, build_params, format_infotext
+from .lazy import torch
 from .manager import Loaded, PipelineManager
 from .outputs import OutputWriter
 from .prompt_parser import extract_extra_networks

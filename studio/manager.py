@@ -7,17 +7,18 @@ built per call as views over the same module objects: constructing one costs mic
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-import torch
-
 from . import devices
 from .errors import ModelLoadError, StudioError
+from .lazy import torch
 from .loading.components import Components
 from .registry import CheckpointInfo, Registry, VaeInfo
 from .settings import Settings
@@ -60,20 +61,34 @@ class PipelineManager:
     def __init__(self, settings: Settings, registry: Registry, *, loaders: dict[str, Callable] | None = None):
         self.settings = settings
         self.registry = registry
-        self.device = devices.resolve_device(settings)
-        self.dtype = devices.resolve_dtype(settings, self.device)
-        # with offloading, models rest on the CPU and diffusers' hooks move each part to the GPU when it runs
-        self.offloading = settings.offload != "none" and self.device.type == "cuda"
-        self.placement = torch.device("cpu") if self.offloading else self.device
-        if settings.offload != "none" and not self.offloading:
-            log.warning("--%s only changes anything on a CUDA device; on %s every model part is already in the "
-                        "same memory, so it is ignored.", settings.offload, self.device)
         self._entries: OrderedDict[tuple, Entry] = OrderedDict()
         self._lock = threading.RLock()
         self._loaders = loaders or {}
         self.loads = 0               # how many times a file was actually read (tests and benchmarks look)
         self.current: CheckpointInfo | None = None
         self.on_model_loaded: list[Callable[[CheckpointInfo, Components], None]] = []
+
+    # ---- device (resolved on first use: asking torch for CUDA imports it, and the server starts before torch)
+    @functools.cached_property
+    def device(self) -> torch.device:
+        device = devices.resolve_device(self.settings)
+        if self.settings.offload != "none" and device.type != "cuda":
+            log.warning("--%s only changes anything on a CUDA device; on %s every model part is already in the "
+                        "same memory, so it is ignored.", self.settings.offload, device)
+        return device
+
+    @functools.cached_property
+    def dtype(self) -> torch.dtype:
+        return devices.resolve_dtype(self.settings, self.device)
+
+    @property
+    def offloading(self) -> bool:
+        """With offloading, models rest on the CPU and diffusers' hooks move each part to the GPU when it runs."""
+        return self.settings.offload != "none" and self.device.type == "cuda"
+
+    @property
+    def placement(self) -> torch.device:
+        return torch.device("cpu") if self.offloading else self.device
 
     # ---- budgets ---------------------------------------------------------------------------------
     @property
@@ -90,6 +105,11 @@ class PipelineManager:
         return sum(e.nbytes for e in self._entries.values() if e.tier == tier)
 
     def stats(self) -> dict:
+        if "device" not in self.__dict__ and "torch" not in sys.modules:  # the server is still starting
+            budget = devices.ram_budget(self.settings)
+            return {"device": f"{self.settings.device} (not resolved yet: torch is loading)",
+                    "dtype": self.settings.precision, "entries": [], "device_used": 0, "device_budget": budget,
+                    "ram_used": 0, "ram_budget": budget, "loads": self.loads}
         with self._lock:
             return {
                 "device": str(self.device), "dtype": devices.dtype_name(self.dtype),

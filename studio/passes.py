@@ -8,11 +8,11 @@ import inspect
 import math
 from typing import TYPE_CHECKING, Any
 
-import torch
 from PIL import Image
 
 from .errors import StudioError
 from .img2img import Prepared
+from .lazy import torch
 from .manager import Loaded
 from .prompt_parser import extract_extra_networks
 from .prompts import Conditioning

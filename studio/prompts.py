@@ -13,9 +13,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-import torch
-
 from .errors import StudioError
+from .lazy import torch
 from .prompt_parser import parse_attention, prompt_schedule
 
 CHUNK = 75
@@ -220,7 +219,6 @@ class PromptEncoder:
         chunks, count = _TextModel(tokenizer, None, 0, embeddings or {}).chunks(text)
         return count, max(1, len(chunks)) * CHUNK
 
-    @torch.no_grad()
     def _encode_text(self, components: Any, key: tuple, text: str, clip_skip: int, embeddings: dict,
                      check: Callable[[], None] | None = None,
                      max_chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, frozenset]:
@@ -229,6 +227,12 @@ class PromptEncoder:
         if hit is not None:
             self._cache.move_to_end(cache_key)
             return hit
+        with torch.no_grad():
+            return self._run_encoders(components, cache_key, text, clip_skip, embeddings, check, max_chunks)
+
+    def _run_encoders(self, components: Any, cache_key: tuple, text: str, clip_skip: int, embeddings: dict,
+                      check: Callable[[], None] | None,
+                      max_chunks: int | None) -> tuple[torch.Tensor, torch.Tensor | None, frozenset]:
         xl = components.family in ("sdxl", "sdxl_refiner")
         per_model = []
         pooled = None

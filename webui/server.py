@@ -1,7 +1,8 @@
 """The server: one FastAPI app with the REST routers first and the Gradio UI mounted at "/", run by uvicorn.
 
 ``launch.py`` calls :func:`serve`; tests call :func:`build_app` with their own Studio and run uvicorn in a thread.
-Gradio and torch are imported only here, at serve time, so ``launch.py --help`` and the setup stay light.
+Gradio is imported only here, at serve time, so ``launch.py --help`` and the setup stay light; torch, diffusers and
+transformers only once the port answers (``Studio.warm_up`` in a thread), so the UI is up seconds sooner.
 """
 from __future__ import annotations
 
@@ -29,13 +30,20 @@ def build_app(studio: Any, args: Any = None, *, extra_routers: Iterable[Any] = (
     because a route added after a mount at "/" is shadowed by it (404)."""
     from fastapi import FastAPI
 
+    from webui.auth import AuthGate, gradio_user
+
     app = FastAPI(title="Studio", docs_url="/docs", redoc_url=None)
+    docs_routes = list(app.routes)
     for router in extra_routers:
         app.include_router(router)
+    api_routes = [route for route in app.routes if route not in docs_routes]  # they check --api-auth themselves
+    credentials = _credentials(getattr(args, "api_auth", None))
     if getattr(args, "nowebui", False):
         @app.get("/", include_in_schema=False)
         def root() -> dict:
             return {"studio": "API only (started with --nowebui)", "docs": "/docs"}
+        app.add_middleware(AuthGate, api_routes=api_routes, ui_user=None, api_credentials=credentials,
+                           everything_basic=True)
         return app
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no network calls
@@ -47,10 +55,19 @@ def build_app(studio: Any, args: Any = None, *, extra_routers: Iterable[Any] = (
     # default 1 for plain events; device events share concurrency_id="gpu" and are serialised by the engine queue
     blocks.queue(default_concurrency_limit=1)
     auth = getattr(args, "gradio_auth", None) or None
-    return gr.mount_gradio_app(app, blocks, path="/", auth=auth, css=CSS, show_error=True,
-                               auth_message="Log in to the studio (started with --gradio-auth)." if auth else None,
-                               footer_links=["api", "settings"])
+    app = gr.mount_gradio_app(app, blocks, path="/", auth=auth, css=CSS, show_error=True,
+                              auth_message="Log in to the studio (started with --gradio-auth)." if auth else None,
+                              footer_links=["api", "settings"])
+    ui_user = gradio_user(app.routes[-1].app) if auth else None  # the gradio app mounted at "/" last
+    app.add_middleware(AuthGate, api_routes=api_routes, ui_user=ui_user, api_credentials=credentials)
+    return app
 
+
+def _credentials(auth: Any) -> list[tuple[str, str]]:
+    if not auth:
+        return []
+    from studio.api.errors import normalise_credentials
+    return normalise_credentials(auth)
 
 def api_routers(studio: Any, args: Any) -> list:
     """The REST routers when --api / --nowebui: ``studio.api.build_router(studio[, auth=...])`` when present,
@@ -126,7 +143,7 @@ def serve(settings: Any, args: Any) -> int:
         logging.basicConfig(level=logging.INFO, format="[studio] %(levelname)s %(name)s: %(message)s")
 
     started = time.monotonic()
-    from studio.app import Studio  # imports torch (~2 s); gradio is imported by build_app
+    from studio.app import Studio  # torch-free: _announce imports torch once the port answers
     studio = Studio(settings)
     try:
         app = build_app(studio, args, extra_routers=api_routers(studio, args))
@@ -145,7 +162,8 @@ def serve(settings: Any, args: Any) -> int:
 
 
 def _announce(server: Any, studio: Any, host: str, port: int, args: Any, started: float) -> None:
-    """Say where to go once uvicorn accepts connections; then warm the default checkpoint in the queue."""
+    """Say where to go once uvicorn accepts connections; then import torch & co. and warm the default checkpoint
+    in the queue."""
     while not server.started:
         if server.should_exit:
             return
@@ -156,6 +174,11 @@ def _announce(server: Any, studio: Any, host: str, port: int, args: Any, started
         say(f"On this machine: http://127.0.0.1:{port}")
     if getattr(args, "api", False) or getattr(args, "nowebui", False):
         say(f"API docs: http://{shown}:{port}/docs")
+    try:
+        studio.warm_up()
+    except Exception as exc:  # noqa: BLE001 - e.g. --device cuda without CUDA; Generate shows the same error
+        say(f"Error: {exc}")
+        return
     if not studio.registry.checkpoints():
         say(f"No checkpoint in {studio.settings.ckpt_path}: drop a .safetensors file there, start with "
             "--ckpt-dir pointing at an A1111 models/Stable-diffusion folder, or try `python launch.py --demo`.")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 from PIL import Image
-from skimage.morphology import skeletonize
 
 THRESHOLD_C = 8        # how much darker than its neighbourhood a pixel must be to count as ink
 
@@ -27,6 +26,7 @@ def blueprint_lines(image: Image.Image, resolution: int = 512, block_size: float
     if otsu > 0:
         ink |= np.where(grey < otsu * 0.8, 255, 0).astype(np.uint8)
     ink = remove_small_blobs(ink, int(min_area))
+    from skimage.morphology import skeletonize  # 0.7 s of scipy imports: not at server start
     lines = skeletonize(ink > 0)
     return Image.fromarray((lines * 255).astype(np.uint8)).convert("RGB")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
+from ..lazy import torch
 
 # roles each kind needs (besides optional alpha / dora_scale / diff_b / tucker cores)
 

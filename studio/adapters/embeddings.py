@@ -13,11 +13,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..errors import StudioError
 from ..folders import FolderWatch
 from ..hashes import HashCache, short_hash
+from ..lazy import torch
 from ..loading.state_dict import _read_pickle, read_state_dict
 from .keys import FAMILY_LABEL
 from .library import scan_files

@@ -10,8 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
+from ..lazy import torch
 from ..loading.state_dict import read_header, read_state_dict
 from .deltas import LayerDelta, kind_of
 from .keys import family_hint, split_key

@@ -13,8 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
+from ..lazy import torch
 from .deltas import LayerDelta
 from .keys import COMPONENT_ATTR, FAMILY_LABEL, module_index
 from .lora_files import LoraFile

@@ -14,11 +14,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import ModelLoadError, StudioError
 from ..folders import FolderWatch
 from ..hashes import HashCache
+from ..lazy import torch
 from ..settings import Settings
 from . import convert
 
@@ -216,11 +215,13 @@ def peek_family(path) -> str | None:
     return convert.controlnet_config(shapes, str(path))[1]
 
 
-def load_controlnet(path, dtype=torch.float32, device="cpu", *, addition_time_embed_dim: int | None = None):
+def load_controlnet(path, dtype=None, device="cpu", *, addition_time_embed_dim: int | None = None):
     """(ControlNetModel, family) from a diffusers folder or an lllyasviel/diffusers-keyed single file, offline.
 
-    ``addition_time_embed_dim``: SDXL only; pass the base UNet's value (256 for real SDXL, the default)."""
+    ``addition_time_embed_dim``: SDXL only; pass the base UNet's value (256 for real SDXL, the default).
+    ``dtype``: float32 when None."""
     from diffusers import ControlNetModel
+    dtype = torch.float32 if dtype is None else dtype
 
     path = os.fspath(path)
     if os.path.isdir(path):

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import os
 
-import torch
-
+from ..lazy import torch
 from .components import Components
 from .ldm_config import CLIP_PREFIX, OPENCLIP_PREFIX, UNET
 

@@ -7,9 +7,8 @@ import pickle
 import struct
 import zipfile
 
-import torch
-
 from ..errors import ModelLoadError
+from ..lazy import torch
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CONVERT_FIX = "convert it to .safetensors with a trusted tool, or download the .safetensors version."

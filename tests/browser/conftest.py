@@ -21,6 +21,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 SHOTS = Path("/tmp/studio-shots")
 DEMO_NAME = "demo-untrained.safetensors"
 CONTROLNET_NAME = "control_tiny_canny.safetensors"
+ACTION_TIMEOUT = 90_000  # clicks, fills, locator waits (Playwright's default 30 s is short on a busy 2-core machine)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -128,9 +129,10 @@ def browser():
 def open_app(browser, url: str, **context_kw):
     """A fresh page (own context = own session) with the app loaded and ready."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000}, **context_kw)
+    context.set_default_timeout(ACTION_TIMEOUT)
     page = context.new_page()
     page.goto(url)
-    page.wait_for_selector("body[data-app-ready='1']", state="attached", timeout=30_000)
+    page.wait_for_selector("body[data-app-ready='1']", state="attached", timeout=120_000)
     return page
 
 

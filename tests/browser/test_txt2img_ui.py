@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import re
+import time
 
 from tests.browser.conftest import open_app
 
-TIMEOUT = 60_000
+TIMEOUT = 120_000  # generous: a busy machine is slow, and a wait ends as soon as its condition holds
 
 
 def set_slider(page, elem_id: str, value) -> None:
@@ -40,7 +41,7 @@ def test_generate_shows_image_and_infotext(page, shoot):
     page.locator("#txt2img_seed input").fill("1234")
     set_slider(page, "txt2img_batch_size", 2)
     # the token counter counts CLIP tokens of the prompt
-    page.wait_for_function("document.querySelector('#txt2img_token_counter').innerText.startsWith('6/75')",
+    page.wait_for_function("document.querySelector('#txt2img_token_counter')?.innerText.startsWith('6/75')",
                            timeout=TIMEOUT)
     page.locator("#txt2img_generate").click()
     wait_for_images(page, 2)
@@ -54,13 +55,13 @@ def test_generate_shows_image_and_infotext(page, shoot):
     assert "untrained demo model" in page.locator("#txt2img_gallery").inner_text()
     # selecting the second image shows its own infotext; ♻️ takes its seed
     page.locator("#txt2img_gallery button.thumbnail-small").nth(1).click()
-    page.wait_for_function("document.querySelector('#txt2img_info').innerText.includes('Seed: 1235')",
+    page.wait_for_function("document.querySelector('#txt2img_info')?.innerText.includes('Seed: 1235')",
                            timeout=TIMEOUT)
     page.keyboard.press("Escape")
     page.locator("#txt2img_reuse_seed").click()
-    page.wait_for_function("document.querySelector('#txt2img_seed input').value === '1235'", timeout=TIMEOUT)
+    page.wait_for_function("document.querySelector('#txt2img_seed input')?.value === '1235'", timeout=TIMEOUT)
     page.locator("#txt2img_random_seed").click()
-    page.wait_for_function("document.querySelector('#txt2img_seed input').value === '-1'", timeout=TIMEOUT)
+    page.wait_for_function("document.querySelector('#txt2img_seed input')?.value === '-1'", timeout=TIMEOUT)
     shoot(page, "txt2img")
 
 
@@ -68,8 +69,8 @@ def test_width_height_swap(page):
     set_slider(page, "txt2img_width", 128)
     set_slider(page, "txt2img_height", 64)
     page.locator("#txt2img_swap").click()
-    page.wait_for_function("document.querySelector('#txt2img_width input[type=number]').value === '64' && "
-                           "document.querySelector('#txt2img_height input[type=number]').value === '128'",
+    page.wait_for_function("document.querySelector('#txt2img_width input[type=number]')?.value === '64' && "
+                           "document.querySelector('#txt2img_height input[type=number]')?.value === '128'",
                            timeout=TIMEOUT)
 
 
@@ -77,7 +78,7 @@ def test_interrupt_ends_a_long_job_early(page, live, shoot):
     fill_prompt(page, "a very long job")
     small(page, steps=2000)
     page.locator("#txt2img_generate").click()
-    page.wait_for_function("/step [1-9]/.test(document.querySelector('#txt2img_progress').innerText)",
+    page.wait_for_function("/step [1-9]/.test(document.querySelector('#txt2img_progress')?.innerText)",
                            timeout=TIMEOUT)
     assert page.locator("#txt2img_preview").is_visible()
     shoot(page, "txt2img-progress")
@@ -117,8 +118,17 @@ def test_two_pages_both_get_results_in_order(browser, live, shoot):
             fill_prompt(p, f"page {i} prompt")
             small(p, steps=40)
         before = {j.id for j in studio.queue.history()}
-        for p in pages:
+
+        def submitted(description: str) -> bool:
+            jobs = [studio.queue.current(), *studio.queue.pending(), *studio.queue.history()]
+            return any(j is not None and j.id not in before and j.description == description for j in jobs)
+        for i, p in enumerate(pages):
             p.locator("#txt2img_generate").click()
+            # two pages' clicks race on a busy machine: page 1 clicks once page 0's job is in the queue
+            deadline = time.monotonic() + TIMEOUT / 1000
+            while not submitted(f"page {i} prompt"):
+                assert time.monotonic() < deadline, f"page {i}'s job never reached the queue"
+                time.sleep(0.1)
         for i, p in enumerate(pages):
             wait_for_images(p)
             assert info_text(p).startswith(f"page {i} prompt")
@@ -135,7 +145,7 @@ def test_skip_ends_the_current_image_only(page):
     small(page, steps=2000)
     set_slider(page, "txt2img_batch_count", 2)
     page.locator("#txt2img_generate").click()
-    progress = "document.querySelector('#txt2img_progress').innerText"
+    progress = "document.querySelector('#txt2img_progress')?.innerText"
     page.wait_for_function(f"/image 1\\/2 · step [1-9]/.test({progress})", timeout=TIMEOUT)
     page.locator("#txt2img_skip").click()
     page.wait_for_function(f"/image 2\\/2 · step [1-9]/.test({progress})", timeout=TIMEOUT)
@@ -150,11 +160,12 @@ def test_interrupt_acts_on_this_pages_own_job(browser, live):
         for p, prompt in ((first, "runs on"), (second, "waits then is cancelled")):
             fill_prompt(p, prompt)
             small(p, steps=2000 if p is first else 2)
+        set_slider(first, "txt2img_batch_count", 50)  # 100k steps: still running however slow the clicks below
         first.locator("#txt2img_generate").click()
-        first.wait_for_function("/step [1-9]/.test(document.querySelector('#txt2img_progress').innerText)",
+        first.wait_for_function("/step [1-9]/.test(document.querySelector('#txt2img_progress')?.innerText)",
                                 timeout=TIMEOUT)
         second.locator("#txt2img_generate").click()
-        second.wait_for_function("document.querySelector('#txt2img_progress').innerText.includes('queue')",
+        second.wait_for_function("document.querySelector('#txt2img_progress')?.innerText.includes('queue')",
                                  timeout=TIMEOUT)
         second.locator("#txt2img_interrupt").click()  # cancels the second page's queued job only
         second.locator("#txt2img_info .studio-note").wait_for(timeout=TIMEOUT)
