@@ -137,23 +137,10 @@ def test_blip_missing_model_names_folder(tmp_path):
 
 
 def test_blip_tiny_random_model_captions(tmp_path):
-    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
+    from tests.tinymodels import write_tiny_blip
+
     folder = tmp_path / "captioners" / "tiny-blip"
-    folder.mkdir(parents=True)
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "square", "photo", "of"]
-    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
-    tok = BertTokenizer(str(tmp_path / "vocab.txt"))
-    proc = BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tok)
-    cfg = BlipConfig(vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, image_size=32, patch_size=16),
-                     text_config=dict(vocab_size=len(words), hidden_size=16, intermediate_size=32,
-                                      num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
-                                      bos_token_id=2, sep_token_id=3, pad_token_id=0), projection_dim=16)
-    import torch
-    torch.manual_seed(0)
-    BlipForConditionalGeneration(cfg).save_pretrained(folder)
-    proc.save_pretrained(folder)
+    write_tiny_blip(folder, tmp_path, say=None)
     items = scan_dataset(write_dataset(tmp_path / "ds", 2, captions=False), min_side=32).items
     BlipCaptioner(folder, max_new_tokens=5).caption_items(items, trigger="trg")
     text = (tmp_path / "ds" / "img0.txt").read_text().strip()
