@@ -82,3 +82,19 @@ def test_finished_stop_clears_stopping_note_and_says_stopped(tmp_path):
     assert out[r["error"]] == ""
     assert "Stopped early" in out[r["result"]] and "shapes.safetensors" in out[r["result"]]
     assert "stopped" in out[r["progress"]] and "20/40" in out[r["progress"]]
+
+
+def test_stop_before_the_first_step_is_a_note_not_an_error(tmp_path):
+    """Stopped while class images were made: nothing was written, and the tab says so without an error box."""
+    from types import SimpleNamespace
+    from webui.train_run import tick
+    proc = SimpleNamespace(status=lambda: {"state": "stopped", "step": 0, "total": 40, "outputs": [],
+                                           "losses": [], "samples": [], "log": "", "loss": None})
+    job = {"id": "j1", "process": proc, "state": "stopped", "error": None, "config": ""}
+    svc = SimpleNamespace(status=lambda: {"current": None, "queued": []}, queue=SimpleNamespace(finished=[job]),
+                          history=lambda: [])
+    names = ("progress", "loss", "samples", "log", "result", "try", "history", "state", "timer", "error")
+    r = {n: type("Widget", (), {"name": n})() for n in names}
+    out = tick(SimpleNamespace(training=svc), r, {"job": "j1"})
+    assert "before the first training step" in out[r["result"]]
+    assert "studio-error" not in out[r["result"]] and "wrote no file" not in out[r["result"]]

@@ -201,6 +201,11 @@ def _finished(studio: Any, r: dict, state: dict, info: dict) -> dict:
     outputs = info.get("outputs") or []
     final = [p for p in outputs if not re.search(r"-\d{6}\.safetensors$", p)] or outputs
     out = {r["history"]: history_html(studio.training.history())}
+    if info.get("state") == "stopped" and not final and not info.get("error"):
+        # stopped before the first step (class images, caching): nothing to save, and nothing went wrong
+        out[r["result"]] = note_html("Stopped before the first training step; nothing was written.")
+        out[r["try"]] = gr.update(visible=False)
+        return out
     if info.get("state") == "error" or not final:
         why = info.get("error") or "the trainer wrote no file; see the log"
         out[r["result"]] = error_html(f"Training {info.get('state')}: {why}")
