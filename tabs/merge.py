@@ -181,7 +181,7 @@ def _check_inputs(a, b, c, method) -> None:
 
 def result_html(outcome: Any, verb: str = "Saved") -> str:
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in outcome.notes)
-    return (f"<div class='studio-note merge-done'>✅ {verb} <b>{html.escape(outcome.title)}</b> to "
+    return (f"<div class='studio-note merge-done'>✓ {verb} <b>{html.escape(outcome.title)}</b> to "
             f"<code>{html.escape(str(outcome.path))}</code>{f'<ul>{notes}</ul>' if notes else ''}</div>")
 
 

@@ -180,7 +180,7 @@ def _kwargs(action: str, v: dict) -> dict:
 def report_html(outcome: Any) -> str:
     """Saved path, notes, and for LoRA outputs the kept energy overall and per layer (a scrollable table)."""
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in outcome.notes)
-    head = (f"<div class='studio-note merge-done'>✅ Saved <b>{html.escape(outcome.title)}</b> to "
+    head = (f"<div class='studio-note merge-done'>✓ Saved <b>{html.escape(outcome.title)}</b> to "
             f"<code>{html.escape(str(outcome.path))}</code>{f'<ul>{notes}</ul>' if notes else ''}</div>")
     if not outcome.layers:
         return head

@@ -61,3 +61,25 @@ def test_dropped_train_files_are_imported_at_once(page, studio, tmp_path):
     assert [r[1] for r in rows] == ["shp, shape 0", "shp, shape 1"]
     assert "Imported 4 file(s)" in out[by_id(page, "train_import_report")]
     assert out[drop] is None                      # the drop box is emptied: Import will not add them twice
+
+
+def test_ui_text_needs_no_emoji_font():
+    """Text the page shows uses symbols every font has (✓ ⚠), not emoji that are empty boxes without an emoji
+    font (✅, ⚠️ with its emoji selector, 🔄 ...); docstrings and comments may name them."""
+    import ast
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    emoji = re.compile("[\u2705\ufe0f\U0001F300-\U0001FAFF]")
+    found = []
+    for path in [*root.glob("webui/*.py"), *root.glob("tabs/*.py"), *root.glob("extensions/*/*.py")]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings \
+                    and emoji.search(node.value):
+                found.append(f"{path.relative_to(root)}:{node.lineno}: {node.value[:40]!r}")
+    assert not found, found

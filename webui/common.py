@@ -17,7 +17,7 @@ The studio needs a Stable Diffusion checkpoint (`.safetensors`) to make images. 
 4. **Try it offline:** `python launch.py --demo` creates a tiny untrained demo model (its images are noise).
 """
 
-DEMO_NOTE = ("⚠️ These images come from the **untrained demo model** (random weights): they are noise by "
+DEMO_NOTE = ("⚠ These images come from the **untrained demo model** (random weights): they are noise by "
              "design. Add a real checkpoint to get pictures.")
 
 
@@ -60,7 +60,7 @@ def vae_choices(studio: Any) -> list[str]:
 
 
 def error_html(message: str) -> str:
-    return f"<div class='studio-error' role='alert'>⚠️ {html.escape(message)}</div>"
+    return f"<div class='studio-error' role='alert'>⚠ {html.escape(message)}</div>"
 
 
 def note_html(message: str) -> str:

@@ -210,7 +210,7 @@ class CardRenderer:
         note = ""
         if errors:
             detail = html.escape("\n".join(f"{p}: {m}" for p, m in errors.items()), quote=True)
-            note = (f"<div class='en-empty' title='{detail}'>⚠️ {len(errors)} file(s) could not be read "
+            note = (f"<div class='en-empty' title='{detail}'>⚠ {len(errors)} file(s) could not be read "
                     f"(hover for details).</div>")
         if not cards:
             return note + (f"<div class='en-empty'>No LoRAs in {html.escape(roots)}. Put <code>.safetensors</code> "

@@ -63,14 +63,14 @@ def _run(api: Any, text: str, negative: str, sampler: str, steps: float, cfg: fl
                              seed=int(seed if seed is not None else -1))
     todo = jobs(text)
     if not todo:
-        yield "<div class='studio-error'>⚠️ No lines to run: type one prompt per line.</div>", []
+        yield "<div class='studio-error'>⚠ No lines to run: type one prompt per line.</div>", []
         return
     rows, images = [], []
     for i, (number, line) in enumerate(todo):
         yield _log(rows + [f"<li>line {number}: running ({i + 1} of {len(todo)}) …</li>"]), images
         done = run_line(api, base, number, line)
         if done.error:
-            rows.append(f"<li class='pff-error'>⚠️ line {number}: {html.escape(done.error)}</li>")
+            rows.append(f"<li class='pff-error'>⚠ line {number}: {html.escape(done.error)}</li>")
         else:
             rows.append(f"<li>line {number}: {len(done.images)} image(s)</li>")
             images = images + [(im, f"line {number}") for im in done.images]

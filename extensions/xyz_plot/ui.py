@@ -67,7 +67,7 @@ def _selected(infotexts: list, evt: gr.SelectData) -> str:
 
 def _note(text: str, error: bool = False) -> str:
     style = "studio-error" if error else "studio-note"
-    return f"<div class='{style}'>{'⚠️ ' if error else ''}{html.escape(text)}</div>"
+    return f"<div class='{style}'>{'⚠ ' if error else ''}{html.escape(text)}</div>"
 
 
 def _run(api: Any, prompt: str, negative: str, sampler: str, scheduler: str, steps: float, cfg: float,
