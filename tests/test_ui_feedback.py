@@ -83,3 +83,21 @@ def test_ui_text_needs_no_emoji_font():
                     and emoji.search(node.value):
                 found.append(f"{path.relative_to(root)}:{node.lineno}: {node.value[:40]!r}")
     assert not found, found
+
+
+def test_repicking_the_loaded_checkpoint_queues_no_switch():
+    """A dropdown blur re-sends the loaded model's title: that must not queue a switch that could run after a
+    newer one (the Merge tab's "Load it") and undo it."""
+    from types import SimpleNamespace
+
+    from webui.layout import _switch
+
+    def no_switch(name):
+        raise AssertionError(f"switch to {name!r} queued")
+
+    studio = SimpleNamespace(manager=SimpleNamespace(current=SimpleNamespace(title="a.safetensors [0123456789]",
+                                                                             name="a.safetensors")),
+                             switch_checkpoint=no_switch)
+    for name in ("a.safetensors [0123456789]", "a.safetensors"):
+        update, status = _switch(studio, name)
+        assert status == "" and "value" not in update

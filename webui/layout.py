@@ -115,6 +115,11 @@ def _switch(studio: Any, name: str) -> tuple:
     """Load the chosen checkpoint now (through the engine's queue, between jobs) so the first Generate is quick."""
     if not name:
         return gr.update(), ""
+    current = getattr(studio.manager, "current", None)
+    if current is not None and name in (current.title, current.name):
+        # re-picking the loaded model (a dropdown's blur sends its value again) must not queue a switch: one
+        # queued behind a newer switch ("Load it" on the Merge tab) would undo it
+        return gr.update(), ""
     try:
         title = studio.switch_checkpoint(name)
     except StudioError as exc:
