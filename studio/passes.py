@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image
 
@@ -19,14 +19,12 @@ from .prompts import Conditioning
 from .request import MASKED_CONTENT, GenerationRequest, GenerationResult
 from .samplers import make_scheduler
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Engine
-
 
 class BatchRun:
     """One batch of one job: the pipeline calls for its mode and the hires pass."""
 
-    def __init__(self, engine: Engine, request: GenerationRequest, loaded: Loaded, ctx: Any, seeds: list[int],
+    # engine: the Engine running this job (not imported: engine.py imports this module)
+    def __init__(self, engine: Any, request: GenerationRequest, loaded: Loaded, ctx: Any, seeds: list[int],
                  subseeds: list[int], first_index: int, total: int, result: GenerationResult,
                  control: list | None = None):
         self.e, self.r, self.loaded, self.ctx = engine, request, loaded, ctx

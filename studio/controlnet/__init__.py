@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from .models import (ControlNetInfo, ControlNetLibrary, check_family, controlnet_family, load_controlnet,
                      peek_family)
-from .preprocessors import ParamSpec, Preprocessor, Preprocessors, default_preprocessors, pixel_perfect_resolution
+from .builtin import default_preprocessors
+from .preprocessors import ParamSpec, Preprocessor, Preprocessors, pixel_perfect_resolution
 from .units import (CONTROL_MODES, RESIZE_MODES, ControlUnit, PreparedControl, infotext_params,
                     prepare_control_image, units_from_params)
 

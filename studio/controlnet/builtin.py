@@ -7,7 +7,9 @@ when given a folder; torch.load runs with its safe weights_only default).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -88,7 +90,6 @@ def binary(image, resolution, params, model):
 
 def _common_root(files: dict[str, Path]) -> tuple[str, dict[str, str]]:
     """One folder all files sit under, and each file relative to it (controlnet-aux joins folder + name)."""
-    import os
     root = Path(os.path.commonpath([str(p.parent) for p in files.values()]))
     return str(root), {name: str(p.relative_to(root)) for name, p in files.items()}
 
@@ -196,3 +197,10 @@ def register_builtins(reg: Preprocessors) -> None:
                      ("lineart_standard (from white bg & black line)", "lineart_standard")):
         if old != new:
             reg.alias(old, new)
+
+
+def default_preprocessors(annotators_dir: str | os.PathLike | None = None, **kw: Any) -> Preprocessors:
+    """A registry with every built-in registered (through ``register``, like an extension would)."""
+    reg = Preprocessors(annotators_dir, **kw)
+    register_builtins(reg)
+    return reg

@@ -275,11 +275,3 @@ class Preprocessors:
                 self._models.clear()
             if results:
                 self._results.clear()
-
-
-def default_preprocessors(annotators_dir: str | os.PathLike | None = None, **kw: Any) -> Preprocessors:
-    """A registry with every built-in registered (through ``register``, like an extension would)."""
-    from .builtin import register_builtins
-    reg = Preprocessors(annotators_dir, **kw)
-    register_builtins(reg)
-    return reg
