@@ -12,6 +12,7 @@ from typing import Any
 
 from PIL import Image
 
+from . import vae_codec
 from .errors import JobInterrupted, StudioError
 from .filenames import NameContext
 from .img2img import prepare
@@ -100,40 +101,14 @@ class Engine:
             out.append(_slerp(request.subseed_strength, base.flatten(1), var.flatten(1)).view(shape))
         return torch.cat(out).to(self.manager.device, loaded.components.unet.dtype)
 
-    # ---- VAE -----------------------------------------------------------------------------------------
-    @staticmethod
-    def _scale(vae: Any, z: torch.Tensor, decode: bool) -> torch.Tensor:
-        cfg = vae.config
-        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-        if mean is not None and std is not None:
-            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(z)
-            std_t = torch.tensor(std).view(1, -1, 1, 1).to(z)
-            return z * std_t / cfg.scaling_factor + mean_t if decode else (z - mean_t) * cfg.scaling_factor / std_t
-        return z / cfg.scaling_factor if decode else z * cfg.scaling_factor
-
+    # ---- VAE (studio/vae_codec.py: the VAE's dtype on the execution device) ---------------------------------
     def decode(self, pipe: Any, latents: torch.Tensor, warnings: list[str]) -> list[Image.Image]:
         """Latents -> PIL images the way the diffusers pipeline does it, retrying in fp32 on NaNs."""
-        vae = pipe.vae
+        return vae_codec.decode(pipe, latents, warnings)
 
-        def run() -> torch.Tensor:
-            with torch.no_grad():
-                return vae.decode(self._scale(vae, latents.to(vae.device, vae.dtype), True), return_dict=False)[0]
-
-        image = run()
-        if torch.isnan(image).any() and vae.dtype != torch.float32:
-            warnings.append(f"The VAE produced NaNs (a black image) in {str(vae.dtype).replace('torch.', '')}; "
-                            "the images were decoded again in fp32 and this VAE stays in fp32. Start with "
-                            "--no-half-vae to skip the retry.")
-            vae.to(torch.float32)
-            image = run()
-        return pipe.image_processor.postprocess(image.float(), output_type="pil")
-
-    def encode(self, pipe: Any, image: Image.Image) -> torch.Tensor:
-        """PIL -> scaled latents (the distribution's mode: deterministic)."""
-        vae = pipe.vae
-        pixels = pipe.image_processor.preprocess(image).to(vae.device, vae.dtype)
-        with torch.no_grad():
-            return self._scale(vae, vae.encode(pixels).latent_dist.mode(), False)
+    def encode(self, pipe: Any, image: Image.Image, warnings: list[str] | None = None) -> torch.Tensor:
+        """PIL -> scaled latents (the distribution's mode: deterministic), in the VAE's dtype."""
+        return vae_codec.encode(pipe, image, warnings)
 
     # ---- the job -------------------------------------------------------------------------------------
     def generate(self, request: GenerationRequest, ctx: Any = None) -> GenerationResult:

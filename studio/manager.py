@@ -81,10 +81,19 @@ class PipelineManager:
     def dtype(self) -> torch.dtype:
         return devices.resolve_dtype(self.settings, self.device)
 
+    # Tests set this to run the offload code path (hooks, meta weights) with the CPU as execution device: there is
+    # no GPU here, and on a CPU offloading is otherwise skipped.
+    offload_on_cpu = False
+
     @property
     def offloading(self) -> bool:
-        """With offloading, models rest on the CPU and diffusers' hooks move each part to the GPU when it runs."""
-        return self.settings.offload != "none" and self.device.type == "cuda"
+        """With offloading, models rest on the CPU and accelerate's hooks move each part to the GPU when it runs."""
+        return self.settings.offload != "none" and (self.device.type == "cuda" or self.offload_on_cpu)
+
+    @property
+    def execution_device(self) -> torch.device:
+        """Where the models compute (inputs go here), also when offloading keeps their weights on the CPU."""
+        return self.device
 
     @property
     def placement(self) -> torch.device:
@@ -398,11 +407,20 @@ class PipelineManager:
         return pipe
 
     def _apply_device_options(self, pipe: Any) -> None:
+        """xformers and offload hooks for a view: put on each shared module once, then reused by every view."""
+        from . import offload
+
+        parts = pipe.components
+        chain = [parts.get(n) for n in ("text_encoder", "text_encoder_2", "unet", "vae")]
+        net = parts.get("controlnet")
+        # the per-job ControlNet set wraps the cached ControlNets: those carry the hooks
+        nets = list(getattr(net, "nets", None) or ([net] if net is not None else []))
         if devices.xformers_usable(self.settings, self.device):
-            pipe.enable_xformers_memory_efficient_attention()
+            offload.enable_xformers([*chain, *nets])
         if self.offloading:
-            # hooks live on the shared modules; re-applying them per view is what diffusers asks for
+            offload.prepare(chain, nets, self.settings.offload, self.execution_device)
             if self.settings.offload == "medvram":
-                pipe.enable_model_cpu_offload(device=self.device)
-            else:
-                pipe.enable_sequential_cpu_offload(device=self.device)
+                with self._lock:
+                    held = [m for e in self._entries.values() if e.value is not None
+                            for m in (e.value.modules().values() if isinstance(e.value, Components) else [e.value])]
+                offload.offload_idle(held)

@@ -8,8 +8,10 @@ import inspect
 import math
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
+from . import vae_codec
 from .errors import StudioError
 from .img2img import Prepared
 from .lazy import torch
@@ -112,6 +114,11 @@ class BatchRun:
             self.detected_maps = [(u, p.detected_map) for u, p in zip(units, prepared)]
         extra = plan.call_kwargs(mode)
         accepted = inspect.signature(cpipe.__call__).parameters
+        if "masked_image_latents" in kw and "masked_image_latents" not in accepted:
+            # diffusers' ControlNet inpaint pipelines take no masked latents: they mask and encode the pixels
+            kw.pop("masked_image_latents")
+            if isinstance(kw.get("image"), torch.Tensor) and getattr(self, "pixels", None) is not None:
+                kw["image"] = self.pixels
         for key in [k for k in kw if k not in accepted]:
             self.result.warnings.append(f"ControlNet with {mode}: option {key!r} is not supported and was left out.")
             kw.pop(key)
@@ -139,8 +146,10 @@ class BatchRun:
         if r.subseed_strength > 0:
             kw["latents"] = self.e._variation_latents(r, self.loaded, self.seeds, self.subseeds)
         if self.loaded.components.is_inpaint:  # an inpainting model draws from nothing through a full mask
+            # at strength 1 the pipeline never encodes this image: only the masked image's latents count
             kw.update(image=Image.new("RGB", (r.width, r.height), (127, 127, 127)),
-                      mask_image=Image.new("L", (r.width, r.height), 255), strength=1.0)
+                      mask_image=Image.new("L", (r.width, r.height), 255), strength=1.0,
+                      masked_image_latents=self._masked_latents(pipe, None, None, r.width, r.height))
         latents = self._call(pipe, conds, r.steps, **kw)
         self.pipe = pipe
         if r.enable_hr:
@@ -176,9 +185,12 @@ class BatchRun:
         if r.hr_denoising_strength <= 0 or steps * r.hr_denoising_strength < 1:
             return image if isinstance(image, list) else self.e.decode(self.pipe, image, self.result.warnings)
         pipe = self.e.manager.pipeline(self.loaded, "img2img", self._scheduler(*hr_sampler))
-        kw: dict[str, Any] = dict(image=image, strength=r.hr_denoising_strength)
+        self.pixels = None if isinstance(image, torch.Tensor) else image
+        z = image if isinstance(image, torch.Tensor) else self.e.encode(pipe, image, self.result.warnings)
+        kw: dict[str, Any] = dict(image=self._unet_dtype(z), strength=r.hr_denoising_strength)
         if self.loaded.components.is_inpaint:
-            kw.update(mask_image=Image.new("L", (w, h), 255), width=w, height=h)
+            kw.update(mask_image=Image.new("L", (w, h), 255), width=w, height=h,
+                      masked_image_latents=self._masked_latents(pipe, None, None, w, h))
         latents = self._call(pipe, conds, steps, phase="Hires fix", **kw)
         return self.e.decode(pipe, latents, self.result.warnings)
 
@@ -187,43 +199,58 @@ class BatchRun:
         self.infotext.update(prep.infotext)
         mode = "inpaint" if r.mode == "inpaint" else "img2img"
         pipe = self.e.manager.pipeline(self.loaded, mode, self._scheduler(sampler, schedule))
-        image: Any = prep.init
+        inpaint = mode == "inpaint" or comps.is_inpaint
+        self.pixels = prep.init
+        size = dict(height=r.height, width=r.width) if inpaint else {}  # as the inpaint pipeline resizes
         if prep.latent_source is not None:
-            latents = self.e.encode(pipe, prep.latent_source)
-            image = torch.nn.functional.interpolate(latents, size=(r.height // 8, r.width // 8), mode="bilinear")
+            latents = self.e.encode(pipe, prep.latent_source, self.result.warnings)
+            z = torch.nn.functional.interpolate(latents, size=(r.height // 8, r.width // 8), mode="bilinear")
+        else:
+            z = vae_codec.encode(pipe, prep.init, self.result.warnings, **size)
         if r.denoising_strength <= 0 or r.steps * r.denoising_strength < 1:
             # nothing to denoise: the init image goes through the VAE and back, as a 0-step sampler would
-            z = image if isinstance(image, torch.Tensor) else self.e.encode(pipe, image)
             images = self.e.decode(pipe, z.repeat(r.batch_size, 1, 1, 1), self.result.warnings)
             return [prep.finish(im) for im in images]
-        kw: dict[str, Any] = dict(image=image, strength=r.denoising_strength)
+        kw: dict[str, Any] = dict(image=z, strength=r.denoising_strength)
         mask = prep.mask
-        if mode == "inpaint" or comps.is_inpaint:
+        if inpaint:
             if mask is None:
                 mask = Image.new("L", (r.width, r.height), 255)
             kw.update(mask_image=mask, width=r.width, height=r.height)
             content = MASKED_CONTENT[r.inpainting_fill] if mode == "inpaint" else "original"
             if content in ("latent noise", "latent nothing"):
-                kw.update(self._latent_content(pipe, prep.init, mask, content))
+                kw["image"] = self._latent_content(z, mask, content)
+            # given latents, the pipeline cannot mask the image itself; only a 9-channel UNet reads these (a
+            # 4-channel one gets the init latents, which it ignores, so that no pixels are masked as latents)
+            kw["masked_image_latents"] = (self._masked_latents(pipe, prep.init, mask, r.width, r.height)
+                                          if comps.is_inpaint else z)
+        kw["image"] = self._unet_dtype(kw["image"])
+        if "masked_image_latents" in kw:
+            kw["masked_image_latents"] = self._unet_dtype(kw["masked_image_latents"])
         latents = self._call(pipe, conds, r.steps, **kw)
         return [prep.finish(im) for im in self.e.decode(pipe, latents, self.result.warnings)]
 
-    def _latent_content(self, pipe: Any, init: Image.Image, mask: Image.Image, content: str) -> dict:
+    def _unet_dtype(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents we encoded (VAE dtype) as the pipeline gets them: it never runs the VAE on them."""
+        return z.to(self.loaded.components.unet.dtype)
+
+    def _latent_content(self, z: torch.Tensor, mask: Image.Image, content: str) -> torch.Tensor:
         """A1111's latent noise / latent nothing: the masked area of the init latents is noise or zeros."""
-        z = self.e.encode(pipe, init)
-        m = pipe.mask_processor.preprocess(mask, height=init.height, width=init.width)
+        m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)[None, None]
         m = torch.nn.functional.interpolate(m, size=z.shape[-2:]).to(z) >= 0.5
         if content == "latent noise":
             gen = self.e._generators(self.seeds[:1], self.r)[0]
             fill = torch.randn(z.shape, generator=gen, device=gen.device).to(z)
         else:
             fill = torch.zeros_like(z)
-        out: dict[str, Any] = {"image": torch.where(m, fill, z)}
-        # given latents, the pipeline cannot mask the image itself; a 9-channel model is conditioned on this
-        pixels = pipe.image_processor.preprocess(init).to(z)
-        pm = pipe.mask_processor.preprocess(mask, height=init.height, width=init.width).to(z)
-        vae = pipe.vae
-        with torch.no_grad():
-            masked = vae.encode((pixels * (pm < 0.5)).to(vae.dtype)).latent_dist.mode()
-        out["masked_image_latents"] = self.e._scale(vae, masked, False)
-        return out
+        return torch.where(m, fill, z)
+
+    def _masked_latents(self, pipe: Any, init: Image.Image | None, mask: Image.Image | None, width: int,
+                        height: int) -> torch.Tensor:
+        """Latents of the init image with the masked area blanked, which a 9-channel inpainting UNet is
+        conditioned on (``init`` None: a full mask, so nothing of the image is left)."""
+        if init is None:
+            return vae_codec.encode_pixels(pipe, torch.zeros(1, 3, height, width), self.result.warnings)
+        pixels = pipe.image_processor.preprocess(init, height=height, width=width)
+        pm = pipe.mask_processor.preprocess(mask, height=height, width=width)
+        return vae_codec.encode_pixels(pipe, pixels * (pm < 0.5), self.result.warnings)

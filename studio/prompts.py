@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 from .errors import StudioError
 from .lazy import torch
+from .offload import execution_device
 from .prompt_parser import parse_attention, prompt_schedule
 
 CHUNK = 75
@@ -136,7 +137,8 @@ class _TextModel:
         if self.id_pad != self.id_end:  # after the first end token, pad with the pad token (SD2, SDXL's bigG)
             first_end = tokens.index(self.id_end)
             tokens[first_end + 1:] = [self.id_pad] * (len(tokens) - first_end - 1)
-        ids = torch.tensor([tokens], device=self.enc.device)
+        # the encoder's execution device: under --lowvram its parameters (so enc.device) are on `meta`
+        ids = torch.tensor([tokens], device=execution_device(self.enc, torch.device("cpu")))
         with self._fixes(chunk.fixes):
             if xl:
                 out = self.enc(ids, output_hidden_states=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..lazy import torch
+from ..offload import live_tensor
 from .deltas import LayerDelta
 from .keys import COMPONENT_ATTR, FAMILY_LABEL, module_index
 from .lora_files import LoraFile
@@ -109,7 +110,7 @@ class AdapterPatcher:
                 self._sets.move_to_end(key)
                 for okey, (module, attr, tensor) in cached.tensors.items():
                     self._save_original(okey, module, attr)
-                    getattr(module, attr).data.copy_(tensor)
+                    live_tensor(module, attr).data.copy_(tensor)
                     self._dirty.add(okey)
             else:
                 cached = self._compute(active)
@@ -123,7 +124,7 @@ class AdapterPatcher:
         with self._lock, torch.no_grad():
             for okey in self._dirty:
                 module, attr, orig = self._originals[okey]
-                getattr(module, attr).data.copy_(orig)
+                live_tensor(module, attr).data.copy_(orig)
             self._dirty.clear()
             self._key, self._warnings, self.applied, self._te_key = (), [], [], ()
 
@@ -213,12 +214,12 @@ class AdapterPatcher:
 
     def _save_original(self, okey, module, attr) -> None:
         if okey not in self._originals:
-            self._originals[okey] = (module, attr, getattr(module, attr).detach().to("cpu", copy=True))
+            self._originals[okey] = (module, attr, live_tensor(module, attr).detach().to("cpu", copy=True))
 
     def _patch(self, target: _Target, okey: tuple[int, str], keep: bool) -> torch.Tensor | None:
         """Write original + Σ weight × ΔW into one tensor; returns a CPU copy of the result if ``keep``."""
         attr = okey[1]
-        param = getattr(target.module, attr)
+        param = live_tensor(target.module, attr)   # under --lowvram the weights sit in the offload hook
         self._save_original(okey, target.module, attr)
         self._dirty.add(okey)
         # sum every delta in float32 and round once, so several LoRAs on an fp16 layer lose no precision
