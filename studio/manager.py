@@ -151,7 +151,9 @@ class PipelineManager:
         value = entry.value
         modules = value.modules().values() if isinstance(value, Components) else [value]
         for module in modules:
-            module.to(target)
+            # under --lowvram the parameters are meta between forwards and the weights already rest in RAM
+            if getattr(module, "__dict__", {}).get("_studio_offload", ("",))[0] != "lowvram":
+                module.to(target)
         entry.tier = tier
         devices.release_memory(self.device)
 

@@ -124,3 +124,43 @@ def test_hooks_are_applied_once_per_module(settings, monkeypatch):
         assert s.manager.current_components().unet._hf_hook is hook
     finally:
         s.close()
+
+
+def test_lowvram_models_can_change_tier(settings):
+    """Eviction to the RAM tier must not try to copy meta parameters (the weights are in RAM already)."""
+    s = make_studio(settings, "lowvram")
+    try:
+        want = px(s.generate(GenerationRequest(**BASE)).images[0])
+        entry = next(e for e in s.manager._entries.values() if e.key[0] == "ckpt")
+        s.manager._move(entry, "cpu")
+        s.manager._move(entry, "device")
+        assert np.array_equal(px(s.generate(GenerationRequest(**BASE)).images[0]), want)
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("offload", ["medvram", "lowvram"])
+def test_controlnet_is_offloaded_with_the_model(settings, models_dir, offload):
+    """The cached ControlNet gets its hooks once, like the checkpoint's modules, and the image is unchanged."""
+    from studio.controlnet import ControlUnit
+    from tests import controlnets
+
+    (models_dir / "ControlNet").mkdir()
+    net = controlnets.make_controlnet(make_tiny("sd1", seed=0).unet, seed=1)
+    controlnets.write_ldm(net, models_dir / "ControlNet" / "control_tiny_canny.safetensors")
+    shapes = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(shapes).rectangle((16, 16, 48, 48), outline="black", width=3)
+    images = {}
+    for mode in ("none", offload):
+        s = make_studio(settings, mode)
+        try:
+            unit = ControlUnit.from_api({"enabled": True, "module": "canny", "model": "control_tiny_canny",
+                                         "image": shapes}, 0, s.preprocessors)
+            req = GenerationRequest(**BASE, controlnet_units=(unit,))
+            images[mode] = [px(s.generate(req).images[0]) for _ in range(2)]
+            cached = [e.value for e in s.manager._entries.values() if e.label.startswith("ControlNet")]
+            assert len(cached) == 1 and hasattr(cached[0], "_hf_hook") == (mode != "none")
+        finally:
+            s.close()
+    assert np.array_equal(images["none"][0], images[offload][0])
+    assert np.array_equal(images[offload][0], images[offload][1])
