@@ -63,14 +63,23 @@ def ram_budget(settings: Settings) -> int:
     return max(4 * GiB, total // 2 - 2 * GiB)
 
 
+def vram_reserve(total: int) -> int:
+    """VRAM kept free for a job's activations (SDXL at 1024² needs a few GiB): a quarter of a small card, 3 GiB
+    from a 12 GiB card up, never below 1 GiB."""
+    return max(GiB, min(3 * GiB, total // 4))
+
+
 def device_budget(settings: Settings, device: torch.device) -> int:
-    """Bytes for models resident on the device. On the CPU the device tier is RAM itself."""
+    """Bytes for models resident on the device. On the CPU the device tier is RAM itself.
+
+    CUDA: what this process can have (the free memory plus what torch's allocator already holds for us, the
+    cached models included, which free memory no longer shows) minus the working reserve."""
     if settings.vram_budget_mb > 0:
         return settings.vram_budget_mb * 1024**2
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        # keep a working reserve for activations (SDXL at 1024² needs a few GiB)
-        return max(GiB, free - 3 * GiB)
+        free, total = torch.cuda.mem_get_info(device)
+        ours = torch.cuda.memory_reserved(device)
+        return max(GiB, min(total, free + ours) - vram_reserve(total))
     return ram_budget(settings)
 
 

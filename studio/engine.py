@@ -12,6 +12,7 @@ from typing import Any
 
 from PIL import Image
 
+from . import oom
 from . import vae_codec
 from .errors import JobInterrupted, StudioError
 from .filenames import NameContext
@@ -112,8 +113,14 @@ class Engine:
 
     # ---- the job -------------------------------------------------------------------------------------
     def generate(self, request: GenerationRequest, ctx: Any = None) -> GenerationResult:
-        """Run ``request``; ``ctx`` is the job context (progress, preview, interrupt/skip)."""
+        """Run ``request``; ``ctx`` is the job context (progress, preview, interrupt/skip).
+
+        Out of device memory, every other cached model is moved off the device and the job runs once more."""
         ctx = ctx or _NoContext()
+        return oom.retry_once(lambda: self._generate(request, ctx),
+                              lambda: self.manager.free_device_memory(keep=self.manager.current), request)
+
+    def _generate(self, request: GenerationRequest, ctx: Any) -> GenerationResult:
         if self.extensions is not None and self.extensions.has("studio_adjust_request"):
             request = self.extensions.adjust_request(request)
         request.validate(self.settings)
@@ -256,6 +263,10 @@ class Engine:
     def _finish_image(self, result: GenerationResult, request: GenerationRequest, image: Any, seed: int,
                       subseed: int, loaded: Loaded, sampler: str, schedule: str, extra: dict,
                       all_seeds: list[int] | None = None) -> None:
+        self.manager.ensure_hashes(loaded)  # a first load hashes in the background: the infotext waits for it
+        result.model_hash = loaded.info.short_hash or ""
+        if loaded.vae_info is not None:
+            result.vae_hash = loaded.vae_info.short_hash or ""
         shown = request.replace(sampler_name=sampler, scheduler=schedule)
         params = build_params(shown, seed=seed, subseed=subseed, model_name=loaded.info.model_name,
                               model_hash=loaded.info.short_hash,

@@ -12,6 +12,7 @@ import os
 import struct
 import tempfile
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 _BLOCK = 1024 * 1024
@@ -210,3 +211,79 @@ class HashCache:
                 removed = bool(keys)
             if removed:
                 self._save()
+
+
+class BackgroundHasher:
+    """Hashes files on one daemon thread (started on demand, gone when idle), so listing or loading a model never
+    waits seconds per GB. A foreground :meth:`get` waits for the file's run in flight, takes the file over while
+    it is only queued, or hashes it at once; no file is ever hashed twice at the same time.
+    """
+
+    def __init__(self, cache: HashCache):
+        self.cache = cache
+        self._cond = threading.Condition()
+        self._queued: dict[str, tuple[str, str, Future]] = {}   # insertion order = order of hashing
+        self._running: dict[str, Future] = {}
+        self._thread: threading.Thread | None = None
+
+    def submit(self, path: str | os.PathLike, kind: str = "checkpoint") -> Future:
+        """A future of the file's hash: done at once when it is cached, else queued for the background thread."""
+        key = HashCache._key(path, kind)
+        with self._cond:
+            fut = self._running.get(key) or (self._queued[key][2] if key in self._queued else None)
+            if fut is not None:
+                return fut
+            fut = Future()
+            cached = self.cache.get_cached(path, kind)
+            if cached is not None:
+                fut.set_result(cached)
+                return fut
+            self._queued[key] = (os.fspath(path), kind, fut)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="studio-hash", daemon=True)
+                self._thread.start()
+        return fut
+
+    def get(self, path: str | os.PathLike, kind: str = "checkpoint") -> str:
+        """The file's hash now (raises OSError like :meth:`HashCache.get_or_compute`)."""
+        cached = self.cache.get_cached(path, kind)
+        if cached is not None:
+            return cached
+        key = HashCache._key(path, kind)
+        with self._cond:
+            fut = self._running.get(key)
+            mine = fut is None
+            if mine:
+                queued = self._queued.pop(key, None)
+                fut = queued[2] if queued is not None else Future()
+                self._running[key] = fut
+        if mine:
+            self._compute(key, os.fspath(path), kind, fut)
+        return fut.result()
+
+    def pending(self) -> int:
+        """Files queued or being hashed."""
+        with self._cond:
+            return len(self._queued) + len(self._running)
+
+    def _compute(self, key: str, path: str, kind: str, fut: Future) -> None:
+        try:
+            value = self.cache.get_or_compute(path, kind)
+        except Exception as exc:  # noqa: BLE001 - handed to whoever waits on the future
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)
+        finally:
+            with self._cond:
+                self._running.pop(key, None)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queued:
+                    self._thread = None
+                    return
+                key = next(iter(self._queued))
+                path, kind, fut = self._queued.pop(key)
+                self._running[key] = fut
+            self._compute(key, path, kind, fut)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import JobInterrupted, StudioError
+from .oom import drop_frames
 
 log = logging.getLogger(__name__)
 
@@ -332,11 +333,13 @@ class JobQueue:
             interrupted = True
             result = getattr(exc, "result", None)   # a job may attach partial results to the exception
         except BaseException as exc:  # noqa: BLE001 - the worker must outlive anything a job does
-            error = exc
             if isinstance(exc, StudioError):  # bad input, already explained to the caller: one line is enough
                 log.warning("Job %s (%s): %s", job.id, job.kind, exc)
             else:
                 log.error("Job %s (%s) failed: %s", job.id, job.kind, exc, exc_info=exc)
+            # kept in the history for wait() and the API: without its frames, whose locals (pipelines, latents,
+            # an OOM's activations) would otherwise stay alive as long as the job is listed
+            error = drop_frames(exc)
         with self._cond:
             if error is not None:
                 state = FAILED

@@ -113,6 +113,11 @@ class PipelineManager:
     def used(self, tier: str) -> int:
         return sum(e.nbytes for e in self._entries.values() if e.tier == tier)
 
+    def ram_used(self) -> int:
+        """Bytes of cached models in system RAM: the RAM tier, plus the device tier where it rests on the CPU
+        (a CPU-only machine, or offloading, where diffusers' hooks move each part to the GPU as it runs)."""
+        return self.used("cpu") + (self.used("device") if self.placement.type == "cpu" else 0)
+
     def stats(self) -> dict:
         if "device" not in self.__dict__ and "torch" not in sys.modules:  # the server is still starting
             budget = devices.ram_budget(self.settings)
@@ -125,7 +130,7 @@ class PipelineManager:
                 "entries": [{"label": e.label, "tier": e.tier, "bytes": e.nbytes, "locked": e.locks > 0}
                             for e in self._entries.values()],
                 "device_used": self.used("device"), "device_budget": self.budget("device"),
-                "ram_used": self.used("cpu"), "ram_budget": self.budget("cpu"), "loads": self.loads,
+                "ram_used": self.ram_used(), "ram_budget": self.budget("cpu"), "loads": self.loads,
             }
 
     def _make_room(self, tier: str, needed: int, keep: tuple | None = None) -> None:
@@ -145,6 +150,30 @@ class PipelineManager:
         if self.used(tier) + needed > budget:
             log.warning("Memory budget for %s exceeded (%d MB used + %d MB needed > %d MB); models in use are "
                         "never evicted.", tier, self.used(tier) >> 20, needed >> 20, budget >> 20)
+
+    def free_device_memory(self, keep: CheckpointInfo | None = None) -> int:
+        """After running out of memory: take every unlocked model but ``keep`` off the device (parked in RAM while
+        the RAM budget allows, else dropped) and empty the allocator caches. Returns the bytes taken off."""
+        with self._lock:
+            try:
+                keep_key = self.key_for(keep) if keep is not None else None
+            except (OSError, StudioError):
+                keep_key = None
+            freed = 0
+            if not self.offloading:  # offloaded models already rest in RAM: only the allocator cache holds VRAM
+                for key, entry in list(self._entries.items()):
+                    if entry.tier != "device" or entry.locks > 0 or key == keep_key:
+                        continue
+                    freed += entry.nbytes
+                    if not self.single_tier and entry.nbytes <= self.budget("cpu"):
+                        self._make_room("cpu", entry.nbytes, keep=keep_key)
+                        self._move(entry, "cpu")
+                    else:
+                        self._drop(key)
+            if freed:
+                log.info("Out of memory: %d MB of cached models taken off the device", freed >> 20)
+            devices.release_memory(self.device)
+            return freed
 
     def _move(self, entry: Entry, tier: str) -> None:
         target = self.placement if tier == "device" else torch.device("cpu")
@@ -196,8 +225,23 @@ class PipelineManager:
         return comps
 
     def key_for(self, info: CheckpointInfo) -> tuple:
-        return ("ckpt", self.registry.ensure_hash(info) if info.kind != "hub" else info.name,
-                devices.dtype_name(self.dtype), str(self.device))
+        """The cache key: a file by path, mtime and size (hashing 2 GB takes seconds, so it happens in the
+        background), a folder by its id, a repo by its name; plus dtype and device."""
+        if info.kind == "file":
+            ident: Any = (str(info.path), *info.stat_key())
+        else:
+            ident = self.registry.ensure_hash(info) if info.kind != "hub" else info.name
+        return ("ckpt", ident, devices.dtype_name(self.dtype), str(self.device))
+
+    def _estimate(self, info: CheckpointInfo) -> int | None:
+        """The bytes ``info`` will take once loaded, from its file headers (None: unknown before loading)."""
+        from .loading.sizes import checkpoint_bytes
+
+        def size(dtype: Any) -> int:
+            return torch.empty((), dtype=dtype).element_size()
+
+        return checkpoint_bytes(info.path, info.kind, size(self.dtype),
+                                size(devices.vae_dtype(self.settings, self.dtype)))
 
     def _get_or_load(self, info: CheckpointInfo) -> Entry:
         key = self.key_for(info)
@@ -210,6 +254,9 @@ class PipelineManager:
                 self._move(entry, "device")
             return entry
         started = time.monotonic()
+        estimate = self._estimate(info)
+        if estimate:  # room first: making it after loading would hold the old models and the new one at once
+            self._make_room("device", estimate)
         comps = self._load_components(info)
         self.loads += 1
         nbytes = comps.nbytes()
@@ -220,6 +267,7 @@ class PipelineManager:
         info.family = comps.family
         entry = Entry(key, info.name, comps, nbytes, "device")
         self._entries[key] = entry
+        self.registry.hash_later(info)  # for lists and infotexts; the key does not need it
         log.info("Loaded %s (%s, %d MB) in %.1fs", info.name, comps.family, nbytes >> 20,
                  time.monotonic() - started)
         for hook in list(self.on_model_loaded):
@@ -234,8 +282,13 @@ class PipelineManager:
 
         vdtype = devices.vae_dtype(self.settings, self.dtype)
         # the latent scaling factor is not in the weights: it follows the family it is used with
-        key = ("vae", self.registry.ensure_vae_hash(vinfo), components.family, devices.dtype_name(vdtype),
-               str(self.device))
+        if vinfo.kind == "file":  # like checkpoints: keyed by the file as it is now, hashed in the background
+            st = vinfo.path.stat()
+            ident: Any = (str(vinfo.path), st.st_mtime_ns, st.st_size)
+            self.registry.hash_later(vinfo)
+        else:
+            ident = self.registry.ensure_vae_hash(vinfo)
+        key = ("vae", ident, components.family, devices.dtype_name(vdtype), str(self.device))
         entry = self._entries.get(key)
         if entry is None:
             if vinfo.kind == "diffusers":
@@ -314,6 +367,16 @@ class PipelineManager:
         if vae == "Automatic":
             return self.registry.sidecar_vae(info)
         return self.registry.find_vae(vae)
+
+    def ensure_hashes(self, loaded: Loaded) -> None:
+        """The hashes an infotext names: waits for a first load's background hash (or computes it now)."""
+        try:
+            if loaded.info.kind != "hub":
+                self.registry.ensure_hash(loaded.info)
+            if loaded.vae_info is not None:
+                self.registry.ensure_vae_hash(loaded.vae_info)
+        except OSError as exc:  # the file went away after loading: the image is still good, only unhashed
+            log.warning("Could not hash %s: %s", loaded.info.path, exc)
 
     def load(self, checkpoint: str | CheckpointInfo = "") -> CheckpointInfo:
         """Make a checkpoint the current one (loading it if needed)."""

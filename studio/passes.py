@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from . import oom
 from . import vae_codec
 from .errors import StudioError
 from .img2img import Prepared
@@ -85,10 +86,10 @@ class BatchRun:
         with torch.inference_mode():
             try:
                 return pipe(**call).images
-            except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
-                raise StudioError(f"Out of device memory at {self.r.width}x{self.r.height}, batch size "
-                                  f"{self.r.batch_size}.", fix="lower the size or batch size, or start with "
-                                  "--medvram") from exc
+            except torch.cuda.OutOfMemoryError as exc:
+                # the frames below hold the activations that filled the card: release them before anything else
+                oom.drop_frames(exc)
+                raise oom.OutOfMemory(oom.message(self.r)) from None
 
     def _with_control(self, pipe: Any, kw: dict, phase: str) -> tuple[Any, dict]:
         """Swap in the ControlNet pipeline view for this pass and prepare the control images at its size."""

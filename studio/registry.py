@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import threading
@@ -10,12 +11,14 @@ from pathlib import Path
 
 from .errors import StudioError
 from .folders import FolderWatch
-from .hashes import HashCache, short_hash
+from .hashes import BackgroundHasher, HashCache, short_hash
 from .settings import Settings
 
 CKPT_EXTS = (".safetensors", ".ckpt")
 VAE_EXTS = (".safetensors", ".ckpt", ".pt", ".bin")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,6 +84,7 @@ class Registry:
     def __init__(self, settings: Settings, hash_cache: HashCache | None = None):
         self.settings = settings
         self.hashes = hash_cache or HashCache(settings.cache_file)
+        self.hasher = BackgroundHasher(self.hashes)
         self._lock = threading.RLock()
         self._checkpoints: dict[str, CheckpointInfo] = {}
         self._vaes: dict[str, VaeInfo] = {}
@@ -162,18 +166,40 @@ class Registry:
 
     # ---- hashing ---------------------------------------------------------------------------------
     def ensure_hash(self, info: CheckpointInfo) -> str:
-        """Full sha256 of a single-file checkpoint (cached by path, mtime and size). Folders hash their path."""
+        """Full sha256 of a single-file checkpoint (cached by path, mtime and size). Folders hash their path.
+
+        Waits for the file's background hash when one is running (never hashes a file twice at once)."""
         if info.sha256:
             return info.sha256
-        info.sha256 = self.hashes.get_or_compute(info.path, "checkpoint") if info.kind == "file" \
-            else _folder_id(info.path)
+        info.sha256 = self.hasher.get(info.path, "checkpoint") if info.kind == "file" else _folder_id(info.path)
         return info.sha256
 
     def ensure_vae_hash(self, info: VaeInfo) -> str:
         if not info.sha256:
-            info.sha256 = self.hashes.get_or_compute(info.path, "vae") if info.kind == "file" \
-                else _folder_id(info.path)
+            info.sha256 = self.hasher.get(info.path, "vae") if info.kind == "file" else _folder_id(info.path)
         return info.sha256
+
+    def hash_later(self, info: CheckpointInfo | VaeInfo) -> None:
+        """Hash a model file in the background; its ``sha256`` (and that of the listed entry for the same file)
+        is filled in when done. Folders and repos get their id at once (nothing to read)."""
+        if info.sha256 or info.kind == "hub":
+            return
+        if info.kind != "file":
+            info.sha256 = _folder_id(info.path)
+            return
+        kind = "vae" if isinstance(info, VaeInfo) else "checkpoint"
+        self.hasher.submit(info.path, kind).add_done_callback(lambda fut: self._hashed(info, fut))
+
+    def _hashed(self, info: CheckpointInfo | VaeInfo, fut) -> None:
+        if fut.exception() is not None:
+            log.warning("Could not hash %s: %s", info.path, fut.exception())
+            return
+        info.sha256 = fut.result()
+        with self._lock:  # a rescan meanwhile made new entries for the same files
+            listed = self._vaes if isinstance(info, VaeInfo) else self._checkpoints
+            for other in listed.values():
+                if other.path == info.path and other.kind == "file" and not other.sha256:
+                    other.sha256 = info.sha256
 
     # ---- resolving names -------------------------------------------------------------------------
     @staticmethod

@@ -174,3 +174,99 @@ def test_cache_thread_safety(tmp_path):
 def test_no_module_level_mutable_cache():
     a, b = H.HashCache(None), H.HashCache(None)
     assert a._entries is not b._entries
+
+
+# ---- background hashing ----------------------------------------------------------------------------------------
+def _gated_hashing(monkeypatch, gated=None):
+    """compute_hash held up until ``gate`` is set (for every file, or for the file names in ``gated``)."""
+    gate, calls, real = threading.Event(), [], H.compute_hash
+
+    def held(path, kind="checkpoint"):
+        calls.append(os.path.basename(path))
+        if gated is None or os.path.basename(path) in gated:
+            assert gate.wait(20), "the test never released the hash"
+        return real(path, kind)
+
+    monkeypatch.setattr(H, "compute_hash", held)
+    return gate, calls
+
+
+def _wait_for(predicate, timeout=20.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_background_hasher_hashes_each_file_once(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(b"a" * 5000)
+    b.write_bytes(b"b" * 7000)
+    gate, calls = _gated_hashing(monkeypatch, gated={"a.safetensors"})
+    hasher = H.BackgroundHasher(H.HashCache(tmp_path / "cache.json"))
+    fa, fb = hasher.submit(a), hasher.submit(b)
+    assert hasher.submit(a) is fa and hasher.submit(b) is fb
+    _wait_for(lambda: calls == ["a.safetensors"])
+    # b is only queued behind a: a foreground request takes it over instead of waiting for a
+    assert hasher.get(b) == hashlib.sha256(b"b" * 7000).hexdigest() == fb.result(timeout=0)
+    assert not fa.done()
+    gate.set()
+    assert fa.result(timeout=20) == hashlib.sha256(b"a" * 5000).hexdigest()
+    assert hasher.get(a) == fa.result() and hasher.submit(a).result(timeout=0) == fa.result()
+    assert calls == ["a.safetensors", "b.safetensors"]   # each file read once
+    _wait_for(lambda: hasher._thread is None)                 # the thread ends when there is nothing to hash
+
+
+def test_sd_models_list_hashes_in_the_background(settings, monkeypatch):
+    import time
+
+    from studio.api.routes import _Api
+    from studio.app import Studio
+
+    gate, _calls = _gated_hashing(monkeypatch)
+    studio = Studio(settings)
+    try:
+        api = _Api(studio, {}, False)
+        started = time.monotonic()
+        first = {m["model_name"]: m for m in api.get_sd_models()}
+        assert time.monotonic() - started < 2, "the list waited for hashes"
+        assert first["tiny-sd1"]["hash"] is None and first["tiny-sd1"]["sha256"] is None
+        assert first["tiny-sd1"]["title"] == "tiny-sd1.safetensors"
+        gate.set()
+
+        def filled():
+            return all(m["sha256"] for m in api.get_sd_models())
+
+        _wait_for(filled)
+        listed = {m["model_name"]: m for m in api.get_sd_models()}
+        path = settings.ckpt_path / "tiny-sd1.safetensors"
+        sha = H.sha256_file(path)
+        assert listed["tiny-sd1"]["sha256"] == sha and listed["tiny-sd1"]["hash"] == sha[:10]
+        assert listed["tiny-sd1"]["title"] == f"tiny-sd1.safetensors [{sha[:10]}]"
+        studio.registry.refresh()  # a rescan keeps what was hashed (the persistent cache)
+        assert {m["model_name"]: m for m in api.get_sd_models()}["tiny-sd1"]["sha256"] == sha
+    finally:
+        gate.set()
+        studio.close()
+
+
+def test_first_load_does_not_wait_for_the_hash_but_the_infotext_has_it(studio, monkeypatch):
+    import time
+
+    from studio.request import GenerationRequest
+
+    gate, _calls = _gated_hashing(monkeypatch)
+    try:
+        started = time.monotonic()
+        studio.switch_checkpoint("tiny-sd1-b.safetensors")
+        assert time.monotonic() - started < 15, "loading waited for the file's hash"
+        assert studio.registry.find_checkpoint("tiny-sd1-b").sha256 is None
+        threading.Timer(0.3, gate.set).start()
+        result = studio.generate(GenerationRequest(prompt="a cube", width=64, height=64, steps=1, save_images=False,
+                                                   checkpoint="tiny-sd1-b.safetensors"))
+    finally:
+        gate.set()
+    sha = H.sha256_file(studio.settings.ckpt_path / "tiny-sd1-b.safetensors")
+    assert f"Model hash: {sha[:10]}" in result.infotexts[0] and result.model_hash == sha[:10]

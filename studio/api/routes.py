@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Body, Depends, Query
@@ -36,7 +35,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-HASH_BUDGET_SECONDS = 2.0       # /sd-models hashes unhashed files for at most this long per call
 ERROR_STATUSES = (401, 404, 409, 422, 500)
 # PNG text keys that are not "items" (A1111 images.IGNORED_INFO_KEYS)
 _IGNORED_INFO_KEYS = {"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "exif", "loop", "background",
@@ -315,14 +313,9 @@ class _Api:
 
     def get_sd_models(self) -> list:
         registry = self.studio.registry
-        deadline = time.monotonic() + HASH_BUDGET_SECONDS
         out = []
         for info in registry.checkpoints():
-            if not info.sha256 and time.monotonic() < deadline:
-                try:  # A1111 shows hashes it has computed; we compute them (cached) within a time budget
-                    registry.ensure_hash(info)
-                except OSError as exc:
-                    log.warning("Could not hash %s: %s", info.path, exc)
+            registry.hash_later(info)  # hash and sha256 are null until the background hash is done
             yaml = info.sidecar_yaml
             out.append({"title": info.title, "model_name": info.model_name, "hash": info.short_hash,
                         "sha256": info.sha256, "filename": str(info.path), "config": str(yaml) if yaml else None})
