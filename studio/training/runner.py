@@ -17,6 +17,7 @@ from .lifetime import (OWNER_ENV, RunLock, lock_owner, locked_error, owner_token
 from .progress import PROGRESS_FILE, STOP_FILE, read_events
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+CLASS_IMAGE_HOURS = 12      # how long the other processes of a multi-GPU run wait for the main one's class images
 
 
 # ---- in-process / CLI ------------------------------------------------------------------------------------------
@@ -68,11 +69,22 @@ def run_config(path: str | os.PathLike, *, bar: bool = True, resume: bool | None
     if resume is not None:
         cfg.resume = resume
     cb = ConsoleBar() if bar else None
-    if int(os.environ.get("RANK", "0")) != 0:
-        return Trainer(cfg, on_event=cb).run()
+    state = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # several processes: the main one makes the class images, the others wait for them at a barrier (made
+        # long: generating hundreds of class images takes longer than torch's default 10-30 minutes)
+        from datetime import timedelta
+
+        from accelerate import PartialState
+        state = PartialState(timeout=timedelta(hours=CLASS_IMAGE_HOURS))
+        if not state.is_main_process:
+            state.wait_for_everyone()
+            return Trainer(cfg, on_event=cb).run()
     # the run folder is ours from the class images to the last save; a second trainer is refused
     with RunLock(cfg.resolved().run_dir) as lock:
         prepare_class_images(cfg, progress=cb)
+        if state is not None:
+            state.wait_for_everyone()
         return Trainer(cfg, on_event=cb, lock=lock).run()
 
 
