@@ -76,7 +76,8 @@ def run_config(path: str | os.PathLike, *, bar: bool = True, resume: bool | None
         from datetime import timedelta
 
         from accelerate import PartialState
-        state = PartialState(timeout=timedelta(hours=CLASS_IMAGE_HOURS))
+        import torch
+        state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=CLASS_IMAGE_HOURS))
         if not state.is_main_process:
             state.wait_for_everyone()
             return Trainer(cfg, on_event=cb).run()
@@ -116,10 +117,12 @@ def launch_command(config_path: str | os.PathLike, num_processes: int = 1, *, cp
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
            "--num_machines", "1", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no"]
-    if cpu:
+    if num_processes > 1:
+        # torchrun's launcher, also for CPU processes (accelerate's --cpu starts one process unless MPI is set
+        # up); a CPU-only machine then trains on gloo. Port 0: a free one, so two runs never collide.
+        cmd += ["--multi_gpu", "--main_process_port", "0"]
+    elif cpu:
         cmd.append("--cpu")
-    elif num_processes > 1:
-        cmd.append("--multi_gpu")
     cmd += ["-m", "studio.training", os.fspath(config_path), "--no-bar"]
     return cmd + (["--resume"] if resume else [])
 
