@@ -116,6 +116,11 @@ class Trainer:
         for ps in self.net.params.values():
             for p in ps:
                 p.data = p.data.float()   # trained tensors stay fp32 whatever the frozen weights are
+        if cfg.is_ti and self.weight_dtype != torch.float32:
+            # TI's fp32 table inside a half-precision encoder: its rows enter the encoder at the encoder's dtype
+            # (autocast alone does not do it: on the CPU it leaves layer_norm to fail on fp32 inputs)
+            dtype = self.weight_dtype
+            c.text_encoder.get_input_embeddings().register_forward_hook(lambda m, args, out: out.to(dtype))
         if cfg.checkpointing:
             if "unet" in self.net.modules or cfg.is_ti or not cfg.train_unet:
                 c.unet.enable_gradient_checkpointing()
