@@ -13,8 +13,8 @@ from typing import Any
 import gradio as gr
 
 from studio.errors import StudioError
-from studio.training.config import (CACHE_MODES, OPTIMIZERS, PRECISIONS, PREDICTIONS, SCHEDULERS, SECTION_OF,
-                                    UNET_TARGETS, TrainConfig)
+from studio.training.config import (CACHE_MODES, CHECKPOINTING, OPTIMIZERS, PRECISIONS, PREDICTIONS, SCHEDULERS,
+                                    SECTION_OF, UNET_TARGETS, TrainConfig)
 from webui.common import checkpoint_titles, current_checkpoint_title
 from webui.model_lists import model_list
 from webui.generation import HIDDEN
@@ -124,7 +124,8 @@ def training_section(studio: Any, f: dict) -> None:
         _num("noise_offset", "Noise offset", f)
     with gr.Row():
         _num("seed", "Seed", f)
-        _check("gradient_checkpointing", "Gradient checkpointing", f)
+        _drop("gradient_checkpointing", "Gradient checkpointing", CHECKPOINTING, f,
+              info="auto: on with a GPU (less memory, slower steps), off on the CPU")
     with gr.Accordion("More optimizer options", open=False, elem_id="train_more_optimizer"):
         with gr.Row():
             _num("weight_decay", "Weight decay", f)

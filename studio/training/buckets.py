@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import StudioError
 from .dataset import ImageItem
 
 
@@ -114,16 +115,23 @@ class LatentCache:
         return hashlib.sha1(raw.encode()).hexdigest()
 
     @torch.no_grad()
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[B, 3, h, w] in [-1, 1] -> scaled latents (the distribution mean: deterministic, cacheable)."""
+    def encode(self, pixels: torch.Tensor, source: str | os.PathLike = "") -> torch.Tensor:
+        """[B, 3, h, w] in [-1, 1] -> scaled latents (the distribution mean: deterministic, cacheable), on the
+        CPU (a cache of thousands stays out of device memory; the trainer moves each batch)."""
         self.encodes += pixels.shape[0]
         dev = next(self.vae.parameters()).device
         dist = self.vae.encode(pixels.to(dev, self.vae.dtype)).latent_dist
-        return ((dist.mean - self.shift) * self.scaling).to(torch.float32).cpu()
+        latent = ((dist.mean - self.shift) * self.scaling).to(torch.float32).cpu()
+        if not torch.isfinite(latent).all():
+            raise StudioError(f"The VAE gave NaN / infinite latents for {Path(source).name or 'an image'} "
+                              f"(VAE in {str(self.vae.dtype).removeprefix('torch.')}).", path=str(source),
+                              fix="keep the training VAE in fp32 (an fp16 SDXL VAE overflows), or use a VAE "
+                                  "fixed for fp16 (e.g. sdxl-vae-fp16-fix) in the checkpoint")
+        return latent
 
     def get(self, path: Path, size: tuple[int, int], flip: bool) -> torch.Tensor:
         if self.mode == "none":
-            return self.encode(load_pixels(path, size, flip)[None])[0]
+            return self.encode(load_pixels(path, size, flip)[None], path)[0]
         k = self._keys.get((path, size, flip))
         if k is None:
             k = self._keys[(path, size, flip)] = self.key(path, size, flip)
@@ -134,7 +142,7 @@ class LatentCache:
             from safetensors.torch import load_file
             latent = load_file(str(file))["latent"]
         else:
-            latent = self.encode(load_pixels(path, size, flip)[None])[0]
+            latent = self.encode(load_pixels(path, size, flip)[None], path)[0]
             if file is not None:
                 from safetensors.torch import save_file
                 from .atomic import write_with

@@ -19,7 +19,8 @@ from ..errors import StudioError
 METHODS = ("lora", "locon", "loha", "lokr", "dreambooth_lora", "textual_inversion")
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion8bit", "Prodigy", "Adafactor")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
-PRECISIONS = ("no", "fp16", "bf16")
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+CHECKPOINTING = ("auto", "on", "off")
 CACHE_MODES = ("none", "ram", "disk")
 PREDICTIONS = ("auto", "epsilon", "v_prediction")
 UNET_TARGETS = ("transformer", "attention")
@@ -74,8 +75,8 @@ class TrainConfig:
     max_steps: int = 0                    # > 0 overrides epochs
     batch_size: int = 1
     grad_accum: int = 1
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"
+    gradient_checkpointing: str = "auto"  # auto: on with CUDA, off on the CPU; "on" / "off" (true / false read too)
+    mixed_precision: str = "auto"         # auto: bf16 where the card has it, else fp16; "no" (fp32) on the CPU
     min_snr_gamma: float = 0.0
     noise_offset: float = 0.0
     seed: int = 42
@@ -101,7 +102,27 @@ class TrainConfig:
     init_word: str = "*"
     num_vectors: int = 1
 
+    def __post_init__(self):
+        if isinstance(self.gradient_checkpointing, bool):     # the option was a bool before "auto"
+            self.gradient_checkpointing = "on" if self.gradient_checkpointing else "off"
+
     # ---- derived values ------------------------------------------------------------------------------------
+    @property
+    def checkpointing(self) -> bool:
+        """Gradient checkpointing on (after ``for_device`` resolved "auto")."""
+        return self.gradient_checkpointing == "on"
+
+    def for_device(self, cuda: bool) -> "TrainConfig":
+        """A copy with the "auto" precision and checkpointing chosen for the device: on CUDA bf16 where the card
+        computes it natively (Ampere and later), else fp16, with gradient checkpointing (an SDXL LoRA in fp32
+        without it does not fit 24 GB); on the CPU fp32 without checkpointing. Explicit values stay."""
+        c = dataclasses.replace(self)
+        if c.mixed_precision == "auto":
+            c.mixed_precision = ("bf16" if _native_bf16() else "fp16") if cuda else "no"
+        if c.gradient_checkpointing == "auto":
+            c.gradient_checkpointing = "on" if cuda else "off"
+        return c
+
     @property
     def is_ti(self) -> bool:
         return self.method == "textual_inversion"
@@ -135,8 +156,8 @@ class TrainConfig:
             return StudioError(message, field=f"{SECTION_OF[name]}.{name}", fix=fix)
 
         choices = {"method": METHODS, "optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS,
-                   "mixed_precision": PRECISIONS, "cache_latents": CACHE_MODES, "prediction": PREDICTIONS,
-                   "unet_targets": UNET_TARGETS}
+                   "mixed_precision": PRECISIONS, "gradient_checkpointing": CHECKPOINTING, "cache_latents": CACHE_MODES,
+                   "prediction": PREDICTIONS, "unet_targets": UNET_TARGETS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"{name} is {getattr(self, name)!r}.", f"use one of {', '.join(allowed)}")
@@ -184,6 +205,9 @@ class TrainConfig:
             raise bad("optimizer", "Prodigy needs the prodigyopt package.", "pip install prodigyopt, or use AdamW")
         if self.mixed_precision == "fp16" and not _cuda():
             raise bad("mixed_precision", "fp16 mixed precision needs a CUDA device.", "use 'no' or 'bf16'")
+        if self.mixed_precision == "bf16" and _cuda() and not _native_bf16():
+            raise bad("mixed_precision", "This GPU has no bf16 (it needs an RTX 30xx / A100 or newer).",
+                      "use 'fp16' or 'auto'")
         if check_files:
             if not self.base_model or not Path(self.base_model).exists():
                 raise bad("base_model", f"Base model {self.base_model!r} not found.",
@@ -214,6 +238,8 @@ class TrainConfig:
                 raise StudioError(f"Unknown config key {key!r}.", field=key,
                                   fix=f"remove it; known keys: {', '.join(sorted(known))}")
             want = type(getattr(defaults, key))
+            if key == "gradient_checkpointing" and isinstance(value, bool):
+                value = "on" if value else "off"           # configs written before "auto"
             if want is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not isinstance(value, want) or (want is int and isinstance(value, bool)):
@@ -284,6 +310,18 @@ def _importable(name: str) -> bool:
 def _cuda() -> bool:
     import torch
     return torch.cuda.is_available()
+
+
+def _native_bf16() -> bool:
+    """The CUDA card computes bf16 itself (compute capability 8.0+); torch's default also says yes for cards
+    that only emulate it, slowly."""
+    import torch
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:   # torch before 2.3 has no emulation flag (and answers for the native case)
+        return torch.cuda.is_bf16_supported()
 
 
 def _has_bnb_cuda() -> bool:

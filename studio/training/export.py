@@ -177,7 +177,7 @@ def lora_metadata(cfg: TrainConfig, info: RunInfo) -> dict[str, str]:
         # the other keys kohya's train_network.py writes, where this run has the value
         "ss_session_id": str(info.session_id), "ss_network_dropout": "None", "ss_num_reg_images": str(info.num_reg_images),
         "ss_num_batches_per_epoch": str(info.num_batches_per_epoch),
-        "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
+        "ss_gradient_checkpointing": str(cfg.checkpointing),
         "ss_gradient_accumulation_steps": str(cfg.grad_accum), "ss_max_train_steps": str(info.max_train_steps),
         "ss_lr_warmup_steps": str(cfg.lr_warmup_steps), "ss_full_fp16": "False",
         "ss_cache_latents": str(cfg.cache_latents != "none"), "ss_max_grad_norm": str(cfg.max_grad_norm),

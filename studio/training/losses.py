@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 
-def step_generator(seed: int, index: int, salt: str = "noise") -> torch.Generator:
+def step_generator(seed: int, index: int | str, salt: str = "noise") -> torch.Generator:
     """A CPU generator for micro-batch ``index``: noise and timesteps depend only on (seed, index), so a resumed
     run draws exactly what the uninterrupted run would have drawn."""
     digest = hashlib.sha256(f"{seed}:{index}:{salt}".encode()).digest()

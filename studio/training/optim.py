@@ -43,8 +43,8 @@ def kohya_optimizer_name(cfg: TrainConfig) -> str:
     return f"{cls.__module__}.{cls.__name__}" + (f"({args})" if args else "")
 
 
-def make_scheduler(cfg: TrainConfig, optimizer, total_steps: int, num_processes: int = 1):
+def make_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
+    """Counted in optimizer steps (the trainer steps it once per step, whatever the number of processes)."""
     from diffusers.optimization import get_scheduler
-    # accelerate steps a prepared scheduler once per process per optimizer step (as diffusers' examples count)
-    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * num_processes,
-                         num_training_steps=total_steps * num_processes, num_cycles=cfg.lr_num_cycles)
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                         num_training_steps=total_steps, num_cycles=cfg.lr_num_cycles)

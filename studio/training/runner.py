@@ -17,6 +17,7 @@ from .lifetime import (OWNER_ENV, RunLock, lock_owner, locked_error, owner_token
 from .progress import PROGRESS_FILE, STOP_FILE, read_events
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+CLASS_IMAGE_HOURS = 12      # how long the other processes of a multi-GPU run wait for the main one's class images
 
 
 # ---- in-process / CLI ------------------------------------------------------------------------------------------
@@ -68,11 +69,23 @@ def run_config(path: str | os.PathLike, *, bar: bool = True, resume: bool | None
     if resume is not None:
         cfg.resume = resume
     cb = ConsoleBar() if bar else None
-    if int(os.environ.get("RANK", "0")) != 0:
-        return Trainer(cfg, on_event=cb).run()
+    state = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # several processes: the main one makes the class images, the others wait for them at a barrier (made
+        # long: generating hundreds of class images takes longer than torch's default 10-30 minutes)
+        from datetime import timedelta
+
+        from accelerate import PartialState
+        import torch
+        state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=CLASS_IMAGE_HOURS))
+        if not state.is_main_process:
+            state.wait_for_everyone()
+            return Trainer(cfg, on_event=cb).run()
     # the run folder is ours from the class images to the last save; a second trainer is refused
     with RunLock(cfg.resolved().run_dir) as lock:
         prepare_class_images(cfg, progress=cb)
+        if state is not None:
+            state.wait_for_everyone()
         return Trainer(cfg, on_event=cb, lock=lock).run()
 
 
@@ -104,10 +117,12 @@ def launch_command(config_path: str | os.PathLike, num_processes: int = 1, *, cp
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
            "--num_machines", "1", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no"]
-    if cpu:
+    if num_processes > 1:
+        # torchrun's launcher, also for CPU processes (accelerate's --cpu starts one process unless MPI is set
+        # up); a CPU-only machine then trains on gloo. Port 0: a free one, so two runs never collide.
+        cmd += ["--multi_gpu", "--main_process_port", "0"]
+    elif cpu:
         cmd.append("--cpu")
-    elif num_processes > 1:
-        cmd.append("--multi_gpu")
     cmd += ["-m", "studio.training", os.fspath(config_path), "--no-bar"]
     return cmd + (["--resume"] if resume else [])
 

@@ -82,11 +82,15 @@ def make_pipeline(components, text_encoder=None, tokenizer=None):
 
 @torch.no_grad()
 def render_samples(components, prompts: list[SamplePrompt], folder: Path, step: int, *, clip_skip: int = 1,
-                   prompt_filter=None, stop=None) -> list[dict]:
+                   prompt_filter=None, stop=None, autocast=None) -> list[dict]:
     """Render every prompt; PNGs go to ``folder/step{N}_{i}.png`` atomically. Returns progress events.
 
-    ``stop()`` is asked between denoising steps: a stop request ends sampling at once (the half-denoised image
-    is not saved)."""
+    ``autocast()`` (the accelerator's) wraps the denoising: under fp16 / bf16 the trained tensors are fp32 beside
+    half-precision weights (a TI embedding table inside the text encoder). The VAE decodes outside it, at its own
+    dtype (fp32 in training). ``stop()`` is asked between denoising steps: a stop request ends sampling at once
+    (the half-denoised image is not saved)."""
+    import contextlib
+
     from .atomic import save_image
 
     pipe = make_pipeline(components)
@@ -103,16 +107,28 @@ def render_samples(components, prompts: list[SamplePrompt], folder: Path, step: 
             kw = {"clip_skip": clip_skip - 1} if clip_skip > 1 else {}
             if stop is not None:
                 kw["callback_on_step_end"] = _interrupt_on(stop)
-            image = pipe(prompt, negative_prompt=sp.negative or None, width=sp.width, height=sp.height,
-                         num_inference_steps=sp.steps, guidance_scale=sp.cfg, generator=gen, **kw).images[0]
+            with autocast() if autocast else contextlib.nullcontext():
+                latents = pipe(prompt, negative_prompt=sp.negative or None, width=sp.width, height=sp.height,
+                               num_inference_steps=sp.steps, guidance_scale=sp.cfg, generator=gen,
+                               output_type="latent", **kw).images
             if stop is not None and stop():
                 break
+            image = decode(pipe, latents)
             path = save_image(folder / f"step{step:06d}_{i:02d}.png", image)
             events.append({"type": "sample", "step": step, "index": i, "path": str(path), "prompt": sp.prompt})
     finally:
         for m, was_training in modes.items():
             m.train(was_training)
     return events
+
+
+def decode(pipe, latents: torch.Tensor):
+    """Latents -> a PIL image with the VAE at its own dtype (diffusers' SD1 pipeline would feed it the UNet's)."""
+    vae = pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift
+    image = vae.decode(latents).sample
+    return pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
 
 
 def _interrupt_on(stop):

@@ -1,12 +1,18 @@
 """The training loop: one ``Trainer`` runs a ``TrainConfig`` through accelerate.
 
 Determinism for resume: the batch order is a function of (seed, epoch), and noise, timesteps, caption shuffles,
-flips and class-image picks are drawn from generators seeded by (seed, micro-batch index). The saved state is the
+flips and class-image picks are drawn from generators seeded by (seed, epoch, batch index). The saved state is the
 trained tensors, optimizer, lr scheduler and RNG (accelerate ``save_state``) plus ``trainer.json`` (position), so
 a resumed run continues with exactly the losses of an uninterrupted one.
+
+Several processes (``accelerate launch --num_processes N``): every process plans the same epoch (all batches) and
+takes every N-th of it, the last round wrapping around so all take the same number of steps. The position is
+global (optimizer steps, and batches of the epoch done by all processes together), so a run saved on N GPUs
+resumes on any other number.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,7 +38,7 @@ from .optim import make_optimizer, make_scheduler
 from .progress import SAMPLES_DIR, STATE_DIR, ProgressWriter, StopRequest
 from .sampling import read_prompts, render_samples
 
-TEXT_CACHE_MAX = 4096
+TEXT_CACHE_MAX = 4096      # entries, kept on the CPU (a few MB each for SDXL): moved to the device per batch
 
 
 @dataclass
@@ -64,7 +70,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, on_event: Callable[[dict], None] | None = None,
                  stop: StopRequest | None = None, write_progress: bool = True, lock: RunLock | None = None):
-        self.cfg = cfg.resolved().validate()
+        # "auto" precision / checkpointing resolve here, per machine: run.toml keeps "auto" for a resume elsewhere
+        self.cfg = cfg.resolved().validate().for_device(torch.cuda.is_available())
         self.run_dir = Path(self.cfg.run_dir)
         self.stop = stop or StopRequest(self.run_dir)
         self.lock = lock     # held by the caller (the CLI takes it before the class images); else run() takes it
@@ -83,17 +90,22 @@ class Trainer:
             # generation) may have set another precision. Distributed launches are left alone.
             from accelerate.state import AcceleratorState
             AcceleratorState._reset_state(reset_partial_state=True)
+        # the scheduler counts optimizer steps (we step it once per step): the same schedule on any number of
+        # processes, and a state saved on N processes resumes on M (accelerate would step it N times per step)
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                               cpu=not torch.cuda.is_available())
+                               cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
         set_seed(cfg.seed)   # adapter initialisation; per-step randomness has its own generators
         self.progress = ProgressWriter(self.run_dir / "progress.jsonl", self.on_event,
                                        enabled=self.write_progress and self.acc.is_main_process)
         dev = self.acc.device
-        # frozen weights in the low precision on GPUs (as diffusers' examples); CPUs compute in fp32 + autocast
+        # frozen weights in the low precision (as diffusers' examples), trained tensors in fp32
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-        if dev.type == "cpu":
-            self.weight_dtype = torch.float32
-        self.c = c = load_base(cfg, dtype=self.weight_dtype, device=dev)
+        # loaded in fp16 for bf16 too: the VAE then goes up to fp32 without passing through bf16's 8-bit mantissa
+        self.c = c = load_base(cfg, dtype=torch.float32 if self.weight_dtype == torch.float32 else torch.float16,
+                               device=dev)
+        for name, m in c.modules().items():
+            # the VAE only caches latents and decodes samples: fp32, as an fp16 SDXL VAE gives NaNs
+            m.to(torch.float32 if name == "vae" else self.weight_dtype)
         if cfg.is_ti and c.family.startswith("sdxl"):
             raise StudioError("Textual Inversion for SDXL is not supported yet.", field="method.method",
                               fix="train a LoRA for SDXL, or TI on an SD1/SD2 model")
@@ -104,15 +116,22 @@ class Trainer:
         for ps in self.net.params.values():
             for p in ps:
                 p.data = p.data.float()   # trained tensors stay fp32 whatever the frozen weights are
-        if cfg.gradient_checkpointing:
+        if cfg.is_ti and self.weight_dtype != torch.float32:
+            # TI's fp32 table inside a half-precision encoder: its rows enter the encoder at the encoder's dtype
+            # (autocast alone does not do it: on the CPU it leaves layer_norm to fail on fp32 inputs)
+            dtype = self.weight_dtype
+            c.text_encoder.get_input_embeddings().register_forward_hook(lambda m, args, out: out.to(dtype))
+        if cfg.checkpointing:
             if "unet" in self.net.modules or cfg.is_ti or not cfg.train_unet:
                 c.unet.enable_gradient_checkpointing()
             for part in ("text_encoder", "text_encoder_2"):
                 if part in self.net.modules:
                     self.net.modules[part].gradient_checkpointing_enable()
         self._data()
+        self.pos = self._position()
+        self.total_steps = self._total_steps(self.pos)
         self.opt = make_optimizer(cfg, self.net.params)
-        self.lr_sched = make_scheduler(cfg, self.opt, self.total_steps, self.acc.num_processes)
+        self.lr_sched = make_scheduler(cfg, self.opt, self.total_steps)
         parts = list(self.net.modules)
         prepared = self.acc.prepare(*[self.net.modules[p] for p in parts], self.opt, self.lr_sched)
         self.models = dict(zip(parts, prepared[:len(parts)]))
@@ -136,22 +155,32 @@ class Trainer:
         if cfg.method == "dreambooth_lora":
             from .dreambooth import class_items
             self.class_items = class_items(cfg)
-        self.n_batches = n_batches = len(self._batches(0))
-        self.steps_per_epoch = max(1, math.ceil(n_batches / cfg.grad_accum))
-        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.n_batches = n_batches = len(self._batches(0))          # all processes together
+        self.rounds_per_epoch = math.ceil(n_batches / self.acc.num_processes)
+        self.steps_per_epoch = max(1, math.ceil(self.rounds_per_epoch / cfg.grad_accum))
         self.text_cache: dict[str, dict] = {}
         self.cache_text = not cfg.train_text_encoder and not cfg.is_ti
 
     def _batches(self, epoch: int) -> list[list[int]]:
-        b = epoch_batches(self.plan.sizes, [i.repeats for i in self.scan.items], self.cfg.batch_size,
-                          self.cfg.seed, epoch)
-        return b[self.acc.process_index::self.acc.num_processes]   # each process its own share
+        """The epoch's batches, the same list on every process (``_run`` hands each its share)."""
+        return epoch_batches(self.plan.sizes, [i.repeats for i in self.scan.items], self.cfg.batch_size,
+                             self.cfg.seed, epoch)
+
+    def _total_steps(self, pos: dict) -> int:
+        """Optimizer steps of the run: ``max_steps``, else what the epochs left take on this many processes
+        (a run resumed on another number of GPUs finishes the same epochs)."""
+        if self.cfg.max_steps:
+            return self.cfg.max_steps
+        rounds = math.ceil(max(0, self.n_batches - pos["consumed"]) / self.acc.num_processes) \
+            + max(0, self.cfg.epochs - pos["epoch"] - 1) * self.rounds_per_epoch
+        return pos["step"] + math.ceil(rounds / self.cfg.grad_accum)
 
     # ---- state -----------------------------------------------------------------------------------------------
     def _save_hook(self, models, weights, output_dir):
         from safetensors.torch import save_file
         weights.clear()   # not the whole UNet: only what is trained
-        save_file(self.net.trainable_state(), os.path.join(output_dir, "trained.safetensors"))
+        if self.acc.is_main_process:    # the hook runs on every process; the tensors are the same on all
+            save_file(self.net.trainable_state(), os.path.join(output_dir, "trained.safetensors"))
 
     def _load_hook(self, models, input_dir):
         from safetensors.torch import load_file
@@ -159,25 +188,43 @@ class Trainer:
         self.net.load_trainable_state(load_file(os.path.join(input_dir, "trained.safetensors")))
 
     def save_state(self, position: dict) -> None:
-        """Write the state to a temp folder, then swap it in: a crash never leaves half a state."""
+        """Write the state to a temp folder, then swap it in: a crash never leaves half a state.
+
+        Every process calls accelerate's ``save_state`` (each writes its RNG state; the main one the weights and
+        optimizer); only the main process empties and swaps the folders, with barriers between."""
         final = self.run_dir / STATE_DIR
         tmp, old = final.with_name(STATE_DIR + ".tmp"), final.with_name(STATE_DIR + ".old")
-        shutil.rmtree(tmp, ignore_errors=True)
+        main = self.acc.is_main_process
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.acc.wait_for_everyone()           # nobody writes into tmp before it is empty
         self.acc.save_state(str(tmp))
-        if self.acc.is_main_process:
-            (tmp / "trainer.json").write_text(json.dumps(position), encoding="utf-8")
+        self.acc.wait_for_everyone()           # every process's files are in tmp before it is swapped in
+        if main:
+            (tmp / "trainer.json").write_text(json.dumps(
+                {**position, "num_processes": self.acc.num_processes}), encoding="utf-8")
             if final.exists():
                 os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
 
+    def _position(self) -> dict:
+        """Where the run continues: optimizer steps, epoch, and batches of that epoch done by all processes."""
+        file = self.run_dir / STATE_DIR / "trainer.json"
+        if not self.cfg.resume or not file.is_file():
+            return {"step": 0, "epoch": 0, "consumed": 0}
+        pos = json.loads(file.read_text(encoding="utf-8"))
+        # states written before positions were global: one process, whose batch index is the epoch's
+        return {"step": pos["step"], "epoch": pos["epoch"], "consumed": pos.get("consumed", pos.get("batch", 0))}
+
     def _resume(self) -> dict:
-        state = self.run_dir / STATE_DIR
-        if not self.cfg.resume or not (state / "trainer.json").is_file():
-            return {"step": 0, "epoch": 0, "batch": 0, "micro": 0}
-        self.acc.load_state(str(state))
-        return json.loads((state / "trainer.json").read_text(encoding="utf-8"))
+        if self.pos["step"] or self.pos["consumed"] or self.pos["epoch"]:
+            self.acc.load_state(str(self.run_dir / STATE_DIR))
+            # states are saved right after an optimizer step; the process count may differ from the saved one
+            # (whose per-process counters then do not all exist)
+            self.acc.step = 0
+        return self.pos
 
     # ---- one micro-batch -------------------------------------------------------------------------------------
     def _caption(self, item, rng) -> str:
@@ -196,10 +243,12 @@ class Trainer:
             with torch.no_grad():
                 if len(self.text_cache) >= TEXT_CACHE_MAX:
                     self.text_cache.pop(next(iter(self.text_cache)))
-                self.text_cache[key] = encode_text(self.c, captions, clip_skip=self.cfg.clip_skip, sizes=sizes)
-        return self.text_cache[key]
+                cond = encode_text(self.c, captions, clip_skip=self.cfg.clip_skip, sizes=sizes)
+                self.text_cache[key] = _tensors_to(cond, "cpu")
+        return _tensors_to(self.text_cache[key], self.acc.device)
 
-    def _micro_loss(self, batch: list[int], micro: int) -> tuple[torch.Tensor, float | None]:
+    def _micro_loss(self, batch: list[int], micro: str) -> tuple[torch.Tensor, float | None]:
+        """``micro`` names the batch in the run ("epoch:index"): its seeds, whichever process computes it."""
         cfg = self.cfg
         rng = random.Random(f"{cfg.seed}:{micro}:data")
         items = [self.scan.items[i] for i in batch]
@@ -211,8 +260,9 @@ class Trainer:
             latents += [self.cache.get(it.path, size, False) for it in picks]
             captions += [it.caption or cfg.class_prompt for it in picks]
         lat = torch.stack(latents).to(self.acc.device)
-        cond = self._cond(captions, [size] * len(captions))
         with self.acc.autocast():
+            # inside autocast: a TI run's fp32 embedding table feeds a half-precision encoder
+            cond = self._cond(captions, [size] * len(captions))
             loss = diffusion_loss(self.models.get("unet", self.c.unet), self.noise_sched, lat, cond,
                                   step_generator(cfg.seed, micro), noise_offset=cfg.noise_offset,
                                   min_snr_gamma=cfg.min_snr_gamma, weight_dtype=self.weight_dtype)
@@ -265,7 +315,8 @@ class Trainer:
             return []
         filt = (lambda p: with_ti_tokens(p, self.net, self.cfg.token)) if self.cfg.is_ti else None
         events = render_samples(self.c, self.prompts, self.run_dir / SAMPLES_DIR, step,
-                                clip_skip=self.cfg.clip_skip, prompt_filter=filt, stop=self.stop)
+                                clip_skip=self.cfg.clip_skip, prompt_filter=filt, stop=self.stop,
+                                autocast=self.acc.autocast)
         for e in events:
             self.progress.emit(e)
         return [e["path"] for e in events]
@@ -282,7 +333,8 @@ class Trainer:
     def run(self) -> TrainResult:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         own_lock = None
-        if self.lock is None and int(os.environ.get("RANK", "0")) == 0:
+        main = int(os.environ.get("RANK", "0")) == 0      # the others' errors go to their log (train.log)
+        if self.lock is None and main:
             own_lock = RunLock(self.run_dir).acquire()   # before any write: the folder may be another's
         if not os.environ.get(OWNER_ENV):
             # the CLI: a stop file from an earlier run is stale. A studio's launch removed that one already, and a
@@ -292,12 +344,13 @@ class Trainer:
         try:
             return self._run()
         except Exception as exc:
-            ProgressWriter(self.run_dir / "progress.jsonl", self.on_event, self.write_progress).emit(
+            ProgressWriter(self.run_dir / "progress.jsonl", self.on_event, self.write_progress and main).emit(
                 {"type": "error", "message": str(exc), "field": getattr(exc, "field", None)})
             raise
         finally:
             self.stop.restore_signals()
-            self.stop.clear()          # honoured (or moot): a later run of this folder starts clean
+            if main:
+                self.stop.clear()      # honoured (or moot): a later run of this folder starts clean
             if own_lock:
                 own_lock.release()
 
@@ -306,16 +359,20 @@ class Trainer:
         self.started = time.time()
         self.session_id = random.SystemRandom().randint(0, 2**32 - 1)   # kohya: which session made a file
         self._setup()
+        acc, n_proc = self.acc, self.acc.num_processes
         self.base_hashes = export.base_hashes(cfg.base_model)
         self.prompts = read_prompts(cfg.sample_prompts, width=cfg.resolution, height=cfg.resolution,
                                     steps=cfg.sample_steps, seed=cfg.seed) if cfg.sample_prompts else []
         pos = self._resume()
-        step, epoch, batch_i, micro = pos["step"], pos["epoch"], pos["batch"], pos["micro"]
+        step, epoch, consumed = pos["step"], pos["epoch"], pos["consumed"]
         result = TrainResult(None, step, self.total_steps)
         self.progress.emit({"type": "start", "step": step, "total": self.total_steps, "method": cfg.method,
                             "images": self.scan.num_images, "skipped": self.scan.skipped,
-                            "buckets": self.plan.report(self.scan.items), "resumed": step > 0})
-        self.cache.warm(self.scan.items, self.plan.sizes, cfg.flip, stop=self.stop)
+                            "buckets": self.plan.report(self.scan.items), "resumed": step > 0,
+                            "processes": n_proc})
+        # disk cache: the main process encodes and writes, the others then read its files
+        with acc.main_process_first() if cfg.cache_latents == "disk" else contextlib.nullcontext():
+            self.cache.warm(self.scan.items, self.plan.sizes, cfg.flip, stop=self.stop)
         if step == 0 and cfg.sample_at_start and cfg.sample_every and not self.stop():
             result.samples += self._samples(0)
         for m in self.models.values():
@@ -324,20 +381,23 @@ class Trainer:
         first_step = step
         while step < self.total_steps and not self._stopping():
             batches = self._batches(epoch)
-            while batch_i < len(batches) and step < self.total_steps:
-                with self.acc.accumulate(*self.models.values()):
-                    loss, prior = self._micro_loss(batches[batch_i], micro)
-                    self.acc.backward(loss)
-                    if self.acc.sync_gradients and cfg.max_grad_norm:
-                        self.acc.clip_grad_norm_([p for ps in self.net.params.values() for p in ps],
-                                                 cfg.max_grad_norm)
+            while consumed < len(batches) and step < self.total_steps:
+                # round-robin over the epoch; the last round wraps around (as DistributedSampler pads)
+                index = consumed + acc.process_index
+                with acc.accumulate(*self.models.values()):
+                    loss, prior = self._micro_loss(batches[index % len(batches)], f"{epoch}:{index}")
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.max_grad_norm:
+                        acc.clip_grad_norm_([p for ps in self.net.params.values() for p in ps], cfg.max_grad_norm)
                     self.opt.step()
-                    self.lr_sched.step()
+                    if acc.sync_gradients:
+                        self.lr_sched.step()
                     self.opt.zero_grad(set_to_none=True)
                     self.net.after_step()
-                batch_i, micro = batch_i + 1, micro + 1
-                acc_losses.append(float(loss.detach()))
-                if not self.acc.sync_gradients:
+                consumed = min(consumed + n_proc, len(batches))
+                loss = loss.detach()
+                acc_losses.append(float(acc.reduce(loss, reduction="mean") if n_proc > 1 else loss))
+                if not acc.sync_gradients:
                     continue
                 step += 1
                 mean_loss = sum(acc_losses) / len(acc_losses)
@@ -348,24 +408,24 @@ class Trainer:
                                     "prior_loss": prior, "lr": self.lr_sched.get_last_lr()[0],
                                     "it_s": rate, "eta": (self.total_steps - step) / rate if rate else None,
                                     "epoch": epoch})
-                position = {"step": step, "epoch": epoch, "batch": batch_i, "micro": micro}
+                position = {"step": step, "epoch": epoch, "consumed": consumed}
                 if cfg.sample_every and step % cfg.sample_every == 0 and not self.stop():
                     result.samples += self._samples(step)
                 if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
                     self.save_state(position)
-                    if self.acc.is_main_process:
+                    if acc.is_main_process:
                         result.intermediate.append(str(self.export(step, epoch, suffix=True)))
                 if self._stopping():
                     break
-            if batch_i >= len(batches):
-                epoch, batch_i = epoch + 1, 0
+            if consumed >= len(batches):
+                epoch, consumed = epoch + 1, 0
             if self._stopping():
                 break
         result.steps = step
         result.stopped = step < self.total_steps
-        self.save_state({"step": step, "epoch": epoch, "batch": batch_i, "micro": micro})
-        if self.acc.is_main_process:
-            begun = epoch + (1 if batch_i else 0)
+        self.save_state({"step": step, "epoch": epoch, "consumed": consumed})
+        if acc.is_main_process:
+            begun = epoch + (1 if consumed else 0)
             result.output = self.export(step, begun if result.stopped else math.ceil(
                 self.total_steps / self.steps_per_epoch), suffix=False)
             # this session's samples; a resumed run that sampled nothing new: the run's earlier ones
@@ -375,8 +435,20 @@ class Trainer:
         result.vae_encodes = self.cache.encodes
         self.progress.emit({"type": "stopped" if result.stopped else "done", "step": step,
                             "total": self.total_steps, "output": str(result.output), "vae_encodes": result.vae_encodes})
-        self.acc.end_training()
+        acc.wait_for_everyone()       # the others leave once the main process has written the outputs
+        acc.end_training()
         return result
+
+
+def _tensors_to(tree, device):
+    """A copy of a (nested dict / list of) tensors on ``device``; anything else as it is."""
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device, non_blocking=True)
+    if isinstance(tree, dict):
+        return {k: _tensors_to(v, device) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_tensors_to(v, device) for v in tree)
+    return tree
 
 
 def train(cfg: TrainConfig, **kw) -> TrainResult:

@@ -73,3 +73,7 @@ def make_cfg(tmodels, dataset, tmp_path):
         base.update(kw)
         return TrainConfig(**base)
     return make
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "multiprocess: starts several training processes (torchrun, gloo on the CPU)")
