@@ -67,6 +67,7 @@ class PipelineManager:
         self.loads = 0               # how many times a file was actually read (tests and benchmarks look)
         self.current: CheckpointInfo | None = None
         self.on_model_loaded: list[Callable[[CheckpointInfo, Components], None]] = []
+        self.probes: dict = {}       # one-time device checks (does xformers work here?)
 
     # ---- device (resolved on first use: asking torch for CUDA imports it, and the server starts before torch)
     @functools.cached_property
@@ -142,7 +143,7 @@ class PipelineManager:
         value = entry.value
         modules = value.modules().values() if isinstance(value, Components) else [value]
         for module in modules:
-            module.to(target)
+            devices.move_module(module, target, pin=self.settings.pin_memory and self.device.type == "cuda")
         entry.tier = tier
         devices.release_memory(self.device)
 
@@ -398,7 +399,7 @@ class PipelineManager:
         return pipe
 
     def _apply_device_options(self, pipe: Any) -> None:
-        if devices.xformers_usable(self.settings, self.device):
+        if devices.xformers_usable(self.settings, self.device, self.probes):
             pipe.enable_xformers_memory_efficient_attention()
         if self.offloading:
             # hooks live on the shared modules; re-applying them per view is what diffusers asks for
