@@ -28,18 +28,27 @@ REQUIREMENTS = ROOT / "requirements.txt"
 REQUIREMENTS_TEST = ROOT / "requirements-test.txt"
 REEXEC_ENV = "STUDIO_LAUNCH_REEXEC"
 STAMP_PREFIX = ".studio-install-"
+# The pinned torch's CUDA build: PyPI's Linux wheel of torch 2.14.1 is this one (torch.version.cuda "13.0"); PyPI's
+# Windows wheel is CPU-only, so on Windows (and for consistency on Linux) a GPU gets it from PyTorch's own index.
+TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu130"
+TORCH_CUDA_MIN_DRIVER = 580          # CUDA 13.0 needs an R580+ NVIDIA driver
+TORCH_INDEX_ENV = "TORCH_INDEX_URL"  # A1111's name: the index torch / torchvision / xformers come from
 
 
 def say(message: str) -> None:
     print(f"[studio] {message}", flush=True)
 
 
-def load_cli():
-    """studio/cli.py loaded by path: it is stdlib-only, and importing the ``studio`` package may need the venv."""
-    spec = importlib.util.spec_from_file_location("_studio_cli", ROOT / "studio" / "cli.py")
+def _load_by_path(name: str):
+    """A stdlib-only file of studio/ loaded by path: importing the ``studio`` package may need the venv."""
+    spec = importlib.util.spec_from_file_location(f"_studio_{name}", ROOT / "studio" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_cli():
+    return _load_by_path("cli")
 
 
 # ---- virtual environment ------------------------------------------------------------------------
@@ -196,8 +205,102 @@ def install_extension_requirements(args) -> None:
                 f"load. {exc}")
 
 
+# ---- torch: the wheel for this machine ----------------------------------------------------------
+NO_TORCH = "absent"   # installed_torch_cuda() when torch is not installed at all
+
+
+def installed_torch_cuda() -> str | None:
+    """``torch.version.cuda`` of the installed torch (None: a CPU build; NO_TORCH: not installed), read from its
+    version.py: importing torch here would take seconds and could load a broken build."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return NO_TORCH
+    try:
+        text = (Path(list(spec.submodule_search_locations)[0]) / "version.py").read_text(encoding="utf-8")
+    except OSError:
+        return NO_TORCH
+    m = re.search(r"^cuda\s*(?::[^=]*)?=\s*['\"]([^'\"]+)['\"]", text, re.M)
+    return m.group(1) if m else None
+
+
+def torch_index(system: str, gpus: list, env: dict) -> tuple[str | None, str]:
+    """(extra index URL for torch, or None for PyPI's default; why). ``system`` is platform.system()."""
+    override = env.get(TORCH_INDEX_ENV, "").strip()
+    if override:
+        return override, f"{TORCH_INDEX_ENV} is set"
+    if system == "Darwin":
+        return None, "macOS: PyPI's torch (Apple GPUs through MPS)"
+    if not gpus:
+        return None, "no NVIDIA GPU found by nvidia-smi: PyPI's default torch"
+    if system in ("Windows", "Linux"):
+        return TORCH_CUDA_INDEX, f"NVIDIA GPU {gpus[0].name}: torch's CUDA build"
+    return None, f"{system}: PyPI's default torch"
+
+
+def torch_step(system: str, gpus: list, env: dict, installed_version: str | None, installed_cuda: str | None,
+               pins: dict, force: bool = False) -> tuple[list[str] | None, list[str]]:
+    """The pip arguments that install torch + torchvision for this machine (None: nothing to do) and the notes
+    to show. Pure: the caller gathers platform, nvidia-smi's GPUs, the environment and what is installed.
+
+    torch goes first and alone because ``-r requirements.txt`` would take it from PyPI's default index, which on
+    Windows has only CPU wheels; once the right build is in, the requirements step sees the pin satisfied.
+    """
+    index, why = torch_index(system, gpus, env)
+    notes = []
+    cpu_build = installed_cuda is None
+    wants_cuda = index is not None and "/cpu" not in index
+    if force:
+        reinstall, reason = True, "--reinstall-torch"
+    elif installed_cuda == NO_TORCH or installed_version is None:
+        reinstall, reason = False, "torch is not installed"
+    elif installed_version.split("+")[0] != pins.get("torch"):
+        reinstall, reason = False, f"torch {installed_version} is installed, {pins.get('torch')} is pinned"
+    elif cpu_build and wants_cuda and gpus:
+        reinstall, reason = True, f"torch {installed_version} is a CPU build but {gpus[0].name} is present"
+    else:
+        return None, notes
+    if gpus and index == TORCH_CUDA_INDEX and 0 < gpus[0].driver_major < TORCH_CUDA_MIN_DRIVER:
+        notes.append(f"Note: NVIDIA driver {gpus[0].driver} is older than CUDA 13.0 needs "
+                     f"({TORCH_CUDA_MIN_DRIVER}+); torch will not see the GPU. Fix: update the driver, or set "
+                     f"{TORCH_INDEX_ENV} to an older CUDA build (https://download.pytorch.org/whl/cuXYZ) and run "
+                     "python launch.py --reinstall-torch.")
+    args = [f"torch=={pins['torch']}", f"torchvision=={pins['torchvision']}", "-c", str(REQUIREMENTS)]
+    if index:
+        args += ["--extra-index-url", index]
+    if reinstall:
+        args.append("--force-reinstall")
+    notes.insert(0, f"Installing torch {pins['torch']} ({reason}; {why}"
+                    f"{', from ' + index if index else ''}) ...")
+    return args, notes
+
+
+def install_torch(force: bool = False) -> None:
+    """Put the torch build that fits this machine in place (fast no-op when it is there)."""
+    import platform
+    from importlib import metadata
+
+    pins = pinned(REQUIREMENTS)
+    if "torch" not in pins or "torchvision" not in pins:
+        return
+    try:
+        version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        version = None
+    cuda = installed_torch_cuda()
+    system = platform.system()
+    if not force and version and version.split("+")[0] == pins["torch"] and cuda not in (None, NO_TORCH):
+        return  # a CUDA build at the pinned version: nothing to ask nvidia-smi
+    gpus = [] if system == "Darwin" else _load_by_path("nvidia").nvidia_gpus()
+    args, notes = torch_step(system, gpus, dict(os.environ), version, cuda, pins, force=force)
+    for note in notes:
+        say(note)
+    if args is not None:
+        pip_install(*args)
+
+
 def install_xformers() -> None:
-    """xformers only makes sense (and only has wheels) for CUDA builds of torch."""
+    """xformers is optional: it only has wheels for CUDA builds of torch, and a failed install is a warning (the
+    studio then uses PyTorch's own attention; at first use it also checks that an installed xformers works)."""
     if "xformers" in installed_versions():
         return
     import torch  # installed by now
@@ -205,8 +308,19 @@ def install_xformers() -> None:
         say("Note: --xformers ignored: no CUDA device (torch.cuda.is_available() is False); "
             "xformers is not installed and PyTorch's own attention is used.")
         return
+    import platform
+    index = os.environ.get(TORCH_INDEX_ENV, "").strip() or (
+        TORCH_CUDA_INDEX if platform.system() in ("Windows", "Linux") else None)
     say("Installing xformers for CUDA ...")
-    pip_install("xformers", f"torch=={torch.__version__.split('+')[0]}")
+    try:
+        pip_install(*xformers_args(index))
+    except SystemExit as exc:
+        say(f"WARNING: xformers could not be installed; the studio starts with PyTorch's own attention. {exc}")
+
+
+def xformers_args(index: str | None) -> list[str]:
+    """pip arguments for xformers: constrained by the pins so it can never move torch."""
+    return ["xformers", "-c", str(REQUIREMENTS)] + (["--extra-index-url", index] if index else [])
 
 
 def ensure_chromium() -> None:
@@ -239,6 +353,7 @@ def setup_environment(args, argv: list[str]) -> None:
     if args.skip_install:
         return
     files = [REQUIREMENTS] + ([REQUIREMENTS_TEST] if args.test else [])
+    install_torch(force=bool(getattr(args, "reinstall_torch", None)))
     install_requirements(files)
     install_extension_requirements(args)
     if args.xformers:

@@ -40,7 +40,7 @@ class Studio:
         self.embeddings = EmbeddingLibrary(settings, self.hashes)
         from .controlnet import ControlNetLibrary, default_preprocessors
         self.controlnets = ControlNetLibrary(settings, self.hashes)
-        self.preprocessors = default_preprocessors(settings.annotators_path)
+        self.preprocessors = default_preprocessors(settings.annotators_path, device=self._annotator_device)
         from .extensions import ExtensionManager
         self.extensions = ExtensionManager([Path(settings.extensions_dir)],
                                            Path(settings.data_dir) / "extensions.json", self)
@@ -90,7 +90,17 @@ class Studio:
             with self._imports:
                 _import_ml_stack()
         self.run_exclusive(run, kind="warm-up")
-        self.manager.dtype  # noqa: B018 - resolves the device too (a --device that is not there raises here)
+        from . import devices
+
+        dtype = self.manager.dtype  # resolves the device too (a --device / --precision that cannot work raises)
+        log.info(devices.describe(self.settings, self.manager.device, dtype))
+        warning = devices.cpu_build_warning(self.settings, self.manager.device)
+        if warning:
+            log.warning(warning)
+
+    def _annotator_device(self) -> Any:
+        """Where ControlNet annotator models run: the compute device unless the settings say the CPU."""
+        return "cpu" if self.settings.annotator_device == "cpu" else self.manager.device
 
     def submit(self, request: GenerationRequest, *, task_id: str | None = None) -> Job:
         """Queue a generation; returns the Job at once (progress, preview, interrupt, wait)."""

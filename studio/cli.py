@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lowvram", action="store_true", default=None,
                    help="offload layer by layer (least VRAM, slow); wins over --medvram")
     g.add_argument("--xformers", action="store_true", default=None,
-                   help="use xformers attention; installed only when CUDA is available")
+                   help="use xformers attention; installed only when CUDA is available (a failed install or a "
+                        "build that does not work on this GPU falls back to PyTorch's attention with a warning)")
     g.add_argument("--vram-budget", type=_megabytes, default=None, metavar="MB",
                    help="device memory the model cache may use (default 0: derived from free memory)")
     g.add_argument("--ram-budget", type=_megabytes, default=None, metavar="MB",
@@ -175,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="install test requirements too and run the test suite (pytest), then exit")
     g.add_argument("--train", default=None, metavar="RUN.TOML",
                    help="run a training config (as the Train tab writes it) with a console progress bar, then exit")
+    g.add_argument("--reinstall-torch", action="store_true", default=None,
+                   help="reinstall torch and torchvision (the CUDA build when nvidia-smi finds an NVIDIA GPU, or "
+                        "from $TORCH_INDEX_URL), e.g. after a CPU-only torch was installed")
     g.add_argument("--skip-install", action="store_true", default=None,
                    help="do not create .venv or install requirements")
     g.add_argument("--allow-download", action="store_true", default=None,

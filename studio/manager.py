@@ -67,6 +67,7 @@ class PipelineManager:
         self.loads = 0               # how many times a file was actually read (tests and benchmarks look)
         self.current: CheckpointInfo | None = None
         self.on_model_loaded: list[Callable[[CheckpointInfo, Components], None]] = []
+        self.probes: dict = {}       # one-time device checks (does xformers work here?)
 
     # ---- device (resolved on first use: asking torch for CUDA imports it, and the server starts before torch)
     @functools.cached_property
@@ -182,7 +183,7 @@ class PipelineManager:
         for module in modules:
             # under --lowvram the parameters are meta between forwards and the weights already rest in RAM
             if getattr(module, "__dict__", {}).get("_studio_offload", ("",))[0] != "lowvram":
-                module.to(target)
+                devices.move_module(module, target, pin=self.settings.pin_memory and self.device.type == "cuda")
         entry.tier = tier
         devices.release_memory(self.device)
 
@@ -480,7 +481,7 @@ class PipelineManager:
         net = parts.get("controlnet")
         # the per-job ControlNet set wraps the cached ControlNets: those carry the hooks
         nets = list(getattr(net, "nets", None) or ([net] if net is not None else []))
-        if devices.xformers_usable(self.settings, self.device):
+        if devices.xformers_usable(self.settings, self.device, self.probes):
             offload.enable_xformers([*chain, *nets])
         if self.offloading:
             offload.prepare(chain, nets, self.settings.offload, self.execution_device)

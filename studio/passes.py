@@ -18,6 +18,7 @@ from .img2img import Prepared
 from .lazy import torch
 from .manager import Loaded
 from .prompt_parser import extract_extra_networks
+from .preview import LivePreview
 from .prompts import Conditioning
 from .request import MASKED_CONTENT, GenerationRequest, GenerationResult
 from .samplers import make_scheduler
@@ -45,14 +46,14 @@ class BatchRun:
     def _call(self, pipe: Any, conds: Any, steps: int, phase: str = "", **kw: Any) -> torch.Tensor:
         """Run ``pipe`` with progress, live preview and interrupt/skip; returns latents."""
         ctx, every, family = self.ctx, self.e.settings.preview_every, self.loaded.components.family
+        previews = LivePreview(ctx.set_preview, family)
 
         def on_step_end(p: Any, step: int, timestep: Any, kwargs: dict) -> dict:
             n = getattr(p, "_num_timesteps", None) or steps
             self.steps_done[phase] = (step + 1, n)
             ctx.set_progress(step + 1, n, image_index=self.first, images=self.total, textinfo=phase or None)
             if every and (step + 1) % every == 0 and step + 1 < n:
-                from .preview import latents_to_preview
-                ctx.set_preview(latents_to_preview(kwargs["latents"], family))
+                previews.send(kwargs["latents"])
             ext = self.e.extensions
             if ext is not None and ext.has("studio_on_step"):
                 from .extension_api import StepContext

@@ -7,9 +7,13 @@ multiplied by the VAE scaling factor), which is what a diffusers step callback h
 """
 from __future__ import annotations
 
-from typing import Any
+import logging
+import threading
+from typing import Any, Callable
 
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 # rows: latent channels 0..3, columns: R, G, B; output is roughly in [-1, 1]
 SD_LATENT_RGB = (
@@ -63,3 +67,62 @@ def latents_to_preview(latents: Any, family: str | None = None, *, scale: int = 
     pixels = np.ascontiguousarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
     image = Image.fromarray(pixels)  # uint8 h×w×3 -> RGB
     return image.resize((w * scale, h * scale), Image.NEAREST) if scale != 1 else image
+
+
+class LivePreview:
+    """Previews made off the sampling thread: ``send`` only starts a copy of the latents to the CPU, a helper
+    thread turns them into an image and hands it to ``publish``.
+
+    On CUDA the copy is non-blocking into pinned memory (torch pins the destination of a non-blocking
+    device->host copy) with an event the helper waits on, so the sampler never waits for the GPU to drain. Only
+    the newest latents count: one sent while the helper is busy replaces an older one still waiting. The helper
+    thread ends when nothing is left to do (no thread outlives a quiet sampler, nothing to shut down).
+    """
+
+    def __init__(self, publish: Callable[[Image.Image], Any], family: str | None = None):
+        self._publish, self._family = publish, family
+        self._lock = threading.Lock()
+        self._pending: tuple[Any, Any] | None = None
+        self._thread: threading.Thread | None = None
+        self.published = 0
+
+    def send(self, latents: Any) -> None:
+        import torch
+
+        x = latents.detach()[:1]
+        if x.device.type == "cuda":
+            host = x.to("cpu", non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:  # a copy: the sampler may update its latents in place while the helper reads them
+            host, done = x.to("cpu", copy=True), None
+        with self._lock:
+            self._pending = (host, done)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="studio-preview", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                item, self._pending = self._pending, None
+                if item is None:
+                    self._thread = None
+                    return
+            host, done = item
+            try:
+                if done is not None:
+                    done.synchronize()
+                image = latents_to_preview(host, self._family)
+            except Exception:  # noqa: BLE001 - a failed preview must never stop the job
+                log.exception("Live preview failed")
+                continue
+            self._publish(image)
+            self.published += 1
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Until the previews sent so far are published (tests; a job never needs to wait)."""
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)

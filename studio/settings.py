@@ -44,12 +44,17 @@ class Settings:
     vram_budget_mb: int = 0          # 0: derived from free device memory
     ram_budget_mb: int = 0           # 0: derived from system RAM (InvokeAI's rule)
     rng: str = "cpu"                 # where initial noise is drawn: "cpu" (same everywhere) or "device"
+    allow_tf32: bool = True          # TF32 for fp32 matmuls / convolutions on Ampere+ (A1111 turns it on too)
+    cudnn_benchmark: bool = False    # autotune convolutions (each new image size pays a search; on for GTX 16xx)
+    pin_memory: bool = True          # models parked in RAM sit in page-locked memory: faster RAM <-> VRAM moves
+    annotator_device: str = "auto"   # ControlNet preprocessor models: "auto" (the compute device) or "cpu"
     # network
     allow_download: bool = False     # Hugging Face repo ids may download into the HF cache
     # generation defaults and limits
     default_checkpoint: str = ""
     default_vae: str = "Automatic"
-    preview_every: int = 1           # live preview every N steps (0: off)
+    # live preview every N steps (0: off); each costs a device->host copy and CPU time (A1111: every 10)
+    preview_every: int = 5
     max_width: int = 2048
     max_height: int = 2048
     max_steps: int = 150
@@ -124,6 +129,9 @@ class Settings:
         if self.offload not in OFFLOAD_MODES:
             raise StudioError(f"Setting 'offload' is {self.offload!r}.", field="offload",
                               fix=f"use one of {', '.join(OFFLOAD_MODES)}")
+        if self.annotator_device not in ("auto", "cpu"):
+            raise StudioError(f"Setting 'annotator_device' is {self.annotator_device!r}.", field="annotator_device",
+                              fix="use 'auto' (the compute device) or 'cpu'")
         if self.rng not in ("cpu", "device"):
             raise StudioError(f"Setting 'rng' is {self.rng!r}.", field="rng", fix="use 'cpu' or 'device'")
         return self

@@ -411,3 +411,72 @@ def test_second_generation_loads_nothing_and_preprocesses_nothing(studio, tiny, 
     with pytest.raises(StudioError, match="control_a.*is for SDXL but checkpoint tiny-sd1") as err:
         check_family("sdxl", "sd1", (lib.find("control_a").title, "tiny-sd1"), field="controlnet.units[0].model")
     assert err.value.field == "controlnet.units[0].model"
+
+
+def test_unit_masks_are_built_once_per_device_dtype_and_size(tiny):
+    """The mask is resized / moved once per residual size, not per residual per step; results are unchanged."""
+    import torch.nn.functional as F
+
+    _, cn, _ = tiny
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ehs = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
+    cond = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., :, :32] = 1.0
+    cset = make_controlnet_set([cn], ["Balanced"], [mask])
+    with torch.no_grad():
+        first = cset(x, torch.tensor(300), ehs, [cond], [1.0])
+        builds = cset.mask_builds
+        cached = dict(cset._mask_cache)
+        second = cset(x, torch.tensor(200), ehs, [cond], [1.0])   # the next step
+        plain_d, plain_m = make_controlnet_set([cn], ["Balanced"], [None])(x, torch.tensor(300), ehs, [cond], [1.0])
+    sizes = {tuple(r.shape[-2:]) for r in list(first[0]) + [first[1]]}
+    assert builds == len(sizes) < len(first[0]) + 1            # one per size (several residuals share a size)
+    assert cset.mask_builds == builds                           # the second step built nothing
+    assert all(cset._mask_cache[k] is v for k, v in cached.items())
+    for got, plain in zip(list(first[0]) + [first[1]], list(plain_d) + [plain_m]):
+        want = plain * F.interpolate(mask, size=plain.shape[-2:], mode="bilinear", align_corners=False)
+        torch.testing.assert_close(got, want)
+    assert second[1].shape == first[1].shape
+    assert cset._mask_for(0, first[1].half()).dtype == torch.float16     # another dtype is another entry
+    assert cset.mask_builds == builds + 1
+
+
+class _DeviceModel:
+    def __init__(self, fail=False):
+        self.moves, self.fail = [], fail
+
+    def to(self, device):
+        self.moves.append(str(device))
+        if self.fail and str(device) != "cpu":
+            raise RuntimeError("CUDA out of memory")
+        return self
+
+
+def test_annotator_models_move_to_the_compute_device(tmp_path, caplog):
+    models = []
+
+    def loader(files):
+        models.append(_DeviceModel(fail=len(models) == 1))
+        return models[-1]
+
+    def detect(image, resolution, params, model):
+        return image
+
+    for device, want in (("cuda", ["cuda"]), ("cpu", []), (None, [])):
+        reg = Preprocessors(tmp_path, device=(lambda d=device: d) if device else None)
+        reg.register("fake", detect, loader=loader)
+        reg.run("fake", rect_image(), 64)
+        assert models[-1].moves == want, device
+        if device == "cuda":   # the next load fails to move: it stays on the CPU with a warning, and works
+            reg.clear()
+            reg.run("fake", rect_image(), 64)
+            assert models[-1].moves == ["cuda", "cpu"] and "stays on the CPU" in caplog.text
+
+
+def test_studio_runs_annotators_where_the_settings_say(studio):
+    assert studio.preprocessors._device() == studio.manager.device
+    studio.settings = studio.settings.replace(annotator_device="cpu")
+    assert studio.preprocessors._device() == "cpu"
+    with pytest.raises(StudioError, match="annotator_device"):
+        studio.settings.replace(annotator_device="gpu")

@@ -65,3 +65,57 @@ def _timed(latents) -> float:
     t0 = time.perf_counter()
     latents_to_preview(latents, "sd1")
     return time.perf_counter() - t0
+
+
+# ---- previews off the sampling thread --------------------------------------------------------------------------
+def test_live_preview_publishes_the_same_image_from_another_thread():
+    import threading
+
+    from studio.preview import LivePreview
+
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    got = []
+    preview = LivePreview(lambda image: got.append((image, threading.current_thread().name)), "sd1")
+    preview.send(latents)
+    latents.zero_()        # the sampler moves on (in place): the preview shows what was sent
+    preview.wait(10)
+    assert len(got) == 1 and preview.published == 1
+    image, thread = got[0]
+    assert thread == "studio-preview" and thread != threading.current_thread().name
+    assert image.tobytes() == latents_to_preview(torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)),
+                                                 "sd1").tobytes()
+
+
+def test_live_preview_keeps_only_the_newest_and_survives_errors(caplog):
+    import threading
+
+    from studio.preview import LivePreview
+
+    gate, busy = threading.Event(), threading.Event()
+    got = []
+
+    def publish(image):
+        busy.set()
+        gate.wait(10)        # the helper is busy with the first preview while three more arrive
+        got.append(image)
+    preview = LivePreview(publish, "sd1")
+    preview.send(torch.zeros(1, 4, 2, 2))
+    assert busy.wait(10)
+    for value in (0.1, 0.2, 0.3):
+        preview.send(torch.full((1, 4, 2, 2), value))
+    gate.set()
+    preview.wait(10)
+    assert len(got) == 2       # the first one and the newest; the two in between were stale
+    assert got[1].tobytes() == latents_to_preview(torch.full((1, 4, 2, 2), 0.3), "sd1").tobytes()
+    preview.send(torch.zeros(8, 8))   # not latents: logged, no exception on the sampling thread
+    preview.wait(10)
+    assert "Live preview failed" in caplog.text and len(got) == 2
+    preview.send(torch.zeros(1, 4, 2, 2))   # and the helper starts again for the next one
+    preview.wait(10)
+    assert len(got) == 3
+
+
+def test_preview_default_is_every_few_steps():
+    from studio.settings import Settings
+
+    assert Settings().preview_every == 5

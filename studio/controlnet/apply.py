@@ -59,6 +59,20 @@ class ControlNetSet(MultiControlNetModel):
         self.masks = list(masks) or [None] * n
         self.do_cfg = do_cfg
         self.ran: list[int] = [0] * n   # forward calls per unit (tests and benchmarks)
+        # unit masks at each residual's (device, dtype, size): built once per pass, not per residual per step
+        self._mask_cache: dict[tuple, torch.Tensor] = {}
+        self.mask_builds = 0
+
+    def _mask_for(self, i: int, like: torch.Tensor) -> torch.Tensor:
+        """Unit ``i``'s mask resized to ``like``'s spatial size, on its device and in its dtype (cached)."""
+        key = (i, like.device, like.dtype, tuple(like.shape[-2:]))
+        mask = self._mask_cache.get(key)
+        if mask is None:
+            mask = F.interpolate(self.masks[i].to(like.device, like.dtype), size=like.shape[-2:], mode="bilinear",
+                                 align_corners=False)
+            self._mask_cache[key] = mask
+            self.mask_builds += 1
+        return mask
 
     def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale,
                 class_labels=None, timestep_cond=None, attention_mask=None, added_cond_kwargs=None,
@@ -82,13 +96,11 @@ class ControlNetSet(MultiControlNetModel):
             self.ran[i] += 1
             outs = list(down) + [mid]
             factors = soft_scales(len(outs)) if self.soft[i] else [1.0] * len(outs)
-            mask = self.masks[i]
             new = []
             for r, k in zip(outs, factors):
                 r = r * (float(scale) * k)
-                if mask is not None:
-                    r = r * F.interpolate(mask.to(r.device, r.dtype), size=r.shape[-2:], mode="bilinear",
-                                          align_corners=False)
+                if self.masks[i] is not None:
+                    r = r * self._mask_for(i, r)
                 if half:  # nothing for the unconditional half
                     r = torch.cat([torch.zeros_like(r), r])
                 new.append(r)

@@ -7,6 +7,7 @@ instance owns two caches: loaded annotator models (LRU by count and bytes) and r
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 from collections import Counter, OrderedDict
@@ -18,6 +19,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import StudioError
+
+log = logging.getLogger(__name__)
 
 ANNOTATORS_REPO = "lllyasviel/Annotators"
 RESOLUTION_RANGE = (64, 2048)
@@ -107,8 +110,10 @@ class Preprocessors:
     """Registry + caches. ``annotators_dir`` is models/annotators (lllyasviel/Annotators file layout)."""
 
     def __init__(self, annotators_dir: str | os.PathLike | None = None, *, max_models: int = 2,
-                 max_model_bytes: int = 4 << 30, max_results: int = 32):
+                 max_model_bytes: int = 4 << 30, max_results: int = 32, device: Callable[[], Any] | None = None):
         self.annotators_dir = Path(annotators_dir) if annotators_dir else None
+        # asked when a model is loaded (resolving the compute device imports torch: not at construction)
+        self._device = device
         self.max_models, self.max_model_bytes, self.max_results = max_models, max_model_bytes, max_results
         self._items: dict[str, Preprocessor] = {}
         self._aliases: dict[str, str] = {}
@@ -230,6 +235,7 @@ class Preprocessors:
             raise StudioError(f"The {item.name} preprocessor could not load {names} ({type(e).__name__}: "
                               f"{str(e)[:200]}).", field="controlnet.module", path=names,
                               fix=f"re-download the file(s) from https://huggingface.co/{ANNOTATORS_REPO}") from e
+        model = self._to_device(item, model)
         nbytes = _module_bytes(model)
         with self._lock:
             self.model_loads += 1
@@ -238,6 +244,21 @@ class Preprocessors:
                                             sum(b for _, b in self._models.values()) > self.max_model_bytes):
                 self._models.popitem(last=False)
         return model
+
+    def _to_device(self, item: Preprocessor, model: Any) -> Any:
+        """The annotator on the compute device (controlnet-aux detectors follow their weights' device with the
+        input); it stays on the CPU when there is nothing else, it has no ``to``, or the move fails."""
+        device = self._device() if self._device is not None else None
+        if device is None or str(device) == "cpu" or not callable(getattr(model, "to", None)):
+            return model
+        try:
+            moved = model.to(device)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: the CPU still works, only slower
+            log.warning("The %s annotator stays on the CPU: moving it to %s failed (%s: %s).", item.name, device,
+                        type(e).__name__, str(e)[:200])
+            model.to("cpu")  # a move that failed half way leaves parts behind
+            return model
+        return model if moved is None else moved
 
     def run(self, name: str, image: Image.Image, resolution: float = -1, params: Mapping[str, float] | None = None,
             annotators_dir: str | os.PathLike | None = None, *, threshold_a: float = -1,
