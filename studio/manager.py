@@ -67,6 +67,8 @@ class PipelineManager:
         self.loads = 0               # how many times a file was actually read (tests and benchmarks look)
         self.current: CheckpointInfo | None = None
         self.on_model_loaded: list[Callable[[CheckpointInfo, Components], None]] = []
+        # RAM held beside the cached models by their owners, counted in the RAM tier: providers of [(label, bytes)]
+        self.ram_extras: list[Callable[[], list[tuple[str, int]]]] = [self._lora_patch_bytes]
 
     # ---- device (resolved on first use: asking torch for CUDA imports it, and the server starts before torch)
     @functools.cached_property
@@ -102,14 +104,26 @@ class PipelineManager:
             min(devices.ram_budget(self.settings), devices.device_budget(self.settings, self.device))
 
     def used(self, tier: str) -> int:
-        return sum(e.nbytes for e in self._entries.values() if e.tier == tier)
+        models = sum(e.nbytes for e in self._entries.values() if e.tier == tier)
+        ram = "device" if self.single_tier else "cpu"
+        return models + (sum(n for _, n in self.extras()) if tier == ram else 0)
+
+    def extras(self) -> list[tuple[str, int]]:
+        return [item for provider in list(self.ram_extras) for item in provider()]
+
+    def _lora_patch_bytes(self) -> list[tuple[str, int]]:
+        """LoRA originals and patched-set caches (CPU tensors) of the cached checkpoints."""
+        from .adapters import held_bytes
+        held = [(f"LoRA patches of {e.label}", held_bytes(e.value)) for e in list(self._entries.values())
+                if isinstance(e.value, Components)]
+        return [(label, n) for label, n in held if n]
 
     def stats(self) -> dict:
         if "device" not in self.__dict__ and "torch" not in sys.modules:  # the server is still starting
             budget = devices.ram_budget(self.settings)
             return {"device": f"{self.settings.device} (not resolved yet: torch is loading)",
                     "dtype": self.settings.precision, "entries": [], "device_used": 0, "device_budget": budget,
-                    "ram_used": 0, "ram_budget": budget, "loads": self.loads}
+                    "ram_used": 0, "ram_budget": budget, "loads": self.loads, "extras": []}
         with self._lock:
             return {
                 "device": str(self.device), "dtype": devices.dtype_name(self.dtype),
@@ -117,6 +131,7 @@ class PipelineManager:
                             for e in self._entries.values()],
                 "device_used": self.used("device"), "device_budget": self.budget("device"),
                 "ram_used": self.used("cpu"), "ram_budget": self.budget("cpu"), "loads": self.loads,
+                "extras": [{"label": label, "bytes": n} for label, n in self.extras()],
             }
 
     def _make_room(self, tier: str, needed: int, keep: tuple | None = None) -> None:
