@@ -243,7 +243,7 @@ class Engine:
             raise StudioError("A <lora:name:weight> tag has a weight that is not a number.", field="prompt",
                               fix="write it like <lora:name:0.8>") from None
         active, warns = self.loras.resolve(tags)
-        patcher = patcher_for(loaded.components)
+        patcher = patcher_for(loaded.components, self.settings)
         warns += patcher.apply(active)
         warnings.extend(w for w in warns if w not in warnings)
         applied = {name for name, _, _ in patcher.applied}

@@ -68,6 +68,8 @@ class PipelineManager:
         self.current: CheckpointInfo | None = None
         self.on_model_loaded: list[Callable[[CheckpointInfo, Components], None]] = []
         self.probes: dict = {}       # one-time device checks (does xformers work here?)
+        # RAM held beside the cached models by their owners, counted in the RAM tier: providers of [(label, bytes)]
+        self.ram_extras: list[Callable[[], list[tuple[str, int]]]] = [self._lora_patch_bytes]
 
     # ---- device (resolved on first use: asking torch for CUDA imports it, and the server starts before torch)
     @functools.cached_property
@@ -112,7 +114,19 @@ class PipelineManager:
             min(devices.ram_budget(self.settings), devices.device_budget(self.settings, self.device))
 
     def used(self, tier: str) -> int:
-        return sum(e.nbytes for e in self._entries.values() if e.tier == tier)
+        models = sum(e.nbytes for e in self._entries.values() if e.tier == tier)
+        ram = "device" if self.single_tier else "cpu"
+        return models + (sum(n for _, n in self.extras()) if tier == ram else 0)
+
+    def extras(self) -> list[tuple[str, int]]:
+        return [item for provider in list(self.ram_extras) for item in provider()]
+
+    def _lora_patch_bytes(self) -> list[tuple[str, int]]:
+        """LoRA originals and patched-set caches (CPU tensors) of the cached checkpoints."""
+        from .adapters import held_bytes
+        held = [(f"LoRA patches of {e.label}", held_bytes(e.value)) for e in list(self._entries.values())
+                if isinstance(e.value, Components)]
+        return [(label, n) for label, n in held if n]
 
     def ram_used(self) -> int:
         """Bytes of cached models in system RAM: the RAM tier, plus the device tier where it rests on the CPU
@@ -124,7 +138,7 @@ class PipelineManager:
             budget = devices.ram_budget(self.settings)
             return {"device": f"{self.settings.device} (not resolved yet: torch is loading)",
                     "dtype": self.settings.precision, "entries": [], "device_used": 0, "device_budget": budget,
-                    "ram_used": 0, "ram_budget": budget, "loads": self.loads}
+                    "ram_used": 0, "ram_budget": budget, "loads": self.loads, "extras": []}
         with self._lock:
             return {
                 "device": str(self.device), "dtype": devices.dtype_name(self.dtype),
@@ -132,6 +146,7 @@ class PipelineManager:
                             for e in self._entries.values()],
                 "device_used": self.used("device"), "device_budget": self.budget("device"),
                 "ram_used": self.ram_used(), "ram_budget": self.budget("cpu"), "loads": self.loads,
+                "extras": [{"label": label, "bytes": n} for label, n in self.extras()],
             }
 
     def _make_room(self, tier: str, needed: int, keep: tuple | None = None) -> None:

@@ -69,6 +69,7 @@ class Settings:
     save_images: bool = True
     filename_pattern: str = "[seed]"
     lora_cache_mb: int = 1024        # parsed LoRA files kept in RAM
+    lora_patch_cache_mb: int = -1    # LoRA-patched weights kept for re-activation (0: off; -1: 1/4 of the RAM budget)
     controlnet_units: int = 3        # ControlNet units shown per tab
     controlnet_save_maps: bool = True   # save each unit's detected map beside the output
     max_image_pixels: int = 4096 * 4096   # larger uploads are refused (also stops decompression bombs)

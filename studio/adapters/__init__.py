@@ -7,7 +7,8 @@
 from .embeddings import Embedding, EmbeddingFile, EmbeddingLibrary, load_embedding_file
 from .library import LoraInfo, LoraLibrary
 from .lora_files import LoraFile, load_lora_file, parse_state_dict
-from .patcher import AdapterPatcher, patcher_for
+from .patcher import AdapterPatcher, held_bytes, patch_cache_bytes, patcher_for
 
 __all__ = ["AdapterPatcher", "Embedding", "EmbeddingFile", "EmbeddingLibrary", "LoraFile", "LoraInfo",
-           "LoraLibrary", "load_embedding_file", "load_lora_file", "parse_state_dict", "patcher_for"]
+           "LoraLibrary", "held_bytes", "load_embedding_file", "load_lora_file", "parse_state_dict",
+           "patch_cache_bytes", "patcher_for"]

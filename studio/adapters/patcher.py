@@ -1,9 +1,15 @@
 """Patch LoRA deltas into the live weights of one checkpoint and restore them bit-exactly.
 
 Weight patching (not forward hooks) keeps the per-step time equal to the time without LoRAs (memory.md). Before
-a layer is first touched its original tensor is copied to the CPU; ``restore`` copies those back, so the model
-is bit-exactly as loaded however many sets were applied. The patched state is keyed on the sorted
-(file identity, te weight, unet weight) list: applying an unchanged set costs nothing.
+a layer is first touched its original tensor is copied to the CPU (RAM: the cheapest tier); ``restore`` copies
+those back and drops them, so the model is bit-exactly as loaded however many sets were applied and nothing is
+held while no LoRA is active. The patched state is keyed on the sorted (file identity, te weight, unet weight)
+list: applying an unchanged set costs nothing. Originals and cached sets are RAM beside the model: ``nbytes``
+reports them and the PipelineManager counts them in its RAM tier.
+
+Why keep originals instead of subtracting the delta again: ``round(round(w + d) - d) == w`` fails for some
+elements of nearly every tensor, and knowing which needs the delta at restore time, i.e. recomputing the LoRA
+(seconds at real size) or keeping it in fp32 (more bytes than the original in the model's dtype).
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ from .lora_files import LoraFile
 
 # a LoRA whose layers fit this model less than this is taken for another model and skipped whole
 MIN_FIT = 0.5
+# patched-set cache of a patcher made without settings (scripts, tests); the studio's comes from the settings
+DEFAULT_CACHE_BYTES = 512 << 20
 _TE_LAYER = re.compile(r"^encoder_layers_(\d+)_")
 
 
@@ -48,17 +56,19 @@ class _PatchedSet:
 class AdapterPatcher:
     """LoRA patch state of one ``Components``. Thread-safe; ``apply`` / ``restore`` may be called per job.
 
-    Originals of touched tensors are kept (CPU) until ``release``; the last patched sets are kept too (CPU, in
-    the model's dtype, under ``cache_bytes``) so switching back to a recent set is a copy, not a recompute.
-    Call ``release()`` before the weights are changed by anything else (merge, training, unloading).
+    Originals of touched tensors are kept (CPU) while they are patched; the last patched sets are kept too (CPU,
+    in the model's dtype, under ``cache_bytes``; 0: none) so switching back to a recent set is a copy, not a
+    recompute. Call ``release()`` before the weights are changed by anything else (merge, training, unloading).
     """
 
-    def __init__(self, components, cache_bytes: int = 512 << 20):
+    def __init__(self, components, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.components = components
         self.cache_bytes = cache_bytes
         self._lock = threading.RLock()
         self._index: dict[str, dict[str, Any]] | None = None
         self._originals: dict[tuple[int, str], tuple[Any, str, torch.Tensor]] = {}
+        self._originals_bytes = 0    # running totals: the manager reads them from other threads, lock-free
+        self._cached_bytes = 0
         self._dirty: set[tuple[int, str]] = set()
         self._sets: OrderedDict[tuple, _PatchedSet] = OrderedDict()
         self._key: tuple = ()
@@ -82,6 +92,21 @@ class AdapterPatcher:
     def patched_params(self) -> int:
         return len(self._dirty)
 
+    @property
+    def originals_bytes(self) -> int:
+        """RAM held by copies of the original tensors (0 while no LoRA is patched in)."""
+        return self._originals_bytes
+
+    @property
+    def cached_bytes(self) -> int:
+        """RAM held by the patched-set cache."""
+        return self._cached_bytes
+
+    @property
+    def nbytes(self) -> int:
+        """All RAM this patcher holds beside the model (the manager counts it in its RAM tier)."""
+        return self._originals_bytes + self._cached_bytes
+
     def index(self) -> dict[str, dict[str, Any]]:
         if self._index is None:
             self._index = module_index(self.components)
@@ -100,10 +125,12 @@ class AdapterPatcher:
         active = [(lf, float(te), float(un)) for lf, te, un in active if te != 0 or un != 0]
         key = self.set_key(active)
         with self._lock, torch.no_grad():
+            self._trim()  # the cache setting may have been lowered since the last job
             if key == self._key:
                 return list(self._warnings)
-            self.restore()
+            self._restore_weights()
             if not key:
+                self._drop_originals()
                 return []
             cached = self._sets.get(key)
             if cached is not None:
@@ -115,26 +142,37 @@ class AdapterPatcher:
             else:
                 cached = self._compute(active)
                 self._remember(key, cached)
+            self._drop_originals(keep=self._dirty)  # those of the previous set's layers this one leaves alone
             self._key, self._warnings, self.applied, self._te_key = \
                 key, cached.warnings, cached.applied, cached.te_key
             return list(cached.warnings)
 
     def restore(self) -> None:
-        """Put every touched tensor back exactly as loaded (no-op when nothing is patched)."""
-        with self._lock, torch.no_grad():
+        """Put every touched tensor back exactly as loaded and drop the originals (no-op when nothing is patched)."""
+        with self._lock:
+            self._restore_weights()
+            self._drop_originals()
+
+    def release(self) -> None:
+        """Restore, then drop the cached sets too (frees all the RAM this patcher holds)."""
+        with self._lock:
+            self.restore()
+            self._sets.clear()
+            self._cached_bytes = 0
+            self._index = None
+
+    def _restore_weights(self) -> None:
+        """Copy the originals back (they stay kept: ``apply`` reuses those of layers the next set touches)."""
+        with torch.no_grad():
             for okey in self._dirty:
                 module, attr, orig = self._originals[okey]
                 live_tensor(module, attr).data.copy_(orig)
-            self._dirty.clear()
-            self._key, self._warnings, self.applied, self._te_key = (), [], [], ()
+        self._dirty.clear()
+        self._key, self._warnings, self.applied, self._te_key = (), [], [], ()
 
-    def release(self) -> None:
-        """Restore, then drop the kept originals and cached sets (frees their RAM)."""
-        with self._lock:
-            self.restore()
-            self._originals.clear()
-            self._sets.clear()
-            self._index = None
+    def _drop_originals(self, keep: set | frozenset = frozenset()) -> None:
+        for okey in [k for k in self._originals if k not in keep]:
+            self._originals_bytes -= _tensor_bytes(self._originals.pop(okey)[2])
 
     # ---- internals -----------------------------------------------------------------------------------------
     def _plan(self, lf: LoraFile, te: float, un: float, targets: dict, warnings: list[str]) -> bool:
@@ -209,12 +247,19 @@ class AdapterPatcher:
         if not patched.tensors:
             return
         self._sets[key] = patched
-        while sum(p.nbytes for p in self._sets.values()) > self.cache_bytes:
-            self._sets.popitem(last=False)
+        self._cached_bytes += patched.nbytes
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop least-recently-used sets until the cache fits ``cache_bytes``."""
+        while self._sets and self._cached_bytes > self.cache_bytes:
+            self._cached_bytes -= self._sets.popitem(last=False)[1].nbytes
 
     def _save_original(self, okey, module, attr) -> None:
         if okey not in self._originals:
-            self._originals[okey] = (module, attr, live_tensor(module, attr).detach().to("cpu", copy=True))
+            orig = live_tensor(module, attr).detach().to("cpu", copy=True)
+            self._originals[okey] = (module, attr, orig)
+            self._originals_bytes += _tensor_bytes(orig)
 
     def _patch(self, target: _Target, okey: tuple[int, str], keep: bool) -> torch.Tensor | None:
         """Write original + Σ weight × ΔW into one tensor; returns a CPU copy of the result if ``keep``."""
@@ -234,10 +279,33 @@ class AdapterPatcher:
         return patched.to("cpu", copy=True) if keep else None
 
 
-def patcher_for(components) -> AdapterPatcher:
+def _tensor_bytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def patch_cache_bytes(settings) -> int:
+    """The patched-set cache size from the ``lora_patch_cache_mb`` setting: MB; 0: off; negative (the default):
+    a quarter of the RAM budget (one rank-32 LoRA over every SD1.5 layer touches 1.25 GB)."""
+    mb = getattr(settings, "lora_patch_cache_mb", -1)
+    if mb >= 0:
+        return mb << 20
+    from ..devices import ram_budget
+    return ram_budget(settings) // 4
+
+
+def patcher_for(components, settings=None) -> AdapterPatcher:
     """The one patcher of a Components (created on first use, stored on the object so it lives and dies with
-    the loaded model). ``dict.setdefault`` keeps two racing callers on the same patcher."""
-    existing = components.__dict__.get("_adapter_patcher")
-    if existing is not None:
-        return existing
-    return components.__dict__.setdefault("_adapter_patcher", AdapterPatcher(components))
+    the loaded model). ``dict.setdefault`` keeps two racing callers on the same patcher. With ``settings`` the
+    cache size follows the live setting (a change applies at the next ``apply``)."""
+    patcher = components.__dict__.get("_adapter_patcher")
+    if patcher is None:
+        patcher = components.__dict__.setdefault("_adapter_patcher", AdapterPatcher(components))
+    if settings is not None:
+        patcher.cache_bytes = patch_cache_bytes(settings)
+    return patcher
+
+
+def held_bytes(components) -> int:
+    """RAM the patcher of ``components`` holds (originals + cached sets); 0 if it has none (never creates one)."""
+    patcher = components.__dict__.get("_adapter_patcher")
+    return patcher.nbytes if patcher is not None else 0
