@@ -97,8 +97,8 @@ def resolve_dtype(settings: Settings, device: torch.device) -> torch.dtype:
         index = _cuda_index(device)
         major, minor = torch.cuda.get_device_capability(index)
         raise StudioError(f"Precision bf16 was asked for, but {torch.cuda.get_device_name(index)} (compute "
-                          f"capability {major}.{minor}) has no native bf16; it needs 8.0 or newer (RTX 30xx, A100 "
-                          "and later).", field="precision", fix="use --precision fp16 (or auto)")
+                          f"capability {major}.{minor}) has no native bf16 here; it needs compute capability 8.0+ "
+                          "(RTX 30xx, A100 and later) and a CUDA 11+ build of torch.", field="precision", fix="use --precision fp16 (or auto)")
     return _dtypes()[settings.precision]
 
 

@@ -273,3 +273,19 @@ def test_manager_moves_through_the_helper(monkeypatch, settings):
     manager.settings = settings.replace(pin_memory=False)
     manager._move(Entry(("vae",), "vae", torch.nn.Linear(2, 2), 24, "cpu"), "device")
     assert moved == [(torch.device("cpu"), True), (CUDA, False)]
+
+
+def test_studio_logs_the_device_at_start(settings, caplog, monkeypatch):
+    from studio.app import Studio
+
+    monkeypatch.setattr("studio.nvidia.nvidia_gpus", lambda: [NvidiaGpu("NVIDIA GeForce RTX 3060", 12288, "581")])
+    monkeypatch.setattr(torch.version, "cuda", None)
+    studio = Studio(settings, load_extensions=False)
+    try:
+        with caplog.at_level(logging.INFO, logger="studio.app"):
+            studio.warm_up()
+    finally:
+        studio.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "studio.app"]
+    assert any(m.startswith("Device: cpu (") and "precision fp32" in m for m in lines)
+    assert any("CPU build" in m and "RTX 3060" in m for m in lines)
