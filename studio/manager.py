@@ -226,11 +226,8 @@ class PipelineManager:
         """The bytes ``info`` will take once loaded, from its file headers (None: unknown before loading)."""
         from .loading.sizes import checkpoint_bytes
 
-        def size(dtype: Any) -> int:
-            return torch.empty((), dtype=dtype).element_size()
-
-        return checkpoint_bytes(info.path, info.kind, size(self.dtype),
-                                size(devices.vae_dtype(self.settings, self.dtype)))
+        return checkpoint_bytes(info.path, info.kind, self.dtype.itemsize,
+                                devices.vae_dtype(self.settings, self.dtype).itemsize)
 
     def _get_or_load(self, info: CheckpointInfo) -> Entry:
         key = self.key_for(info)
