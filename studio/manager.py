@@ -142,13 +142,14 @@ class PipelineManager:
             log.warning("Memory budget for %s exceeded (%d MB used + %d MB needed > %d MB); models in use are "
                         "never evicted.", tier, self.used(tier) >> 20, needed >> 20, budget >> 20)
 
-    def free_device_memory(self, keep: CheckpointInfo | None = None) -> int:
-        """After running out of memory: take every unlocked model but ``keep`` off the device (parked in RAM while
-        the RAM budget allows, else dropped) and empty the allocator caches. Returns the bytes taken off."""
+    def free_device_memory(self, keep: str | CheckpointInfo | None = None) -> int:
+        """After running out of memory: take every unlocked model but the checkpoint ``keep`` ("" = the current
+        one) off the device (parked in RAM while the RAM budget allows, else dropped) and empty the allocator
+        caches. Returns the bytes taken off."""
         with self._lock:
             try:
-                keep_key = self.key_for(keep) if keep is not None else None
-            except (OSError, StudioError):
+                keep_key = self.key_for(self._resolve(keep)) if keep is not None else None
+            except (OSError, StudioError):  # a name that does not resolve keeps nothing
                 keep_key = None
             freed = 0
             if not self.offloading:  # offloaded models already rest in RAM: only the allocator cache holds VRAM
