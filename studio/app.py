@@ -74,6 +74,8 @@ class Studio:
             from .extension_api import ModelInfo
 
             def announce(info, components) -> None:
+                if info.kind != "hub":  # the hook promises the hash: wait for the background one (first load)
+                    self.registry.ensure_hash(info)
                 self.extensions.call("studio_model_loaded", model=ModelInfo(
                     info.name, info.title, components.family, info.short_hash or ""))
 

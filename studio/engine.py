@@ -118,7 +118,7 @@ class Engine:
         Out of device memory, every other cached model is moved off the device and the job runs once more."""
         ctx = ctx or _NoContext()
         return oom.retry_once(lambda: self._generate(request, ctx),
-                              lambda: self.manager.free_device_memory(keep=self.manager.current), request)
+                              lambda: self.manager.free_device_memory(keep=request.checkpoint), request)
 
     def _generate(self, request: GenerationRequest, ctx: Any) -> GenerationResult:
         if self.extensions is not None and self.extensions.has("studio_adjust_request"):

@@ -261,11 +261,6 @@ class BackgroundHasher:
             self._compute(key, os.fspath(path), kind, fut)
         return fut.result()
 
-    def pending(self) -> int:
-        """Files queued or being hashed."""
-        with self._cond:
-            return len(self._queued) + len(self._running)
-
     def _compute(self, key: str, path: str, kind: str, fut: Future) -> None:
         try:
             value = self.cache.get_or_compute(path, kind)

@@ -167,13 +167,14 @@ class PipelineManager:
             log.warning("Memory budget for %s exceeded (%d MB used + %d MB needed > %d MB); models in use are "
                         "never evicted.", tier, self.used(tier) >> 20, needed >> 20, budget >> 20)
 
-    def free_device_memory(self, keep: CheckpointInfo | None = None) -> int:
-        """After running out of memory: take every unlocked model but ``keep`` off the device (parked in RAM while
-        the RAM budget allows, else dropped) and empty the allocator caches. Returns the bytes taken off."""
+    def free_device_memory(self, keep: str | CheckpointInfo | None = None) -> int:
+        """After running out of memory: take every unlocked model but the checkpoint ``keep`` ("" = the current
+        one) off the device (parked in RAM while the RAM budget allows, else dropped) and empty the allocator
+        caches. Returns the bytes taken off."""
         with self._lock:
             try:
-                keep_key = self.key_for(keep) if keep is not None else None
-            except (OSError, StudioError):
+                keep_key = self.key_for(self._resolve(keep)) if keep is not None else None
+            except (OSError, StudioError):  # a name that does not resolve keeps nothing
                 keep_key = None
             freed = 0
             if not self.offloading:  # offloaded models already rest in RAM: only the allocator cache holds VRAM
@@ -253,11 +254,8 @@ class PipelineManager:
         """The bytes ``info`` will take once loaded, from its file headers (None: unknown before loading)."""
         from .loading.sizes import checkpoint_bytes
 
-        def size(dtype: Any) -> int:
-            return torch.empty((), dtype=dtype).element_size()
-
-        return checkpoint_bytes(info.path, info.kind, size(self.dtype),
-                                size(devices.vae_dtype(self.settings, self.dtype)))
+        return checkpoint_bytes(info.path, info.kind, self.dtype.itemsize,
+                                devices.vae_dtype(self.settings, self.dtype).itemsize)
 
     def _get_or_load(self, info: CheckpointInfo) -> Entry:
         key = self.key_for(info)

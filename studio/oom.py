@@ -61,6 +61,7 @@ def drop_frames(exc: BaseException) -> BaseException:
 
 
 def message(request: Any) -> str:
+    """What a job that ran out of memory twice was asking for (the fix is added by :class:`OutOfMemory`)."""
     size = f"{request.width}x{request.height}"
     if getattr(request, "enable_hr", False):
         w, h = request.hr_size

@@ -33,30 +33,28 @@ def patch_unet(studio, forward_factory):
     return unet
 
 
-def test_oom_frees_cached_models_and_retries_once(studio):
-    studio.switch_checkpoint("tiny-sd1-b.safetensors")   # cached and unlocked: what an OOM should evict
-    studio.switch_checkpoint("tiny-sd1.safetensors")
+def test_oom_frees_cached_models_and_retries_once(studio, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    studio.switch_checkpoint("tiny-sd1-b.safetensors")
     expected = np.asarray(studio.generate(req(seed=7)).images[0])
+    studio.switch_checkpoint("tiny-sd1.safetensors")   # cached and unlocked once the job runs on -b: to evict
     calls, seen_at_retry = [], []
+    original = UNet2DConditionModel.forward
 
-    def factory(original):
-        def forward(*a, **k):
-            calls.append(1)
-            if len(calls) == 1:
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-            if len(seen_at_retry) == 0:
-                seen_at_retry.append(labels(studio))
-            return original(*a, **k)
-        return forward
+    def forward(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        if not seen_at_retry:
+            seen_at_retry.append(labels(studio))
+        return original(self, *a, **k)
 
-    unet = patch_unet(studio, factory)
-    try:
-        result = studio.generate(req(seed=7))
-    finally:
-        del unet.forward
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
+    result = studio.generate(req(seed=7, checkpoint="tiny-sd1-b.safetensors"))
     assert len(calls) > 1, "the job was not retried"
-    assert seen_at_retry and "tiny-sd1-b.safetensors" not in seen_at_retry[0], "nothing was evicted before the retry"
-    assert "tiny-sd1.safetensors" in seen_at_retry[0], "the job's own checkpoint is kept"
+    assert seen_at_retry and "tiny-sd1.safetensors" not in seen_at_retry[0], "nothing was evicted before the retry"
+    assert "tiny-sd1-b.safetensors" in seen_at_retry[0], "the job's own checkpoint is kept"
     assert np.array_equal(np.asarray(result.images[0]), expected)  # the retry makes the same image
 
 

@@ -131,9 +131,14 @@ def test_infotext_fills_unset_fields(client):
 
 # ---- models and options --------------------------------------------------------------------------------------
 def test_sd_models_shape(client):
-    r = client.get("/sdapi/v1/sd-models")
-    assert r.status_code == 200
-    models = r.json()
+    deadline = time.monotonic() + 30
+    while True:  # hashes are filled in by a background thread: null until it is done
+        r = client.get("/sdapi/v1/sd-models")
+        assert r.status_code == 200
+        models = r.json()
+        if all(m["hash"] for m in models) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     by_name = {m["model_name"]: m for m in models}
     for name in ("tiny-sd1", "tiny-sd1-b"):
         m = by_name[name]
