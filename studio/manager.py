@@ -16,7 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from . import devices
+from . import devices, offload
 from .errors import ModelLoadError, StudioError
 from .lazy import torch
 from .loading.components import Components
@@ -197,8 +197,7 @@ class PipelineManager:
         value = entry.value
         modules = value.modules().values() if isinstance(value, Components) else [value]
         for module in modules:
-            # under --lowvram the parameters are meta between forwards and the weights already rest in RAM
-            if getattr(module, "__dict__", {}).get("_studio_offload", ("",))[0] != "lowvram":
+            if not offload.rests_in_ram(module):  # --lowvram: weights already in RAM, parameters on meta
                 devices.move_module(module, target, pin=self.settings.pin_memory and self.device.type == "cuda")
         entry.tier = tier
         devices.release_memory(self.device)
@@ -487,8 +486,6 @@ class PipelineManager:
 
     def _apply_device_options(self, pipe: Any) -> None:
         """xformers and offload hooks for a view: put on each shared module once, then reused by every view."""
-        from . import offload
-
         parts = pipe.components
         chain = [parts.get(n) for n in ("text_encoder", "text_encoder_2", "unet", "vae")]
         net = parts.get("controlnet")

@@ -55,6 +55,12 @@ def live_tensor(module: Any, name: str) -> Any:
     raise RuntimeError(f"{type(module).__name__}.{name} is on the meta device and no offload hook holds it")
 
 
+def rests_in_ram(module: Any) -> bool:
+    """Under sequential offload the parameters are ``meta`` between forwards and the weights already rest in RAM
+    (in the hooks): moving the module between memory tiers has nothing to move, and ``.to`` would fail."""
+    return getattr(module, "__dict__", {}).get(MARK, ("",))[0] == "lowvram"
+
+
 def _normalize(device: Any) -> Any:
     # CpuOffload compares the module's device with this one: "cuda" != "cuda:0" would move it on every forward
     device = torch.device(device)

@@ -117,10 +117,13 @@ class BatchRun:
         extra = plan.call_kwargs(mode)
         accepted = inspect.signature(cpipe.__call__).parameters
         if "masked_image_latents" in kw and "masked_image_latents" not in accepted:
-            # diffusers' ControlNet inpaint pipelines take no masked latents: they mask and encode the pixels
+            # diffusers' ControlNet inpaint pipelines take no masked latents: they mask the pixels and encode them
+            # with this method, pointed at our encoder (the VAE's dtype, not the prompt's; no force_upcast)
             kw.pop("masked_image_latents")
             if isinstance(kw.get("image"), torch.Tensor) and getattr(self, "pixels", None) is not None:
                 kw["image"] = self.pixels
+            cpipe._encode_vae_image = lambda image, generator=None: vae_codec.encode_pixels(
+                cpipe, image, self.result.warnings).to(image.dtype)
         for key in [k for k in kw if k not in accepted]:
             self.result.warnings.append(f"ControlNet with {mode}: option {key!r} is not supported and was left out.")
             kw.pop(key)

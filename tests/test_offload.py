@@ -9,6 +9,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from studio.request import GenerationRequest
@@ -43,6 +44,7 @@ REQUESTS = {
     "hires": dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Lanczos", hr_denoising_strength=0.5),
     "hires latent": dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", hr_denoising_strength=0.5),
     "lora": dict(prompt="a cube <lora:style:1>"),
+    "embedding, clip skip 2": dict(prompt="a shiny cube", clip_skip=2),
 }
 
 
@@ -50,6 +52,9 @@ REQUESTS = {
 def lora_models(models_dir):
     sd, _ = lorafiles.kohya_lora(make_tiny("sd1", seed=0), seed=0, rank=4)
     lorafiles.write(models_dir / "Lora" / "style.safetensors", sd, lorafiles.metadata_for(make_tiny("sd1", seed=0)))
+    (models_dir / "embeddings").mkdir()
+    torch.save({"string_to_param": {"*": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
+                "name": "shiny", "step": 10}, models_dir / "embeddings" / "shiny.pt")
     return models_dir
 
 
@@ -68,10 +73,13 @@ def run_all(studio) -> dict:
 def test_offload_modes_give_the_images_of_no_offload(settings, lora_models):
     plain = make_studio(settings, "none")
     try:
-        want = {k: px(r.images[0]) for k, r in run_all(plain).items()}
+        results = run_all(plain)
+        want = {k: px(r.images[0]) for k, r in results.items()}
+        plain_infotext = results["embedding, clip skip 2"].infotexts[0]
     finally:
         plain.close()
     assert not np.array_equal(want["lora"], want["txt2img"])      # the LoRA changes the image
+    assert "TI hashes" in plain_infotext
     for mode in ("medvram", "lowvram"):
         s = make_studio(settings, mode)
         try:

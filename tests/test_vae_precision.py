@@ -136,3 +136,25 @@ def test_decode_out_of_memory_even_tiled_is_a_clear_error(studio):
     with pytest.raises(StudioError, match="--medvram"):
         run(studio)
     assert vae.use_tiling is False
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_fp32_vae_with_controlnet(settings, models_dir, mode):
+    """ControlNet img2img / inpaint pipelines with an fp32 VAE beside an fp16 UNet and ControlNet."""
+    from studio.controlnet import ControlUnit
+    from tests import controlnets
+    from tests.tinymodels import make_tiny
+
+    (models_dir / "ControlNet").mkdir()
+    net = controlnets.make_controlnet(make_tiny("sd1", seed=0).unet, seed=1)
+    controlnets.write_ldm(net, models_dir / "ControlNet" / "control_tiny_canny.safetensors")
+    s = make_studio(settings, precision="fp16", no_half_vae=True)
+    try:
+        unit = ControlUnit.from_api({"enabled": True, "module": "canny", "model": "control_tiny_canny",
+                                     "image": picture()}, 0, s.preprocessors)
+        res = run(s, controlnet_units=(unit,), **MODES[mode])
+        assert np.asarray(res.images[0]).std() > 0
+        assert not any("not supported" in w for w in res.warnings)
+        assert s.manager.current_components().vae.dtype == torch.float32
+    finally:
+        s.close()
