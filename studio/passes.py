@@ -13,7 +13,6 @@ from PIL import Image
 
 from . import oom
 from . import vae_codec
-from .errors import StudioError
 from .img2img import Prepared
 from .lazy import torch
 from .manager import Loaded
