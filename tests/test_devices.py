@@ -210,6 +210,7 @@ def test_manager_falls_back_to_sdpa_once(monkeypatch, settings, caplog):
 
     class Pipe:
         enabled = 0
+        components: dict = {}
 
         def enable_xformers_memory_efficient_attention(self):
             Pipe.enabled += 1
