@@ -41,7 +41,7 @@ def test_multiprocess_two_ranks_same_plan_then_resume_on_one(make_cfg, tmp_path)
     assert code == 0, log
     # both ranks ran the same plan: each prints its own summary line
     assert re.findall(r"finished at step (\d+)/(\d+)", log) == [("3", "3")] * 2, log
-    assert len(list((tmp_path / "class").glob("class_*.png"))) == 2 and log.count("class_image:") == 2, log
+    assert len(list((tmp_path / "class").glob("class_*.png"))) == 2       # made by this run
     events = _events(run_dir)                       # the main process's events only
     assert all(e["prior_loss"] is not None for e in events if e["type"] == "step")
     assert events[0]["type"] == "start" and events[0]["total"] == 3 and events[0]["processes"] == 2
