@@ -138,10 +138,13 @@ class LatentCache:
         if k in self.ram:
             return self.ram[k]
         file = self.folder / f"{k}.safetensors" if self.mode == "disk" and self.folder else None
+        latent = None
         if file is not None and file.is_file():
             from safetensors.torch import load_file
             latent = load_file(str(file))["latent"]
-        else:
+            if not torch.isfinite(latent).all():
+                latent = None       # cached by an fp16 VAE (before the caching VAE was fp32): encode again
+        if latent is None:
             latent = self.encode(load_pixels(path, size, flip)[None], path)[0]
             if file is not None:
                 from safetensors.torch import save_file

@@ -105,7 +105,9 @@ class Trainer:
                                device=dev)
         for name, m in c.modules().items():
             # the VAE only caches latents and decodes samples: fp32, as an fp16 SDXL VAE gives NaNs
-            m.to(torch.float32 if name == "vae" else self.weight_dtype)
+            want = torch.float32 if name == "vae" else self.weight_dtype
+            if next(m.parameters()).dtype != want:
+                m.to(want)
         if cfg.is_ti and c.family.startswith("sdxl"):
             raise StudioError("Textual Inversion for SDXL is not supported yet.", field="method.method",
                               fix="train a LoRA for SDXL, or TI on an SD1/SD2 model")

@@ -24,9 +24,11 @@ def test_multiprocess_two_ranks_same_plan_then_resume_on_one(make_cfg, tmp_path)
     from studio.training.runner import launch_training
     from studio.training.trainer import Trainer
     ds = write_dataset(tmp_path / "seven", 7)
-    # 2 processes, batch 1: one round = 2 batches; max_steps 3 stops mid-epoch (6 of 7 batches done)
+    # 2 processes, batch 1: one round = 2 batches; max_steps 3 stops mid-epoch (6 of 7 batches done).
+    # DreamBooth: the main process generates the class images, the other waits for them before it reads them
     cfg = make_cfg(dataset_dir=str(ds), batch_size=1, epochs=2, max_steps=3, save_every=2, rank=2,
-                   output_name="mp", cache_latents="disk").resolved()
+                   output_name="mp", cache_latents="disk", method="dreambooth_lora", instance_prompt="shp shape",
+                   class_prompt="a shape", class_images_dir=str(tmp_path / "class"), num_class_images=2).resolved()
     run_dir, out_dir = Path(cfg.run_dir), Path(cfg.output_dir)
     toml = cfg.save(run_dir / "run.toml")
     proc = launch_training(toml, num_processes=2)
@@ -39,7 +41,9 @@ def test_multiprocess_two_ranks_same_plan_then_resume_on_one(make_cfg, tmp_path)
     assert code == 0, log
     # both ranks ran the same plan: each prints its own summary line
     assert re.findall(r"finished at step (\d+)/(\d+)", log) == [("3", "3")] * 2, log
+    assert len(list((tmp_path / "class").glob("class_*.png"))) == 2       # made by this run
     events = _events(run_dir)                       # the main process's events only
+    assert all(e["prior_loss"] is not None for e in events if e["type"] == "step")
     assert events[0]["type"] == "start" and events[0]["total"] == 3 and events[0]["processes"] == 2
     assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3]
     saved = [Path(e["path"]).name for e in events if e["type"] == "saved"]

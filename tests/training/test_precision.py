@@ -89,3 +89,19 @@ def test_latent_cache_refuses_nan_latents(make_cfg):
     with pytest.raises(StudioError, match=f"NaN / infinite latents for {item.path.name}") as err:
         cache.get(item.path, (64, 64), False)
     assert "fp32" in err.value.fix and not cache.ram
+
+
+def test_disk_cache_encodes_nan_latents_again(make_cfg, tmp_path):
+    """A disk cache written by an fp16 VAE (NaNs) is not trained on: those latents are encoded again."""
+    from safetensors.torch import save_file
+    from studio.training.buckets import LatentCache
+    from studio.training.dataset import scan_dataset
+    from tests.training.helpers import fresh_base
+    cfg = make_cfg().resolved()
+    item = scan_dataset(cfg.dataset_dir, min_side=32).items[0]
+    cache = LatentCache(fresh_base(cfg).vae, mode="disk", folder=tmp_path / "latents")
+    good = cache.get(item.path, (64, 64), False)
+    file = tmp_path / "latents" / f"{cache.key(item.path, (64, 64), False)}.safetensors"
+    save_file({"latent": torch.full_like(good, float("nan"))}, str(file))
+    again = LatentCache(cache.vae, mode="disk", folder=tmp_path / "latents")
+    assert torch.equal(again.get(item.path, (64, 64), False), good) and again.encodes == 1
