@@ -305,7 +305,8 @@ class Trainer:
             export.save_embedding(path, rows, {k: v for k, v in meta.items() if k.startswith("modelspec.")
                                                or k in ("ss_steps", "ss_sd_model_name", "ss_base_model_version")})
         else:
-            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+            # bf16 runs save fp16 too (kohya_ss's default save precision): every LoRA loader reads fp16
+            dtype = torch.float16 if cfg.mixed_precision in ("fp16", "bf16") else torch.float32
             tensors = export.network_state_dict({p: self.acc.unwrap_model(m) for p, m in self.models.items()},
                                                 self.c.family)
             export.save_lora(path, tensors, meta, dtype=dtype)
