@@ -20,7 +20,7 @@ from ..errors import StudioError
 from . import shapes as geometry
 from .palette import ALL_SHAPES, COLOURS, POSITIONS, SIZES
 
-WORK_SIDE = 192          # the picture's longer side while scoring: small pictures gain sub-pixel edges
+WORK_SIDE = 160          # the picture's longer side while scoring: small pictures gain sub-pixel edges
 BORDER = 0.03            # width of the border band that decides the background, as a fraction of the side
 MIN_OBJECT = 0.002       # smallest object, as a fraction of the picture's area
 STRIPE_MIN_SHARE = 0.12  # share of the interior a second colour needs before it can count as stripes
@@ -205,7 +205,11 @@ def _template_distances(mask: np.ndarray, shapes, blur: float = 0.0) -> dict[str
     area = float(filled.sum())
     hole = 1.0 - float(mask.sum()) / area
     ys, xs = np.nonzero(filled)
-    centre = np.array([xs.mean() + 0.5, ys.mean() + 0.5])
+    # Work on the object's neighbourhood only: the templates have the object's area, so they stay inside it.
+    pad = int(3 * blur + 0.5 * math.sqrt(area)) + 2
+    x0, y0 = max(0, xs.min() - pad), max(0, ys.min() - pad)
+    filled = filled[y0:ys.max() + pad + 1, x0:xs.max() + pad + 1]
+    centre = np.array([xs.mean() + 0.5 - x0, ys.mean() + 0.5 - y0])
     out = {}
     for name in shapes:
         outer = geometry.outline(name)
@@ -213,7 +217,7 @@ def _template_distances(mask: np.ndarray, shapes, blur: float = 0.0) -> dict[str
         cut = geometry.hole(name)
         expected_hole = _area_centroid(cut)[0] / unit_area if cut is not None else 0.0
         pts = ((outer - unit_centre) * math.sqrt(area / unit_area) + centre - 0.5) * 16   # 4 fractional bits
-        template = np.zeros(mask.shape, np.float32)
+        template = np.zeros(filled.shape, np.float32)
         cv2.fillPoly(template, [np.round(pts).astype(np.int32)], 1.0, shift=4)
         if blur > 0.3:
             template = cv2.GaussianBlur(template, (0, 0), blur)
