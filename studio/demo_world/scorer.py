@@ -4,9 +4,10 @@ background colour, each with confidences and distances so tests can measure "how
 How: the background is the dominant colour of the picture's border (named by the nearest palette colour in Lab);
 the object is the largest connected region far from it, cut at half the Lab distance between background and
 object colour (the 50 % coverage line of an anti-aliased edge); its colour is the majority palette name of its
-interior; its shape is the nearest of a few analytic prototypes in a space of scale-free contour features
-(hole share, solidity, extent, circularity, aspect, vertical balance, hull vertices); stripes are a second colour
-that splits the interior into several bands. Any picture size works: it is resampled to WORK_SIDE first.
+interior; its shape is the world outline that, laid on its silhouette with the same area and centroid and blurred
+like the picture's own edges, overlaps it best (plus a hole-share term that tells rings from circles); stripes are
+a second colour that splits the interior into bands along one direction. Scale-free contour features (solidity,
+circularity, ...) are reported alongside. Any picture size works: it is resampled to WORK_SIDE first.
 """
 from __future__ import annotations
 
@@ -25,12 +26,14 @@ BORDER = 0.03            # width of the border band that decides the background,
 MIN_OBJECT = 0.002       # smallest object, as a fraction of the picture's area
 STRIPE_MIN_SHARE = 0.12  # share of the interior a second colour needs before it can count as stripes
 
-FEATURES = ("hole", "solidity", "extent", "circularity", "aspect", "balance", "vertices")
+FEATURES = ("hole", "solidity", "extent", "circularity", "aspect", "balance", "vertices", "blur")
 
 
 @dataclass(frozen=True)
 class Score:
-    """What the scorer found. Distances are Lab ΔE (colours) or prototype distances (shapes); lower is nearer.
+    """What the scorer found; lower distances are nearer. Colour distances are Lab ΔE76 from the object's (or the
+    background's) median colour to each palette colour; shape distances are 1 - IoU with each shape's outline
+    plus the hole-share mismatch (0 is a perfect match).
 
     ``found`` is False when no object stands out from the background; shape / colour are then None.
     ``mask`` is a bool array at the input picture's size; ``box`` is (x0, y0, x1, y1) in its pixels (exclusive).
@@ -132,7 +135,10 @@ def _distances(lab_value: np.ndarray, palette: np.ndarray) -> dict[str, float]:
 
 
 def _largest(mask: np.ndarray, min_area: int) -> np.ndarray | None:
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    """The largest 8-connected region of ``mask`` after a 3x3 opening (which drops noise specks), or None."""
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
+    opened = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, kernel)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
     if n <= 1:
         return None
     best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
@@ -149,7 +155,7 @@ def _filled(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def shape_features(mask: np.ndarray) -> dict[str, float]:
-    """The scale-free contour features of a bool object mask (see FEATURES)."""
+    """The scale-free contour features of a bool object mask (FEATURES but blur, which needs the picture)."""
     filled, contour = _filled(mask)
     area = float(filled.sum())
     hull = cv2.convexHull(contour)
@@ -256,45 +262,31 @@ def score(image, *, shapes=ALL_SHAPES) -> Score:
     lab = _lab(work)
     palette = _palette_lab()
 
-    b = max(2, round(BORDER * min(ww, wh)))
-    border = np.concatenate([lab[:b].reshape(-1, 3), lab[-b:].reshape(-1, 3),
-                             lab[:, :b].reshape(-1, 3), lab[:, -b:].reshape(-1, 3)])
-    names = _nearest(border, palette)
-    counts = np.bincount(names, minlength=len(COLOURS))
-    bg_index = int(counts.argmax())
-    bg_lab = np.median(border[names == bg_index], axis=0)
-    bg_name = COLOURS[bg_index][0]
-    result = {"background": bg_name, "background_confidence": round(float(counts[bg_index] / len(names)), 4),
+    bg_index, bg_lab, bg_confidence, noise = _background(lab, palette)
+    result = {"background": COLOURS[bg_index][0], "background_confidence": bg_confidence,
               "background_distances": _distances(bg_lab, palette)}
-
     d_bg = _dist(lab, bg_lab)
-    border_d = _dist(border[names == bg_index], bg_lab)
-    t0 = max(12.0, 4.0 * float(np.median(border_d)))
+    t0 = max(12.0, 4.0 * noise)
     min_area = max(4, int(MIN_OBJECT * ww * wh))
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
-    rough = _largest(cv2.morphologyEx((d_bg > t0).astype(np.uint8), cv2.MORPH_OPEN, kernel), min_area)
+    rough = _largest(d_bg > t0, min_area)
     if rough is None:
         return Score(found=False, **result)
 
     edge = max(2.0, 1.5 * f)   # 1.5 input pixels: what anti-aliasing and blur blend at an edge
     core = _core(rough, edge)
-    core_names = _nearest(lab[core], palette)
-    shares = np.bincount(core_names, minlength=len(COLOURS)) / max(1, len(core_names))
-    main = int(shares.argmax())
-    main_lab = np.median(lab[core][core_names == main], axis=0)
+    names, shares = _shares(lab[core], palette)
     # Cut at half the distance to the nearest of the object's own colours, so stripes stay inside the object.
-    object_colours = [np.median(lab[core][core_names == k], axis=0) for k in range(len(COLOURS))
-                      if shares[k] >= STRIPE_MIN_SHARE and k != bg_index] or [main_lab]
-    cut = max(t0, 0.5 * min(float(np.linalg.norm(c - bg_lab)) for c in object_colours))
-    mask = _largest(cv2.morphologyEx((d_bg > cut).astype(np.uint8), cv2.MORPH_OPEN, kernel), min_area)
+    object_colours = [np.median(lab[core][names == k], axis=0) for k in range(len(COLOURS))
+                      if shares[k] >= STRIPE_MIN_SHARE and k != bg_index]
+    if object_colours:
+        t0 = max(t0, 0.5 * min(float(np.linalg.norm(c - bg_lab)) for c in object_colours))
+    mask = _largest(d_bg > t0, min_area)
     if mask is None:
         mask = rough
     core = _core(mask, edge)
-    core_lab = lab[core]
-    core_names = _nearest(core_lab, palette)
-    shares = np.bincount(core_names, minlength=len(COLOURS)) / max(1, len(core_names))
+    names, shares = _shares(lab[core], palette)
     main = int(shares.argmax())
-    main_lab = np.median(core_lab[core_names == main], axis=0)
+    main_lab = np.median(lab[core][names == main], axis=0)
 
     features = shape_features(mask)
     alpha = d_bg / max(float(np.linalg.norm(main_lab - bg_lab)), 1.0)
@@ -323,6 +315,25 @@ def score(image, *, shapes=ALL_SHAPES) -> Score:
         box=box, mask=out_mask, area_fraction=round(float(out_mask.mean()), 5),
         features={k: round(v, 4) for k, v in features.items()},
     )
+
+
+def _background(lab: np.ndarray, palette: np.ndarray) -> tuple[int, np.ndarray, float, float]:
+    """The border band's majority palette colour: (index, median Lab, share of the border, median noise ΔE)."""
+    b = max(2, round(BORDER * min(lab.shape[:2])))
+    border = np.concatenate([lab[:b].reshape(-1, 3), lab[-b:].reshape(-1, 3),
+                             lab[:, :b].reshape(-1, 3), lab[:, -b:].reshape(-1, 3)])
+    names = _nearest(border, palette)
+    counts = np.bincount(names, minlength=len(COLOURS))
+    index = int(counts.argmax())
+    mine = border[names == index]
+    median = np.median(mine, axis=0)
+    return index, median, round(float(counts[index] / len(names)), 4), float(np.median(_dist(mine, median)))
+
+
+def _shares(lab_pixels: np.ndarray, palette: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's nearest palette index, and the share of pixels per palette colour."""
+    names = _nearest(lab_pixels, palette)
+    return names, np.bincount(names, minlength=len(COLOURS)) / max(1, len(names))
 
 
 def _core(mask: np.ndarray, edge: float) -> np.ndarray:
