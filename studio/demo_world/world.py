@@ -136,6 +136,8 @@ class World:
     texture: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
+        if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise StudioError(f"Demo world seed {self.seed!r} is not a seed.", field="seed", fix="use an int >= 0")
         self._choices()   # validate early: a bad name fails when the world is made, not at the first sample
 
     @classmethod
