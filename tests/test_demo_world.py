@@ -13,7 +13,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from studio.demo_world import (COLOUR_NAMES, HELD_OUT, POSITION_NAMES, SHAPES, SIZE_NAMES, World, box_iou,
-                               mask_iou, parse_prompt, render, score, write_dataset)
+                               mask_iou, parse_prompt, render, score, write_dataset,
+                               write_example_dataset)
 from studio.demo_world.palette import rgb
 from studio.errors import StudioError
 
@@ -159,17 +160,24 @@ def test_write_dataset_makes_a_kohya_folder_the_trainer_reads(tmp_path):
         write_dataset(tmp_path / "file", 1)
 
 
+def test_example_dataset_holds_a_held_out_concept_with_a_trigger(tmp_path):
+    written = write_example_dataset(tmp_path, "striped", count=3)
+    assert {p.parent.name for p, _ in written} == {"10_striped"}
+    assert all(label.texture == "striped" for _, label in written)
+    assert all(p.with_suffix(".txt").read_text().startswith("zkw, ") for p, _ in written)
+
+
 # ---- the scorer -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [64, 128])
 def test_scorer_names_the_worlds_own_pictures(size):
-    acc = _accuracy(World(11, include_held_out=True), 500 if size == 64 else 300, size)
+    acc = _accuracy(World(11, include_held_out=True), 500 if size == 64 else 250, size)
     assert min(acc["shape"], acc["colour"], acc["background"], acc["texture"]) >= 0.98, acc
     assert acc["position"] >= 0.95, acc
 
 
 @pytest.mark.parametrize("size", [64, 128])
 def test_scorer_survives_blur_noise_and_jpeg(size):
-    acc = _accuracy(World(12, include_held_out=True), 200, size, degrade=_degrade)
+    acc = _accuracy(World(12, include_held_out=True), 150, size, degrade=_degrade)
     assert min(acc["shape"], acc["colour"], acc["background"], acc["texture"]) >= 0.90, acc
 
 

@@ -6,14 +6,14 @@ so drawing pictures does not load it. No torch.
 from __future__ import annotations
 
 from .captions import caption, parse_prompt
-from .dataset_folder import write_dataset
+from .dataset_folder import write_dataset, write_example_dataset
 from .palette import (ALL_SHAPES, ALL_TEXTURES, COLOUR_NAMES, HELD_OUT, POSITION_NAMES, SHAPES, SIZE_NAMES,
                       TEXTURES)
 from .world import Label, Sample, World, WorldDataset, render
 
 __all__ = ["ALL_SHAPES", "ALL_TEXTURES", "COLOUR_NAMES", "HELD_OUT", "POSITION_NAMES", "SHAPES", "SIZE_NAMES",
            "TEXTURES", "Label", "Sample", "Score", "World", "WorldDataset", "box_iou", "caption", "mask_iou",
-           "parse_prompt", "render", "score", "write_dataset"]
+           "parse_prompt", "render", "score", "write_dataset", "write_example_dataset"]
 
 _SCORER_NAMES = ("Score", "box_iou", "mask_iou", "score")
 

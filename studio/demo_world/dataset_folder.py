@@ -48,3 +48,12 @@ def write_dataset(folder: str | os.PathLike, count: int, *, world: World | None 
         stem.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
         written.append((image_path, sample.label))
     return written
+
+
+def write_example_dataset(folder: str | os.PathLike, concept: str = "heart", *, count: int = 16,
+                          trigger: str = "zkw", seed: int = 0, size=64, repeats: int = 10
+                          ) -> list[tuple[Path, Label]]:
+    """The Train tab's example dataset: ``count`` pictures of one concept (by default the held-out heart, which
+    the demo model has never seen) captioned "<trigger>, ...", in the kohya sub-folder ``<repeats>_<concept>``."""
+    return write_dataset(folder, count, world=World.of(concept, seed), size=size, trigger=trigger,
+                         repeats=repeats, name=concept)
