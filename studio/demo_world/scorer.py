@@ -21,7 +21,7 @@ from ..errors import StudioError
 from . import shapes as geometry
 from .palette import ALL_SHAPES, COLOURS, POSITIONS, SIZES
 
-WORK_SIDE = 160          # the picture's longer side while scoring: small pictures gain sub-pixel edges
+WORK_SIDE = 128          # the picture's longer side while scoring: small pictures gain sub-pixel edges
 BORDER = 0.03            # width of the border band that decides the background, as a fraction of the side
 MIN_OBJECT = 0.002       # smallest object, as a fraction of the picture's area
 STRIPE_MIN_SHARE = 0.12  # share of the interior a second colour needs before it can count as stripes
