@@ -211,8 +211,9 @@ def _template_distances(mask: np.ndarray, shapes, blur: float = 0.0) -> dict[str
     area = float(filled.sum())
     hole = 1.0 - float(mask.sum()) / area
     ys, xs = np.nonzero(filled)
-    # Work on the object's neighbourhood only: the templates have the object's area, so they stay inside it.
-    pad = int(3 * blur + 0.5 * math.sqrt(area)) + 2
+    # Work on the object's neighbourhood only: a template of the object's area reaches at most 0.9 sqrt(area)
+    # from its centroid (the star's tips), which this pad around the object's box covers.
+    pad = int(3 * blur + 0.6 * math.sqrt(area)) + 2
     x0, y0 = max(0, xs.min() - pad), max(0, ys.min() - pad)
     filled = filled[y0:ys.max() + pad + 1, x0:xs.max() + pad + 1]
     centre = np.array([xs.mean() + 0.5 - x0, ys.mean() + 0.5 - y0])
@@ -290,13 +291,13 @@ def score(image, *, shapes=ALL_SHAPES) -> Score:
 
     features = shape_features(mask)
     alpha = d_bg / max(float(np.linalg.norm(main_lab - bg_lab)), 1.0)
-    blur = _edge_blur(mask, alpha, f)
+    blur = _edge_blur(mask, alpha, max(1.0, f))
     features["blur"] = blur / f
     shape_d = _template_distances(mask, shapes, blur)
     ranked = sorted(shape_d, key=shape_d.get)
     best = ranked[0]
     second = shape_d[ranked[1]] if len(ranked) > 1 else shape_d[best] + 1.0
-    texture, texture_conf = _texture(core, lab, main_lab, f)
+    texture, texture_conf = _texture(core, lab, main_lab, max(1.0, f))
 
     out_mask = cv2.resize(mask.astype(np.float32), (in_w, in_h), interpolation=cv2.INTER_LINEAR) > 0.5
     if not out_mask.any():
@@ -343,7 +344,7 @@ def _core(mask: np.ndarray, edge: float) -> np.ndarray:
     return core if core.sum() >= 8 else mask
 
 
-def _texture(core: np.ndarray, lab: np.ndarray, main_lab: np.ndarray, pixel: float) -> tuple[str, float]:
+def _texture(core: np.ndarray, lab: np.ndarray, main_lab: np.ndarray, slice_width: float) -> tuple[str, float]:
     """"striped" when the interior's distance from the main colour varies along one direction (0, 45, 90 or
     135 degrees) in at least two bands, and hardly across it.
 
@@ -359,7 +360,7 @@ def _texture(core: np.ndarray, lab: np.ndarray, main_lab: np.ndarray, pixel: flo
     total = float(off.var())
     best, bands = 0.0, 0
     for cos, sin in ((1.0, 0.0), (0.7071, 0.7071), (0.0, 1.0), (0.7071, -0.7071)):
-        u = np.floor((xs * cos + ys * sin) / pixel).astype(np.int64)
+        u = np.floor((xs * cos + ys * sin) / slice_width).astype(np.int64)
         u -= u.min()
         counts = np.bincount(u)
         keep = counts >= 3
