@@ -181,6 +181,14 @@ def test_scorer_survives_blur_noise_and_jpeg(size):
     assert min(acc["shape"], acc["colour"], acc["background"], acc["texture"]) >= 0.90, acc
 
 
+def test_scorer_reads_pictures_that_lost_most_of_their_resolution():
+    """A 64 px picture squeezed through 24 px and back, softer than a small VAE's decode."""
+    def soften(image, rng):
+        return image.resize((24, 24), Image.BILINEAR).resize(image.size, Image.BICUBIC)
+    acc = _accuracy(World(15, include_held_out=True), 100, 64, degrade=soften)
+    assert min(acc["shape"], acc["colour"], acc["background"], acc["texture"]) >= 0.90, acc
+
+
 @pytest.mark.parametrize("size", [512, (128, 96)])
 def test_scorer_on_hires_and_non_square_pictures(size):
     acc = _accuracy(World(13, include_held_out=True), 8 if size == 512 else 40, size)
