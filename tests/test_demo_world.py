@@ -182,7 +182,7 @@ def test_scorer_survives_blur_noise_and_jpeg(size):
 
 
 def test_scorer_reads_pictures_that_lost_most_of_their_resolution():
-    """A 64 px picture squeezed through 24 px and back, softer than a small VAE's decode."""
+    """A 64 px picture squeezed through 24 px and back: a stand-in for a soft VAE decode."""
     def soften(image, rng):
         return image.resize((24, 24), Image.BILINEAR).resize(image.size, Image.BICUBIC)
     acc = _accuracy(World(15, include_held_out=True), 100, 64, degrade=soften)
@@ -230,6 +230,8 @@ def test_scorer_reports_no_object_on_a_plain_picture_and_takes_arrays():
     result = score(blank)
     assert not result.found and result.background == "green" and result.shape is None
     assert not result.shows("circle") and result.shows("green background")
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)   # what an untrained model draws
+    assert not score(noise).found
     sample = World(2).sample(0, 64)
     as_float = score(sample.array().astype(np.float32) / 255)
     rgba = score(np.dstack([sample.array(), np.full((64, 64), 255, np.uint8)]))
