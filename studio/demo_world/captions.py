@@ -8,8 +8,8 @@ import numpy as np
 from .palette import ALL_SHAPES, ALL_TEXTURES, COLOUR_NAMES, POSITION_NAMES, SIZE_NAMES
 
 # Where the object is, as a phrase that reads naturally after the noun.
-_WHERE = {"centre": "in the centre", "top": "at the top", "bottom": "at the bottom", "left": "on the left",
-          "right": "on the right"}
+_WHERE: tuple[tuple[str, str], ...] = (("centre", "in the centre"), ("top", "at the top"),
+                                       ("bottom", "at the bottom"), ("left", "on the left"), ("right", "on the right"))
 
 # {obj} is "[size ][texture ]colour shape"; {where} a position phrase; {bg} the background colour.
 # Templates that name the size or the position only sometimes teach a model sensible defaults for both.
@@ -24,7 +24,7 @@ TEMPLATES: tuple[str, ...] = (
 
 
 def where(position: str) -> str:
-    return _WHERE.get(position, f"in the {position}")
+    return dict(_WHERE).get(position, f"in the {position}")
 
 
 def caption(label, variant: int, *, with_size: bool = True) -> str:

@@ -6,10 +6,10 @@ from __future__ import annotations
 COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("red", (215, 35, 35)),
     ("green", (35, 160, 60)),
-    ("blue", (35, 75, 215)),
+    ("blue", (30, 90, 230)),
     ("yellow", (245, 215, 40)),
-    ("orange", (245, 130, 25)),
-    ("purple", (135, 45, 175)),
+    ("orange", (250, 140, 20)),
+    ("purple", (150, 40, 165)),
     ("white", (242, 242, 242)),
     ("black", (22, 22, 22)),
 )

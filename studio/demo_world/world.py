@@ -30,11 +30,12 @@ MAX_SUPERSAMPLED = 2048   # the side drawn before downsampling; keeps 4x anti-al
 
 
 def _wh(size) -> tuple[int, int]:
-    w, h = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
-    if not (isinstance(w, (int, np.integer)) and isinstance(h, (int, np.integer))) or min(w, h) < 8:
+    pair = (size, size) if isinstance(size, (int, np.integer)) else \
+        (tuple(size) if isinstance(size, (tuple, list)) else ())
+    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and v >= 8 for v in pair):
         raise StudioError(f"Demo world size {size!r} is not a picture size.", field="size",
                           fix="give an int side or a (width, height) pair of at least 8 px")
-    return int(w), int(h)
+    return int(pair[0]), int(pair[1])
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,8 @@ class World:
     texture: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
+        if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise StudioError(f"Demo world seed {self.seed!r} is not a seed.", field="seed", fix="use an int >= 0")
         self._choices()   # validate early: a bad name fails when the world is made, not at the first sample
 
     @classmethod
@@ -160,10 +163,13 @@ class World:
             "position": _allowed("position", self.position, POSITION_NAMES, POSITION_NAMES),
             "texture": _allowed("texture", self.texture, ALL_TEXTURES, TEXTURES),
         }
-        if len(choices["background"]) == 1 and choices["background"][0] in choices["colour"]:
-            raise StudioError(f"Demo world background {choices['background'][0]!r} is also an object colour; "
-                              "that object would be invisible.", field="background",
-                              fix="pick another background or leave that colour out of the object colours")
+        if len(choices["background"]) == 1:
+            # One background: objects take every other allowed colour (an object of its colour would vanish).
+            choices["colour"] = tuple(c for c in choices["colour"] if c != choices["background"][0])
+            if not choices["colour"]:
+                raise StudioError(f"Demo world background {choices['background'][0]!r} is the only object colour "
+                                  "too; the object would be invisible.", field="background",
+                                  fix="pick another background or allow more object colours")
         return choices
 
     def label(self, index: int, size=64) -> Label:
