@@ -31,6 +31,7 @@ OFFLOADS = ("none", "medvram", "lowvram")
 # fp32 VAE differs from an fp16 one in the last bits of each pixel
 SAME_MEAN = {"offload": 1.0, "no-half-vae": 3.0}
 LORA_CHANGES = 1.0  # a LoRA must move the picture by more than this (mean absolute difference)
+OOM_CAP = 2 << 30   # device memory the out-of-memory check may use: the tiny model and a normal job fit
 
 
 class Skip(Exception):
@@ -85,7 +86,6 @@ class Env:
         finally:
             studio.close()
             _free(self)
-
 
     def shared(self, tag: str, **changes):
         """One Studio for consecutive checks with the same tag (the previous one is closed first)."""
@@ -218,17 +218,17 @@ def check_oom(env: Env) -> str:
     from studio.errors import StudioError
 
     env.close_shared()
-    with env.studio("oom", max_batch_size=64) as studio:
+    with env.studio("oom", max_batch_size=64) as studio, _memory_cap(env, OOM_CAP):
         studio.generate(request(env, "txt2img"))  # loads the model
         comps = studio.manager.current_components()
         before = torch.cuda.memory_allocated() if env.cuda else 0
-        if env.cuda:
+        if env.cuda:  # the cap makes this fail on any card; the studio may also recover by itself (tiling)
             huge = request(env, "txt2img", width=2048, height=2048, batch_size=64, steps=2)
-            how = "batch 64 at 2048x2048"
+            how = f"batch 64 at 2048x2048 under a {OOM_CAP >> 30} GiB cap"
         else:  # no device memory to exhaust: the UNet raises what CUDA raises
             huge, how = request(env, "txt2img"), "simulated (the UNet raises OutOfMemoryError)"
             comps.unet.forward = _raise_oom
-        first = "finished (the card had room)"
+        first = "finished (the studio recovered inside the job)"
         try:
             studio.generate(huge)
         except StudioError as exc:
@@ -242,8 +242,25 @@ def check_oom(env: Env) -> str:
             _free(env)
             held = (torch.cuda.memory_allocated() - before) / 2**20
             assert held < 64, f"{held:.0f} MB still allocated after the failed job (its frames are kept alive)"
-            detail += f", {held:.0f} MB more allocated than before"
+            detail += f", {held:+.0f} MB allocated vs before"
         return detail
+
+
+@contextlib.contextmanager
+def _memory_cap(env: Env, cap: int) -> Iterator[None]:
+    """Cap this process's CUDA allocations (so the huge job fails on any card); lifted afterwards."""
+    if not env.cuda:
+        yield
+        return
+    import torch
+
+    device = torch.device(env.device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
 def _raise_oom(*args, **kwargs):
@@ -357,8 +374,9 @@ def main(argv: list[str] | None = None, out=None) -> int:
         return 1
     if args.device.startswith("cuda"):
         index = torch.device(args.device).index or 0
-        print(f"# {torch.cuda.get_device_name(index)}, torch {torch.__version__}, CUDA {torch.version.cuda}",
-              file=out)
+        props = torch.cuda.get_device_properties(index)
+        print(f"# {props.name} ({props.total_memory / 2**30:.1f} GiB, {torch.cuda.device_count()} device(s)), "
+              f"torch {torch.__version__}, CUDA {torch.version.cuda}", file=out)
     results = []
     with tempfile.TemporaryDirectory(prefix="gpucheck-") as tmp:
         env = make_env(args.device, args.quick, Path(tmp), size=args.size or None)
