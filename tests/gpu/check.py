@@ -297,29 +297,36 @@ def check_training(env: Env) -> str:
     """accelerate launch --num_processes 2 trains a LoRA on 7 images (ranks must agree on the step count)."""
     import torch
 
+    gpus = torch.cuda.device_count() if env.cuda else 0
+    if gpus < 2:
+        raise Skip(f"needs 2 CUDA devices, found {gpus}")
+    return train(env, processes=2)
+
+
+def train(env: Env, processes: int) -> str:
+    """Train a LoRA on 7 images in ``processes`` processes through the studio's launcher."""
     from studio.training import TrainConfig
     from studio.training.runner import launch_training
     from tests.training.conftest import write_dataset
 
-    gpus = torch.cuda.device_count() if env.cuda else 0
-    if gpus < 2:
-        raise Skip(f"needs 2 CUDA devices, found {gpus}")
-    run = env.root / "train"
+    run = env.root / f"train{processes}"
     cfg = TrainConfig(base_model=str(env.models / "Stable-diffusion" / "tiny-sd1.safetensors"),
-                      dataset_dir=str(write_dataset(run / "dataset", 7)), resolution=64, min_image_side=32, rank=4,
-                      alpha=4.0, learning_rate=1e-3, epochs=3, batch_size=2, seed=1, output_name="gpucheck2",
-                      output_dir=str(run / "out"), run_dir=str(run / "run"), save_every=2, sample_every=0)
-    proc = launch_training(cfg.save(run / "run.toml"), num_processes=2)
+                      dataset_dir=str(write_dataset(run / "dataset", 7)), resolution=64, min_bucket_reso=64,
+                      max_bucket_reso=128, min_image_side=32, rank=4, alpha=4.0, learning_rate=1e-3, epochs=3,
+                      batch_size=2, seed=1, output_name="gpucheck", output_dir=str(run / "out"),
+                      run_dir=str(run / "run"), save_every=2, sample_every=0)
+    proc = launch_training(cfg.save(run / "run.toml"), num_processes=processes)
     try:
         code = proc.wait(timeout=600)
     except Exception:
         proc.kill()
-        raise AssertionError("two-process training did not finish within 10 minutes (a rank waits forever?)")
+        raise AssertionError(f"training in {processes} processes did not finish within 10 minutes "
+                             "(a rank waiting forever?)") from None
     status = proc.status()
     assert code == 0 and status["state"] == "done", f"exit {code}, {status['state']}: {status['error']}"
-    out = run / "out" / "gpucheck2.safetensors"
+    out = run / "out" / "gpucheck.safetensors"
     assert out.is_file(), f"{out} was not written"
-    return f"{status['step']} steps on 2 GPUs, {out.name} written"
+    return f"{status['step']} steps in {processes} processes, {out.name} written"
 
 
 # ---- the plan ----------------------------------------------------------------------------------------------
