@@ -22,6 +22,12 @@ SECTIONS = [
         ("no_half_vae", "Keep the VAE in fp32 (--no-half-vae)"), ("xformers", "xformers attention (CUDA only)"),
         ("vram_budget_mb", "Device memory budget for cached models, MB (0: from free memory)"),
         ("ram_budget_mb", "RAM budget for cached models, MB (0: from system RAM)"),
+        ("lora_patch_cache_mb", "LoRA-patched weights kept for quick re-use, MB (0: off; -1: a quarter of the RAM "
+                                "budget)"),
+        ("pin_memory", "Keep models parked in RAM in page-locked memory (faster RAM ↔ VRAM moves; CUDA only)"),
+        ("allow_tf32", "TF32 for fp32 math on Ampere and newer GPUs"),
+        ("cudnn_benchmark", "cuDNN benchmark (autotunes convolutions per image size; always on for GTX 16xx)"),
+        ("annotator_device", "ControlNet preprocessor models run on (auto: the compute device)"),
     ]),
     ("Outputs", [
         ("outdir", "Output folder"),
@@ -43,11 +49,15 @@ SECTIONS = [
         ("controlnet_dir", "ControlNet"), ("annotators_dir", "Annotators"),
     ]),
 ]
-CHOICES = {"device": list(DEVICES), "precision": list(PRECISIONS), "offload": list(OFFLOAD_MODES)}
+CHOICES = {"device": list(DEVICES), "precision": list(PRECISIONS), "offload": list(OFFLOAD_MODES),
+           "annotator_device": ["auto", "cpu"]}
 # placement and dtype are fixed when the pipeline manager is built; downloads are allowed (or not) at start
-RESTART = {"device", "precision", "offload", "no_half_vae", "xformers", "allow_download"}
+RESTART = {"device", "precision", "offload", "no_half_vae", "xformers", "allow_download", "allow_tf32",
+           "cudnn_benchmark", "annotator_device"}
 FOLDERS = {"models_dir", "ckpt_dir", "vae_dir", "lora_dir", "lycoris_dir", "embeddings_dir", "controlnet_dir",
            "annotators_dir"}
+# -1 means "derived from another setting"
+DERIVED = {"lora_patch_cache_mb"}
 # slider ranges on the txt2img tab are drawn once; the limits themselves are checked live on every request
 RELOAD = {"max_steps", "max_width", "max_height", "max_batch_size", "max_batch_count"}
 
@@ -79,7 +89,7 @@ def _widget(name: str, label: str, value: Any) -> Any:
     if isinstance(value, bool):
         return gr.Checkbox(value=value, label=label, elem_id=elem_id)
     if isinstance(value, int):
-        return gr.Number(value=value, precision=0, label=label, elem_id=elem_id, minimum=0)
+        return gr.Number(value=value, precision=0, label=label, elem_id=elem_id, minimum=-1 if name in DERIVED else 0)
     # paths and names need room: a narrow box wraps them over several lines
     return gr.Textbox(value=str(value), label=label, elem_id=elem_id, lines=1, max_lines=1, min_width=320)
 

@@ -20,7 +20,7 @@ ALL_FLAGS = [
     "--listen", "--port", "--api", "--nowebui", "--api-auth", "--gradio-auth", "--ckpt", "--ckpt-dir",
     "--vae-dir", "--lora-dir", "--embeddings-dir", "--controlnet-dir", "--models-dir", "--data-dir", "--outdir",
     "--device", "--precision", "--no-half-vae", "--medvram", "--lowvram", "--xformers", "--vram-budget",
-    "--ram-budget", "--demo", "--test", "--skip-install", "--allow-download",
+    "--ram-budget", "--demo", "--test", "--skip-install", "--allow-download", "--reinstall-torch",
 ]
 
 
