@@ -147,9 +147,10 @@ def _status(studio: Any) -> str:
         return ""
     mb = 1024 ** 2
     loaded = ", ".join(e["label"] for e in st.get("entries", [])) or "none"
+    extras = "".join(f" · {x['label']}: {x['bytes'] // 1024 ** 2} MB" for x in st.get("extras", []))
     current = getattr(studio.manager, "current", None)
     return (f"**Running on** `{st['device']}` in `{st['dtype']}` · current checkpoint: "
             f"`{current.title if current else 'none loaded yet'}` · cached models: {loaded} · "
             f"RAM cache {st['ram_used'] // mb} / {st['ram_budget'] // mb} MB · "
-            f"device cache {st['device_used'] // mb} / {st['device_budget'] // mb} MB")
+            f"device cache {st['device_used'] // mb} / {st['device_budget'] // mb} MB{extras}")
 
