@@ -25,7 +25,12 @@ def test_webuiapi_txt2img(api):
 
 
 def test_webuiapi_models_and_set_model(api):
-    models = api.get_sd_models()
+    deadline = time.monotonic() + 30
+    while True:  # hashes are filled in by a background thread; titles carry "[hash]" once it is done (as A1111's)
+        models = api.get_sd_models()
+        if all(m["hash"] for m in models) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     titles = sorted(m["title"] for m in models)
     assert any(t.startswith("tiny-sd1-b.safetensors [") for t in titles)
     assert api.util_get_model_names() == titles
