@@ -147,6 +147,15 @@ def touch(manager) -> None:
                 t.sum()
 
 
+def _patcher_bytes(patcher) -> int:
+    """Bytes the LoRA patcher keeps: originals of patched tensors and cached patched sets (its internals, read
+    defensively: a later patcher may keep them otherwise and report them in stats()["extras"])."""
+    originals = getattr(patcher, "_originals", {})
+    sets = getattr(patcher, "_sets", {})
+    return sum(entry[-1].numel() * entry[-1].element_size() for entry in originals.values()) + \
+        sum(getattr(s, "nbytes", 0) for s in sets.values())
+
+
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -250,7 +259,6 @@ def run(tmp: Path, scale: int, runs: int) -> None:
     touch(manager)
     loaded_rss, loaded_anon = rss() - base, anon() - base_anon
     ram_used = manager.stats()["ram_used"]
-    model_bytes = manager.stats()["entries"][0]["bytes"]
     manager.registry.ensure_hash(info_a)  # let the background hash finish before timing anything else
     print("first load done", flush=True)
 
@@ -296,8 +304,7 @@ def run(tmp: Path, scale: int, runs: int) -> None:
         hits = patcher.patch_count == computed
         patcher.apply([])
         extras = manager.stats().get("extras")
-        held = sum(t.numel() * t.element_size() for _, _, t in patcher._originals.values()) + \
-            sum(s.nbytes for s in patcher._sets.values())
+        held = _patcher_bytes(patcher)
         lora_rss = rss() - before_lora
     print("LoRA done", flush=True)
     manager.unload_all()
