@@ -194,6 +194,7 @@ class Engine:
         if not units:
             return []
         from .controlnet import check_family, controlnet_family, load_controlnet
+        from .loading.sizes import module_bytes
 
         unet = loaded.components.unet
         out = []
@@ -207,7 +208,8 @@ class Engine:
             net = held.enter_context(self.manager.acquire_module(
                 key, f"ControlNet {info.title}",
                 lambda info=info: load_controlnet(info.path, dtype=self.manager.dtype,
-                                                  addition_time_embed_dim=time_dim)[0]))
+                                                  addition_time_embed_dim=time_dim)[0],
+                size_hint=module_bytes(info.path, self.manager.dtype.itemsize)))
             check_family(controlnet_family(net), loaded.components.family, (info.title, loaded.info.title),
                          field=unit.f("model"))
             out.append((dataclasses.replace(unit, model=info.title), net))

@@ -267,9 +267,7 @@ class PipelineManager:
                 self._move(entry, "device")
             return entry
         started = time.monotonic()
-        estimate = self._estimate(info)
-        if estimate:  # room first: making it after loading would hold the old models and the new one at once
-            self._make_room("device", estimate)
+        self._make_room_for(self._estimate(info))
         comps = self._load_components(info)
         self.loads += 1
         nbytes = comps.nbytes()
@@ -290,8 +288,15 @@ class PipelineManager:
                 log.exception("on_model_loaded listener failed")
         return entry
 
+    def _make_room_for(self, estimate: int | None) -> None:
+        """Room before reading a file, from the size its header tells: made after loading, the old models and
+        the new one would be held at once (an OOM on a GPU). The real size is checked again after loading."""
+        if estimate:
+            self._make_room("device", estimate)
+
     def _get_vae(self, vinfo: VaeInfo, components: Components) -> Entry:
         from .loading.single_file import load_vae_file
+        from .loading.sizes import module_bytes
 
         vdtype = devices.vae_dtype(self.settings, self.dtype)
         # the latent scaling factor is not in the weights: it follows the family it is used with
@@ -304,6 +309,7 @@ class PipelineManager:
         key = ("vae", ident, components.family, devices.dtype_name(vdtype), str(self.device))
         entry = self._entries.get(key)
         if entry is None:
+            self._make_room_for(module_bytes(vinfo.path, vdtype.itemsize))
             if vinfo.kind == "diffusers":
                 from diffusers import AutoencoderKL
                 vae = AutoencoderKL.from_pretrained(vinfo.path, torch_dtype=vdtype, local_files_only=True)
@@ -421,12 +427,17 @@ class PipelineManager:
             return self.key_for(info) in self._entries
 
     @contextlib.contextmanager
-    def acquire_module(self, key: tuple, label: str, load: Callable[[], Any]) -> Iterator[Any]:
+    def acquire_module(self, key: tuple, label: str, load: Callable[[], Any],
+                       size_hint: int | None = None) -> Iterator[Any]:
         """An extra module (e.g. a ControlNet) cached under ``key`` in the same LRU and budgets as checkpoints;
-        ``load()`` runs only on a miss (on the CPU; it is moved to the device here). Locked for the ``with``."""
+        ``load()`` runs only on a miss (on the CPU; it is moved to the device here). Locked for the ``with``.
+
+        ``size_hint``: its bytes once loaded if known beforehand (``loading.sizes.module_bytes``), so room is
+        made before ``load()`` reads the file."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
+                self._make_room_for(size_hint)
                 module = load()
                 self.loads += 1
                 nbytes = _module_bytes(module)

@@ -98,3 +98,94 @@ def test_size_follows_the_target_dtype(models_dir):
     broken = models_dir / "Stable-diffusion" / "broken.safetensors"
     broken.write_bytes(b"\x05")
     assert checkpoint_bytes(broken, "file", 2, 2) is None   # the loader gives the message
+
+
+def _entries_seen_by(monkeypatch, manager, module, name):
+    """Wrap ``module.name`` (a loader) so each call records the labels cached at the moment it reads a file."""
+    seen, real = [], getattr(module, name)
+
+    def spy(*args, **kw):
+        seen.append([e.label for e in manager._entries.values()])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(module, name, spy)
+    return seen
+
+
+def test_vae_switch_past_the_budget_evicts_before_loading(settings, models_dir, monkeypatch):
+    """Room for the checkpoint and one VAE: picking another VAE drops the first before reading the file."""
+    import shutil
+
+    from studio.loading import single_file
+    from studio.manager import PipelineManager
+    from studio.registry import Registry
+
+    vaes = models_dir / "VAE"
+    shutil.copy(vaes / "tiny-vae.safetensors", vaes / "tiny-vae-b.safetensors")
+    manager = PipelineManager(settings, Registry(settings))
+    with manager.acquire("tiny-sd1.safetensors", vae="tiny-vae.safetensors"):
+        pass
+    sizes = [e["bytes"] for e in manager.stats()["entries"]]
+    monkeypatch.setattr(manager, "budget", lambda tier: sizes[0] + sizes[1] * 3 // 2)
+    seen = _entries_seen_by(monkeypatch, manager, single_file, "load_vae_file")
+    with manager.acquire("tiny-sd1.safetensors", vae="tiny-vae-b.safetensors"):
+        pass
+    assert seen == [["tiny-sd1.safetensors"]], f"models held while the next VAE was read: {seen}"
+    assert [e["label"] for e in manager.stats()["entries"]] == ["tiny-sd1.safetensors", "VAE tiny-vae-b.safetensors"]
+
+
+def test_module_size_hint_makes_room_before_loading(settings, monkeypatch):
+    """An extra module (a ControlNet) with a size from its header evicts the LRU one before ``load()`` runs."""
+    from studio.manager import PipelineManager
+    from studio.registry import Registry
+
+    manager = PipelineManager(settings, Registry(settings))
+    nbytes = 64 * 64 * 4 + 64 * 4
+    monkeypatch.setattr(manager, "budget", lambda tier: nbytes * 3 // 2)
+    seen = []
+
+    def load():
+        seen.append([e.label for e in manager._entries.values()])
+        return torch.nn.Linear(64, 64)
+
+    for name in ("one", "two"):
+        with manager.acquire_module(("net", name), name, load, size_hint=nbytes):
+            pass
+    assert seen == [[], []], f"modules held while the next one was read: {seen}"
+    assert [e["label"] for e in manager.stats()["entries"]] == ["two"]
+
+
+@pytest.mark.parametrize("kind", ["vae", "controlnet-ldm", "controlnet-diffusers"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_module_size_from_headers_matches_the_loaded_module(models_dir, tmp_path, kind, dtype):
+    from studio.controlnet import load_controlnet
+    from studio.loading.single_file import load_vae_file
+    from studio.loading.sizes import module_bytes
+    from studio.manager import _module_bytes
+    from tests import controlnets, tinymodels
+
+    if kind == "vae":
+        path = models_dir / "VAE" / "tiny-vae.safetensors"
+        module = load_vae_file(path, dtype=dtype, device="cpu", family="sd1")
+    else:
+        cn = controlnets.make_controlnet(tinymodels.make_tiny("sd1", seed=0).unet, seed=0)
+        if kind == "controlnet-ldm":
+            path = controlnets.write_ldm(cn, tmp_path / "cn.safetensors")
+        else:
+            path = controlnets.write_diffusers(cn, tmp_path / "cn")
+        module = load_controlnet(path, dtype=dtype)[0]
+    actual = _module_bytes(module)
+    estimate = module_bytes(path, dtype.itemsize)
+    assert abs(estimate - actual) <= actual * 0.02, (estimate, actual)
+
+
+def test_module_size_of_unreadable_or_pickled_files(tmp_path):
+    from studio.loading.sizes import module_bytes
+
+    pickle = tmp_path / "cn.pth"
+    pickle.write_bytes(b"\0" * 1234)
+    assert module_bytes(pickle, 2) == 1234            # no header: the file size stands in
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x05")
+    assert module_bytes(broken, 2) is None            # the loader gives the message
+    assert module_bytes(tmp_path / "missing", 2) is None

@@ -75,3 +75,28 @@ def checkpoint_bytes(path: str | os.PathLike, kind: str, float_size: int, vae_fl
     except (OSError, ModelLoadError):  # the loader will give the real message
         return None
     return None
+
+
+# training leftovers some VAE files carry (the loader skips them); lllyasviel files may hold a whole SD model
+# beside the ControlNet, of which only ``control_model.`` is loaded
+_NOT_LOADED = ("loss.", "model_ema.")
+_CONTROL = "control_model."
+
+
+def module_bytes(path: str | os.PathLike, float_size: int) -> int | None:
+    """Estimated bytes of one module (a VAE, a ControlNet) from its single file or diffusers folder, at
+    ``float_size`` bytes per float; None when it cannot be told without loading. A pickle counts its file size."""
+    try:
+        p = Path(path)
+        if p.is_dir():
+            safe, other = _weight_files(p)
+            total = sum(_safetensors_bytes(os.fspath(f), float_size, float_size, None) for f in safe)
+            return (total + sum(f.stat().st_size for f in other)) or None
+        if p.suffix.lower() != ".safetensors":
+            return p.stat().st_size
+        header, _meta = read_header(os.fspath(p))
+        keys = [k for k in header if not k.startswith(_NOT_LOADED)]
+        control = [k for k in keys if k.startswith(_CONTROL)]
+        return sum(_tensor_bytes(header[k], float_size) for k in control or keys) or None
+    except (OSError, ModelLoadError):  # the loader will give the real message
+        return None
