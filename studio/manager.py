@@ -105,13 +105,16 @@ class PipelineManager:
     # ---- budgets ---------------------------------------------------------------------------------
     @property
     def single_tier(self) -> bool:
-        return self.device.type == "cpu"
+        """Every cached model rests in RAM: a CPU-only machine, or offloading (the GPU holds one part at a time)."""
+        return self.placement.type == "cpu"
 
     def budget(self, tier: str) -> int:
-        if tier == "device" and not self.single_tier:
-            return devices.device_budget(self.settings, self.device)
-        return devices.ram_budget(self.settings) if not self.single_tier else \
-            min(devices.ram_budget(self.settings), devices.device_budget(self.settings, self.device))
+        if not self.single_tier:
+            return devices.device_budget(self.settings, self.device) if tier == "device" else \
+                devices.ram_budget(self.settings)
+        if self.offloading:  # the models rest in RAM, so RAM bounds them, not the card's memory
+            return devices.ram_budget(self.settings)
+        return min(devices.ram_budget(self.settings), devices.device_budget(self.settings, self.device))
 
     def used(self, tier: str) -> int:
         models = sum(e.nbytes for e in self._entries.values() if e.tier == tier)

@@ -71,6 +71,20 @@ def test_switch_past_the_budget_evicts_before_loading(settings):
     assert [e["label"] for e in manager.stats()["entries"]] == ["tiny-sd1-b.safetensors"]
 
 
+def test_offloaded_models_are_bounded_by_ram_not_vram(settings):
+    """Under --medvram / --lowvram the cached models rest in RAM: a small card must not evict them."""
+    from studio.manager import PipelineManager
+    from studio.registry import Registry
+
+    s = settings.replace(offload="medvram", vram_budget_mb=20, ram_budget_mb=200)  # VRAM for one model, RAM for 10
+    manager = PipelineManager(s, Registry(s))
+    manager.offload_on_cpu = True
+    manager.load("tiny-sd1.safetensors")
+    manager.load("tiny-sd1-b.safetensors")
+    assert manager.single_tier and manager.budget("device") == 200 * 1024**2
+    assert sorted(e["label"] for e in manager.stats()["entries"]) == ["tiny-sd1-b.safetensors", "tiny-sd1.safetensors"]
+
+
 @pytest.mark.parametrize("name", ["tiny-sd1.safetensors", "tiny-sd1-diffusers", "tiny-sdxl.safetensors"])
 def test_size_from_headers_matches_the_loaded_model(settings, name):
     from studio.manager import PipelineManager
