@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from studio.request import GenerationRequest
+from tests.pictures import mask, picture
 from tests import lorafiles
 from tests.tinymodels import make_tiny
 
@@ -21,18 +22,6 @@ BASE = dict(width=64, height=64, steps=3, seed=5, save_images=False, sampler_nam
 
 def px(img):
     return np.asarray(img.convert("RGB"), dtype=np.int16)
-
-
-def picture() -> Image.Image:
-    img = Image.new("RGB", (64, 64), (40, 120, 200))
-    ImageDraw.Draw(img).ellipse((30, 30, 60, 60), fill=(200, 30, 60))
-    return img
-
-
-def mask() -> Image.Image:
-    m = Image.new("L", (64, 64), 0)
-    ImageDraw.Draw(m).rectangle((16, 16, 40, 40), fill=255)
-    return m
 
 
 REQUESTS = {

@@ -7,24 +7,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from studio.errors import StudioError
 from studio.request import GenerationRequest
+from tests.pictures import mask, picture
 
 BASE = dict(width=64, height=64, steps=2, seed=5, save_images=False, sampler_name="Euler", prompt="a cube")
-
-
-def picture() -> Image.Image:
-    img = Image.new("RGB", (64, 64), (40, 120, 200))
-    ImageDraw.Draw(img).ellipse((30, 30, 60, 60), fill=(200, 30, 60))
-    return img
-
-
-def mask() -> Image.Image:
-    m = Image.new("L", (64, 64), 0)
-    ImageDraw.Draw(m).rectangle((16, 16, 40, 40), fill=255)
-    return m
 
 
 MODES = {
