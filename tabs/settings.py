@@ -72,9 +72,13 @@ def build(studio: Any) -> dict:
         message = gr.HTML("", elem_id="settings_message")
     for title, fields in SECTIONS:
         with gr.Accordion(title, open=True):
-            with gr.Row():
-                for name, label in fields:
-                    widgets[name] = _widget(name, label, getattr(s, name))
+            # switches get a row of their own: squeezed between number boxes, their labels wrap a word per line
+            switches = [(n, lbl) for n, lbl in fields if isinstance(getattr(s, n), bool)]
+            for row in ([f for f in fields if f not in switches], switches):
+                if row:
+                    with gr.Row():
+                        for name, label in row:
+                            widgets[name] = _widget(name, label, getattr(s, name))
     gr.Markdown(f"Settings file: `{Path(s.settings_file).resolve()}`. Flags given to launch.py override the file "
                 "for the run they are given to.")
     save.click(lambda *values: _save(studio, dict(zip(names, values))), [widgets[n] for n in names],
