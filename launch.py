@@ -43,6 +43,8 @@ def _load_by_path(name: str):
     """A stdlib-only file of studio/ loaded by path: importing the ``studio`` package may need the venv."""
     spec = importlib.util.spec_from_file_location(f"_studio_{name}", ROOT / "studio" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    # registered before it runs, as an import would: dataclasses look their module up in sys.modules
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 

@@ -166,3 +166,10 @@ def test_nvidia_smi_missing_failing_or_hanging():
     assert nvidia_gpus(run=hangs, which=present) == []
     ok = lambda cmd, **k: types.SimpleNamespace(returncode=0, stdout="NVIDIA GeForce RTX 3060, 12288, 581.15\n")  # noqa: E731
     assert nvidia_gpus(run=ok, which=present) == [RTX]
+
+
+def test_stdlib_helpers_load_by_path_before_the_venv_exists(launch):
+    """A fresh clone has no venv yet: launch.py loads studio/nvidia.py by path (its dataclass needs the module
+    registered, as an import would) and asks it for GPUs."""
+    module = launch._load_by_path("nvidia")
+    assert isinstance(module.nvidia_gpus(), list) and module.NvidiaGpu.__module__ == "_studio_nvidia"
