@@ -66,7 +66,7 @@ class Recipe:
     text_width: int = 64
     text_layers: int = 4
     train_text: bool = True
-    vae_steps: int = 1500
+    vae_steps: int = 2000
     unet_steps: int = 5000
     batch: int = 32
     vae_lr: float = 1e-3
@@ -75,6 +75,8 @@ class Recipe:
     warmup: int = 200
     min_lr_share: float = 0.1
     kl_weight: float = 1e-6
+    vae_batch: int = 16
+    vae_crop: int = 32         # the VAE is convolutional: it learns edges and colours from crops at a quarter the cost
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     ema: float = 0.999
@@ -82,7 +84,8 @@ class Recipe:
     @classmethod
     def quick(cls) -> "Recipe":
         return cls(images=32, vae_channels=(32, 32, 32, 32), unet_channels=(32, 64), unet_attention=(True, False),
-                   text_width=32, text_layers=1, vae_steps=3, unet_steps=3, batch=4, warmup=1, ema=0.9)
+                   text_width=32, text_layers=1, vae_steps=3, unet_steps=3, batch=4, vae_batch=4, warmup=1,
+                   ema=0.9)
 
     def fixed(self) -> dict:
         return {k: _plain(getattr(self, k)) for k in _FIXED}
@@ -143,6 +146,15 @@ def world_images(r: Recipe) -> tuple[torch.Tensor, list]:
 
 def to_unit(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.float() / 127.5 - 1.0
+
+
+def crop(images: torch.Tensor, side: int, gen: torch.Generator) -> torch.Tensor:
+    """One random ``side`` crop of the batch, on the 8 px latent grid."""
+    h, w = images.shape[-2:]
+    if side >= min(h, w):
+        return images
+    y, x = (int(torch.randint(0, (n - side) // 8 + 1, (1,), generator=gen)) * 8 for n in (h, w))
+    return images[..., y:y + side, x:x + side]
 
 
 def captions_for(labels, idx: list[int], rng: np.random.Generator, dropout: float) -> list[str]:
@@ -247,7 +259,8 @@ def train_loop(name: str, state_path: Path, state: dict, total: int, step_fn, sn
             state = snapshot(step, elapsed0 + time.monotonic() - t_start)
             save_state(state_path, state)
             last_save = time.monotonic()
-    state = {**snapshot(step, elapsed0 + time.monotonic() - t_start), "loss": progress.last if progress.last is not None else state.get("loss")}
+    loss = progress.last if progress.last is not None else state.get("loss")
+    state = {**snapshot(step, elapsed0 + time.monotonic() - t_start), "loss": loss}
     save_state(state_path, state)
     log(f"{name}: saved state at step {step}/{total} to {state_path}")
     return state, step >= total
@@ -273,8 +286,8 @@ def train_vae(r: Recipe, state_dir: Path, images: torch.Tensor, *, save_every: f
 
     def step_fn(step):
         gen = step_generator(r.seed, step, "vae")
-        idx = torch.randint(0, len(images), (r.batch,), generator=gen)
-        x = to_unit(images[idx])
+        idx = torch.randint(0, len(images), (r.vae_batch,), generator=gen)
+        x = to_unit(crop(images[idx], r.vae_crop, gen))
         lr = lr_at(step, r.vae_steps, r.vae_lr, r)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -480,7 +493,8 @@ def write_card(out: Path, r: Recipe, info: dict, scores: dict | None) -> Path:
         f"`python -m tools.train_demo` (seed {r.seed}, world seed {r.world_seed}, {r.images} world pictures at "
         f"{r.size} px), on CPU.", "",
         f"- VAE: SD VAE layout (AutoencoderKL, 4 latent channels, factor 8, channels {list(r.vae_channels)}), "
-        f"{r.vae_steps} steps of L1 + L2 + {r.kl_weight:g} KL, batch {r.batch}, AdamW {r.vae_lr:g}; latent shift and "
+        f"{r.vae_steps} steps of L1 + L2 + {r.kl_weight:g} KL on {r.vae_crop} px crops, batch {r.vae_batch}, "
+        f"AdamW {r.vae_lr:g}; latent shift and "
         f"scale folded into quant_conv / post_quant_conv so latents x 0.18215 are unit-variance.",
         f"- VAE round trip on unseen pictures: L1 {rec.get('l1', '?')}, scorer colour {rec.get('colour', '?')}, "
         f"shape {rec.get('shape', '?')}, background {rec.get('background', '?')}.",
@@ -575,15 +589,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage", choices=("vae", "unet", "export", "all"), default=None,
                    help="what to run (default: all, or nothing but --eval when --eval is given alone)")
     p.add_argument("--steps", type=int, help="steps of the stage (for --stage all: UNet steps)")
-    p.add_argument("--vae-steps", type=int, help="VAE steps (default 1500)")
-    p.add_argument("--batch", type=int, help="batch size (default 32)")
+    p.add_argument("--vae-steps", type=int, help="VAE steps (default 2000)")
+    p.add_argument("--batch", type=int, help="UNet batch size (default 32)")
+    p.add_argument("--vae-batch", type=int, help="VAE batch size (default 16)")
     p.add_argument("--size", type=int, help="native picture size in px, a multiple of 8 (default 64)")
     p.add_argument("--images", type=int, help="world pictures in the training set (default 8192)")
     p.add_argument("--seed", type=int, help="training seed (default 0)")
     p.add_argument("--lr", type=float, help="UNet learning rate (default 5e-4)")
     p.add_argument("--freeze-text", action="store_true", help="keep the text encoder at its random init")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the single file to write (default {DEFAULT_OUT})")
-    p.add_argument("--state", type=Path, default=DEFAULT_STATE, help=f"resumable state folder (default {DEFAULT_STATE})")
+    p.add_argument("--state", type=Path, default=DEFAULT_STATE,
+                   help=f"resumable state folder (default {DEFAULT_STATE})")
     p.add_argument("--save-every", type=float, default=180.0, help="seconds between state saves (default 180)")
     p.add_argument("--log-every", type=int, help="steps between progress lines (default 20)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -597,7 +613,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def recipe_from(args) -> Recipe:
     r = Recipe.quick() if args.quick else Recipe()
     kw = {}
-    for name in ("batch", "size", "images", "seed"):
+    for name in ("batch", "vae_batch", "size", "images", "seed"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     if args.lr is not None:
@@ -614,7 +630,7 @@ def recipe_from(args) -> Recipe:
     if (r.size // 8) % (1 << (len(r.unet_channels) - 1)):
         raise StudioError(f"Size {r.size} gives latents the UNet cannot halve {len(r.unet_channels) - 1} times.",
                           field="size", fix="use a multiple of 32 px")
-    if min(r.batch, r.images, r.vae_steps, r.unet_steps) < 1:
+    if min(r.batch, r.vae_batch, r.images, r.vae_steps, r.unet_steps) < 1:
         raise StudioError("Batch, images and steps must be at least 1.", field="steps", fix="give positive numbers")
     return r
 
