@@ -66,7 +66,7 @@ class Recipe:
     text_width: int = 64
     text_layers: int = 4
     train_text: bool = True
-    vae_steps: int = 2000
+    vae_steps: int = 4000
     unet_steps: int = 5000
     batch: int = 32
     vae_lr: float = 1e-3
@@ -589,7 +589,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage", choices=("vae", "unet", "export", "all"), default=None,
                    help="what to run (default: all, or nothing but --eval when --eval is given alone)")
     p.add_argument("--steps", type=int, help="steps of the stage (for --stage all: UNet steps)")
-    p.add_argument("--vae-steps", type=int, help="VAE steps (default 2000)")
+    p.add_argument("--vae-steps", type=int, help="VAE steps (default 4000)")
     p.add_argument("--batch", type=int, help="UNet batch size (default 32)")
     p.add_argument("--vae-batch", type=int, help="VAE batch size (default 16)")
     p.add_argument("--size", type=int, help="native picture size in px, a multiple of 8 (default 64)")
