@@ -602,8 +602,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"resumable state folder (default {DEFAULT_STATE})")
     p.add_argument("--save-every", type=float, default=180.0, help="seconds between state saves (default 180)")
     p.add_argument("--log-every", type=int, help="steps between progress lines (default 20)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; on a shared CPU use 1: two threads that "
-                        "other jobs interrupt ran ten times slower here)")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: torch's choice; on a shared CPU use 1: two threads that other "
+                        "jobs interrupt ran ten times slower here)")
     p.add_argument("--eval", type=int, nargs="?", const=100, default=None, metavar="N",
                    help="score N fixed prompt x seed pairs of --out through the studio (default N 100)")
     p.add_argument("--verbose-eval", action="store_true", help="print every eval generation")
