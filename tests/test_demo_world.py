@@ -2,6 +2,7 @@
 example-dataset writer, and the scorer's accuracy on clean, degraded and large pictures."""
 from __future__ import annotations
 
+import re
 import dataclasses
 import io
 import subprocess
@@ -248,3 +249,11 @@ def test_package_needs_no_torch(tmp_path):
             "w.write_dataset(sys.argv[1], 1); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_captions_use_an_before_a_vowel_anywhere():
+    from studio.demo_world import World
+
+    captions = [World(0).caption(i) for i in range(600)]
+    assert any("an orange" in c for c in captions)
+    assert not any(re.search(r"\ba [aeiou]", c) for c in captions)

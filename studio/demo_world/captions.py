@@ -35,7 +35,7 @@ def caption(label, variant: int, *, with_size: bool = True) -> str:
     words += [label.colour, label.shape]
     text = TEMPLATES[variant % len(TEMPLATES)].format(obj=" ".join(words), where=where(label.position),
                                                       bg=label.background)
-    return re.sub(r"^a ([aeiou])", r"an \1", text)
+    return re.sub(r"\ba ([aeiou])", r"an \1", text)  # "on an orange background" too
 
 
 def random_caption(label, rng: np.random.Generator) -> str:
