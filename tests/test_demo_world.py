@@ -2,9 +2,9 @@
 example-dataset writer, and the scorer's accuracy on clean, degraded and large pictures."""
 from __future__ import annotations
 
-import re
 import dataclasses
 import io
+import re
 import subprocess
 import sys
 from collections import Counter
