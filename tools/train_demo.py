@@ -22,10 +22,8 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +37,11 @@ from studio.errors import StudioError
 from studio.training.atomic import atomic_path
 from studio.training.losses import diffusion_loss, step_generator
 
+from . import demo_eval
+
 DEFAULT_STATE = Path("~/.cache/studio/demo-train").expanduser()
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "studio" / "demo_assets" / "demo-shapes.safetensors"
 VAE_SCALE = 0.18215          # SD1's latent scaling factor: the loader assumes it, so the latents are fitted to it
-EVAL_WORLD_SEED = 777        # eval prompts come from a world seed the training set does not use
-EVAL_SEED = 1000
 MAX_FILE_MB = 25
 
 # fields that fix the architecture or the data: a state made with other values cannot be continued
@@ -344,7 +342,7 @@ def encode_all(vae, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
 def reconstruction_scores(vae, r: Recipe, count: int = 64) -> dict:
     """Scorer accuracy on VAE round trips of pictures outside the training set (what the VAE preserves)."""
     from studio.demo_world import score
-    world = World(EVAL_WORLD_SEED)
+    world = World(demo_eval.EVAL_WORLD_SEED)
     samples = list(world.samples(count, r.size))
     x = torch.stack([torch.from_numpy(np.array(s.image)).permute(2, 0, 1) for s in samples])
     rec = vae.decode(vae.encode(to_unit(x)).latent_dist.mean).sample
@@ -472,114 +470,8 @@ def export(r: Recipe, out: Path, unet, te, tok, vae, info: dict) -> Path:
     log(f"export: {out} ({mb:.1f} MB fp16)")
     if mb > MAX_FILE_MB:
         log(f"export: WARNING the file is over {MAX_FILE_MB} MB; use narrower channels")
-    write_card(out, r, info, None)
+    demo_eval.write_card(out, r, info, None)
     return out
-
-
-def card_path(out: Path) -> Path:
-    return out.with_suffix(".md")
-
-
-def write_card(out: Path, r: Recipe, info: dict, scores: dict | None) -> Path:
-    """The model card: what the model is, how it was trained, what it scores."""
-    rec = info.get("reconstruction") or {}
-    lines = [
-        f"# {out.name}: a toy SD1-layout model of the demo world", "",
-        "Draws one flat-colour shape on a flat background from prompts like \"a red circle on a blue "
-        "background\" or \"a small yellow star at the top, white background\". It knows the shapes, colours, "
-        "sizes and positions of `studio.demo_world` and nothing else; it has never seen the held-out concepts "
-        "(heart, striped), which the training tests teach it.", "",
-        "## How it was made", "",
-        f"`python -m tools.train_demo` (seed {r.seed}, world seed {r.world_seed}, {r.images} world pictures at "
-        f"{r.size} px), on CPU.", "",
-        f"- VAE: SD VAE layout (AutoencoderKL, 4 latent channels, factor 8, channels {list(r.vae_channels)}), "
-        f"{r.vae_steps} steps of L1 + L2 + {r.kl_weight:g} KL on {r.vae_crop} px crops, batch {r.vae_batch}, "
-        f"AdamW {r.vae_lr:g}; latent shift and "
-        f"scale folded into quant_conv / post_quant_conv so latents x 0.18215 are unit-variance.",
-        f"- VAE round trip on unseen pictures: L1 {rec.get('l1', '?')}, scorer colour {rec.get('colour', '?')}, "
-        f"shape {rec.get('shape', '?')}, background {rec.get('background', '?')}.",
-        f"- Text encoder: CLIPTextModel (width {r.text_width}, {r.text_layers} layers, shipped CLIP tokenizer), "
-        f"{'trained with the UNet' if r.train_text else 'frozen at random init'}.",
-        f"- UNet: SD1 layout (UNet2DConditionModel, channels {list(r.unet_channels)}, cross-attention per level "
-        f"{list(r.unet_attention)}, 8 heads, {r.layers_per_block} res block per level), {r.unet_steps} steps, "
-        f"batch {r.batch}, epsilon prediction, DDPM scaled_linear 0.00085-0.012 / 1000 steps, Min-SNR "
-        f"gamma {r.min_snr_gamma:g}, {r.caption_dropout:.0%} empty captions, AdamW {r.unet_lr:g} (text {r.text_lr:g}) "
-        f"with {r.warmup} warmup steps and cosine decay, EMA {r.ema:g}.",
-        f"- Training time: VAE {info.get('vae_minutes', '?')} min, UNet {info.get('unet_minutes', '?')} min; "
-        f"final UNet loss {info.get('unet_loss', '?')}.",
-        f"- File: LDM single file in SD1.5 layout, fp16, {out.stat().st_size / 1e6:.1f} MB.", "",
-        "## Scores", "",
-    ]
-    if scores:
-        lines += [f"`python -m tools.train_demo --eval {scores['count']}`: {scores['count']} fixed prompt x seed "
-                  f"pairs at {scores['size']} px, txt2img 20 steps, DPM++ 2M Karras, CFG 7, through the studio's "
-                  "loader and Engine, scored by `studio.demo_world.score`.", "",
-                  "| attribute | right | target |", "|---|---|---|",
-                  f"| colour | {scores['colour']:.0%} | >= 90 % |", f"| shape | {scores['shape']:.0%} | >= 75 % |",
-                  f"| background | {scores['background']:.0%} | >= 85 % |"]
-    else:
-        lines.append("Not scored yet: run `python -m tools.train_demo --eval`.")
-    path = card_path(out)
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-# ---------------------------------------------------------------- eval
-
-def eval_pairs(count: int, size: int) -> list[tuple[str, int, object]]:
-    """(prompt, seed, label) of the fixed eval set: plain world captions of a world seed not trained on."""
-    world = World(EVAL_WORLD_SEED)
-    return [(caption(lab, 0, with_size=False), EVAL_SEED + i, lab)
-            for i, lab in enumerate(world.label(i, size) for i in range(count))]
-
-
-def evaluate(out: Path, count: int, size: int, *, verbose: bool = False) -> dict:
-    """Score ``count`` generations of the checkpoint at ``out`` through the studio's own loader and Engine."""
-    from studio.app import Studio
-    from studio.demo_world import score
-    from studio.request import GenerationRequest
-    from studio.settings import Settings
-
-    hits = {"colour": 0, "shape": 0, "background": 0}
-    t = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="demo-eval-") as tmp:
-        models = Path(tmp) / "models" / "Stable-diffusion"
-        models.mkdir(parents=True)
-        os.symlink(out.resolve(), models / out.name)
-        studio = Studio(Settings(models_dir=str(Path(tmp) / "models"), data_dir=str(Path(tmp) / "data"),
-                                 outdir=str(Path(tmp) / "outputs"), default_checkpoint=out.name),
-                        load_extensions=False)
-        try:
-            for prompt, seed, label in eval_pairs(count, size):
-                res = studio.generate(GenerationRequest(prompt=prompt, seed=seed, steps=20, sampler_name="DPM++ 2M",
-                                                        scheduler="Karras", cfg_scale=7.0, width=size, height=size,
-                                                        checkpoint=out.name, save_images=False))
-                s = score(res.images[0])
-                m = s.matches(label)
-                for k in hits:
-                    hits[k] += m[k]
-                if verbose:
-                    log(f"eval {prompt!r} seed {seed}: {s.colour} {s.shape} on {s.background} "
-                        f"{'ok' if all(m[k] for k in hits) else 'MISS'}")
-        finally:
-            studio.close()
-    scores = {"count": count, "size": size, **{k: v / count for k, v in hits.items()},
-              "seconds": round(time.monotonic() - t, 1)}
-    log(f"eval: colour {scores['colour']:.0%} (>= 90 %), shape {scores['shape']:.0%} (>= 75 %), background "
-        f"{scores['background']:.0%} (>= 85 %) over {count} pairs, {scores['seconds']:.0f} s")
-    return scores
-
-
-def _file_info(out: Path) -> tuple[Recipe, dict]:
-    from safetensors import safe_open
-    if not out.is_file():
-        raise StudioError(f"No demo checkpoint at {out}.", field="out", fix="train it first (--stage all)")
-    with safe_open(str(out), "pt") as f:
-        meta = f.metadata() or {}
-    recipe = json.loads(meta.get("demo.recipe", "{}"))
-    recipe = Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items()})
-    return recipe, json.loads(meta.get("demo.training", "{}"))
 
 
 # ---------------------------------------------------------------- command line
@@ -658,9 +550,10 @@ def run(args) -> int:
         if not train_and_export(r, stage, state_dir, out, args):
             return 0   # stopped early by a signal; the state is saved and a rerun continues
     if args.eval is not None:
-        file_recipe, info = _file_info(out)
-        scores = evaluate(out, args.eval, file_recipe.size, verbose=args.verbose_eval)
-        write_card(out, file_recipe, info, scores)
+        file_recipe, info = demo_eval.file_info(out, Recipe)
+        scores = demo_eval.evaluate(out, args.eval, file_recipe.size, report=log if args.verbose_eval else None)
+        log(demo_eval.summary(scores))
+        demo_eval.write_card(out, file_recipe, info, scores)
     return 0
 
 
