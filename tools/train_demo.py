@@ -463,7 +463,11 @@ def export(r: Recipe, out: Path, unet, te, tok, vae, info: dict) -> Path:
     components = Components(family="sd1", unet=unet, vae=vae, text_encoder=te, tokenizer=tok,
                             scheduler_config=scheduler_config("epsilon"), source="tools.train_demo")
     meta = {"modelspec.title": "Demo shapes (toy model trained on the demo world)",
-            "modelspec.architecture": "stable-diffusion-v1", "demo.recipe": json.dumps(dataclasses.asdict(r)),
+            "modelspec.architecture": "stable-diffusion-v1", "modelspec.resolution": f"{r.size}x{r.size}",
+            "modelspec.description": "A toy trained on the studio's demo world: one flat-colour shape on a flat "
+                                     "background, from prompts like 'a red circle on a blue background'. Native "
+                                     f"size {r.size}x{r.size} px.",
+            "demo.recipe": json.dumps(dataclasses.asdict(r)),
             "demo.training": json.dumps(info)}
     save_ldm_single_file(components, out, dtype=torch.float16, metadata=meta)
     mb = out.stat().st_size / 1e6
