@@ -17,6 +17,8 @@ from .loading.tokenizers import load_clip_tokenizer, pad_token_for
 from .settings import Settings
 
 DEMO_NAME = "demo-untrained.safetensors"
+TRAINED_NAME = "demo-shapes.safetensors"
+TRAINED_FILE = Path(__file__).resolve().parent / "demo_assets" / TRAINED_NAME
 
 CHANNELS = (32, 64)
 VAE_CHANNELS = (32, 32, 64, 64)
@@ -105,6 +107,19 @@ def create_demo_checkpoint(settings: Settings) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_ldm_single_file(make_tiny("sd1", seed=0), path,
                              metadata={"modelspec.title": "Untrained demo model (random weights)"})
+    return path
+
+
+def install_demo_model(settings: Settings) -> Path:
+    """Copy the trained demo model (studio/demo_assets) into the checkpoint folder (once) and return its path."""
+    import shutil
+
+    path = settings.ckpt_path / TRAINED_NAME
+    if not path.exists() or path.stat().st_size != TRAINED_FILE.stat().st_size:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.part")
+        shutil.copyfile(TRAINED_FILE, tmp)
+        os.replace(tmp, path)   # a half-copied file never shows in the checkpoint list
     return path
 
 
