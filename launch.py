@@ -416,11 +416,11 @@ def serve(args, cli) -> int:
         args.api = True
 
     if args.demo:
-        from studio.demo import DEMO_NAME, create_demo_checkpoint
-        made = create_demo_checkpoint(settings)
-        say(f"Demo checkpoint (untrained, random weights; its images are coloured noise): {made}")
+        from studio.demo import TRAINED_NAME, demo_summary, install_demo_model
+        made = install_demo_model(settings)
+        say(f"Demo model ({demo_summary()}; try \"a red circle on a blue background\"): {made}")
         if not settings.default_checkpoint:
-            settings = settings.replace(default_checkpoint=DEMO_NAME)
+            settings = settings.replace(default_checkpoint=TRAINED_NAME)
 
     from webui.server import serve as serve_studio
     result = serve_studio(settings, args)

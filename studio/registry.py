@@ -31,6 +31,7 @@ class CheckpointInfo:
     sha256: str | None = None
     family: str | None = None
     notes: list[str] = field(default_factory=list)
+    _native: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def model_name(self) -> str:
@@ -52,9 +53,37 @@ class CheckpointInfo:
         yaml = self.path.with_suffix(".yaml")
         return yaml if yaml.exists() else None
 
+    @property
+    def native_size(self) -> tuple[int, int] | None:
+        """(width, height) the checkpoint declares in its safetensors header (``modelspec.resolution``,
+        "64x64"), or None. Only the header is read, once per file version."""
+        if self.kind != "file" or self.path.suffix.lower() != ".safetensors":
+            return None
+        try:
+            key = self.stat_key()
+        except OSError:
+            return None
+        if self._native is None or self._native[0] != key:
+            self._native = (key, read_native_size(self.path))
+        return self._native[1]
+
     def stat_key(self) -> tuple:
         st = self.path.stat()
         return (st.st_mtime_ns, st.st_size)
+
+
+def read_native_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """``modelspec.resolution`` ("WxH" or "W") from a .safetensors header, or None when absent or unreadable."""
+    from .loading.state_dict import read_metadata
+    try:
+        value = read_metadata(os.fspath(path)).get("modelspec.resolution", "")
+    except Exception:  # noqa: BLE001 - a broken file is reported when it is loaded, not while listing
+        return None
+    m = re.fullmatch(r"\s*(\d{2,5})\s*(?:[x×,]\s*(\d{2,5}))?\s*", str(value))
+    if not m:
+        return None
+    width = int(m.group(1))
+    return width, int(m.group(2) or width)
 
 
 @dataclass

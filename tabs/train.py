@@ -30,6 +30,7 @@ def build(studio: Any) -> dict:
             gr.Markdown("### 4 · Run")
             r = train_run.build(studio)
     train_run.wire(studio, f, r)
+    train_dataset.wire_example(studio, f, d)
     return {"fields": f, "dataset": d, "run": r}
 
 

@@ -14,26 +14,9 @@ The studio needs a Stable Diffusion checkpoint (`.safetensors`) to make images. 
 2. **Use an AUTOMATIC1111 install:** start with `python launch.py --ckpt-dir /path/to/stable-diffusion-webui/models/Stable-diffusion`.
 3. **Type a Hugging Face repo id** (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`) into the checkpoint box
    when online and started with `--allow-download`.
-4. **Try it offline:** `python launch.py --demo` creates a tiny untrained demo model (its images are noise).
+4. **Try it offline:** press the button below (or start with `python launch.py --demo`) to install the demo
+   model: a small toy, shipped with the studio, that draws one coloured shape on a plain background at 64 px.
 """
-
-DEMO_NOTE = ("⚠ These images come from the **untrained demo model** (random weights): they are noise by "
-             "design. Add a real checkpoint to get pictures.")
-
-
-def is_demo_model(name: str | None) -> bool:
-    """True for the tiny random checkpoint made by ``launch.py --demo``."""
-    if not name:
-        return False
-    try:  # the engine's own test wins when it exists
-        from studio import demo
-        check = getattr(demo, "is_demo_checkpoint", None)
-        if check is not None:  # results carry the model name without its extension ("demo-untrained")
-            return bool(check(name) or check(f"{name}.safetensors"))
-    except ImportError:
-        pass
-    lowered = name.lower()
-    return "untrained" in lowered or lowered.startswith("demo-")
 
 
 def checkpoint_titles(studio: Any) -> list[str]:

@@ -23,7 +23,7 @@ import gradio as gr
 from studio.errors import StudioError
 from studio.request import GenerationRequest
 from studio.samplers import SAMPLERS, SCHEDULE_TYPES
-from webui.common import DEMO_NOTE, TokenCounter, error_html, is_demo_model, note_html
+from webui.common import TokenCounter, error_html, note_html
 from webui.icons import icon_button
 
 POLL_SECONDS = 0.2
@@ -115,8 +115,6 @@ def output_panel(prefix: str, studio: Any, folder: str) -> dict:
                               elem_id=f"{prefix}_preview", height=256)
     out["error"] = gr.HTML("", elem_id=f"{prefix}_error")
     out["note"] = gr.HTML("", elem_id=f"{prefix}_note")     # e.g. what "Send to" could not carry over
-    out["demo_note"] = gr.Markdown(DEMO_NOTE, visible=False, elem_id=f"{prefix}_demo_note",
-                                   elem_classes=["demo-note"])
     out["gallery"] = gr.Gallery(label="Output", format="png", columns=4, height="auto", interactive=False,
                                 elem_id=f"{prefix}_gallery", object_fit="contain")
     with gr.Row(elem_id=f"{prefix}_send_row", elem_classes=["send-row"]):
@@ -147,7 +145,7 @@ def wire_controls(studio: Any, me: dict, seed_buttons: dict) -> None:
 
 
 def outputs_of(me: dict) -> list:
-    return [me["progress"], me["preview"], me["error"], me["gallery"], me["info"], me["demo_note"],
+    return [me["progress"], me["preview"], me["error"], me["gallery"], me["info"],
             me["job_state"], me["results"], me["note"]]
 
 
@@ -219,11 +217,8 @@ def finish(me: dict, job: Any, result: Any, took: float) -> dict:
         out[me["info"]] = note_html("Interrupted before any image was finished." if job.state == "interrupted"
                                     else "No images were made.")
         return out
-    demo = is_demo_model(result.model_name)
-    items = []
-    for i, image in enumerate(result.images):
-        caption = f"seed {result.seeds[i]}" + (" · untrained demo model" if demo else "")
-        items.append((gallery_png(me["gallery"], result, i, image), caption))
+    items = [(gallery_png(me["gallery"], result, i, image), f"seed {result.seeds[i]}")
+             for i, image in enumerate(result.images)]
     for i, detected in enumerate(getattr(result, "control_maps", None) or []):   # after the images, as A1111
         target = _cache_folder(me["gallery"]) / f"{uuid.uuid4().hex}-controlnet{i}.png"
         detected.save(target, format="PNG")
@@ -235,7 +230,7 @@ def finish(me: dict, job: Any, result: Any, took: float) -> dict:
     state = {"seeds": list(result.seeds), "infotexts": list(result.infotexts), "paths": [p for p, _ in items],
              "selected": 0, "notes": notes}
     out.update({me["gallery"]: gr.update(value=items, selected_index=0), me["results"]: state,
-                me["info"]: info_html(state), me["demo_note"]: gr.update(visible=demo)})
+                me["info"]: info_html(state)})
     return out
 
 

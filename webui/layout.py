@@ -8,7 +8,7 @@ import gradio as gr
 
 import tabs
 from studio.errors import StudioError
-from webui import sendto
+from webui import demo_ui, sendto
 from webui.extension_tabs import build_extension_tabs
 from webui.icons import TITLES_JS, icon_button, icons_css
 from webui.model_lists import ModelLists, model_list, refresh_button
@@ -46,6 +46,9 @@ CSS = """
 /* ControlNet unit: Preview and refresh sit at the bottom of the dropdowns' row instead of stretching to its height */
 .cn-tools { align-items: end; }
 .demo-note, .no-checkpoint { border-left: 4px solid #f59e0b; padding-left: 10px; }
+.no-checkpoint .install-demo { max-width: 420px; }
+#demo_model_note { font-size: 0.9em; }
+#demo_model_note ul { margin: 2px 0; }
 """ + icons_css()
 
 # Browser tests (and humans with a slow machine) wait for this marker: the load chain has finished.
@@ -58,12 +61,18 @@ def build_blocks(studio: Any) -> gr.Blocks:
     ui: dict[str, Any] = {}
     with gr.Blocks(title="Studio", analytics_enabled=False) as blocks:
         ui["quick"] = quick = _quicksettings(studio)
-        helps = []
+        note = demo_ui.demo_note(studio)
+        helps, installs, statuses = [], [], []
         with gr.Tabs(elem_id="tabs") as tab_bar:
             for spec, module in specs:
                 with gr.Tab(spec.label, id=spec.id, elem_id=f"tab_{spec.id}"):
-                    helps.append(gr.Markdown(_help_text(studio), visible=not _has_checkpoints(studio),
-                                             elem_classes=["no-checkpoint"]))
+                    with gr.Column(visible=not _has_checkpoints(studio), elem_classes=["no-checkpoint"]) as help_box:
+                        gr.Markdown(_help_text(studio))
+                        installs.append(gr.Button(demo_ui.install_label(), variant="primary", size="sm",
+                                                  elem_id=f"{spec.id}_install_demo",
+                                                  elem_classes=["install-demo"]))
+                        statuses.append(gr.HTML(""))
+                    helps.append(help_box)
                     ui[spec.id] = module.build(studio)
             ui["extension_tabs"] = build_extension_tabs(studio)
         ui["tabs"] = tab_bar
@@ -80,7 +89,9 @@ def build_blocks(studio: Any) -> gr.Blocks:
         every_tab = [b for b in blocks.blocks.values() if isinstance(b, gr.Tab)]
         lists = ModelLists.collect(studio, blocks)
         loaded = lists.connect(blocks, every_tab, extra=(helps, lambda: _help_updates(studio)))
-        loaded.then(None, None, None, js=READY_JS, queue=False, api_visibility="private")
+        synced = demo_ui.connect(studio, ui, loaded, note, helps, installs, statuses,
+                                 lambda name: _switch(studio, name))
+        synced.then(None, None, None, js=READY_JS, queue=False, api_visibility="private")
     return blocks
 
 
@@ -108,7 +119,7 @@ def _help_text(studio: Any) -> str:
 
 
 def _help_updates(studio: Any) -> list:
-    return [gr.update(visible=not _has_checkpoints(studio), value=_help_text(studio))] * len(tabs.TABS)
+    return [gr.update(visible=not _has_checkpoints(studio))] * len(tabs.TABS)
 
 
 def _switch(studio: Any, name: str) -> tuple:

@@ -181,7 +181,9 @@ def _announce(server: Any, studio: Any, host: str, port: int, args: Any, started
         return
     if not studio.registry.checkpoints():
         say(f"No checkpoint in {studio.settings.ckpt_path}: drop a .safetensors file there, start with "
-            "--ckpt-dir pointing at an A1111 models/Stable-diffusion folder, or try `python launch.py --demo`.")
+            "--ckpt-dir pointing at an A1111 models/Stable-diffusion folder, or try the demo model (a toy that "
+            "draws coloured shapes): press \"Install the demo model\" on the page, or start with "
+            "`python launch.py --demo`.")
         return
     from webui.common import current_checkpoint_title
     title = current_checkpoint_title(studio)

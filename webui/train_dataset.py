@@ -40,6 +40,8 @@ def build(studio: Any, f: dict) -> dict:
             with gr.Row(equal_height=True):
                 d["name"] = gr.Textbox("my_dataset", label="Dataset name", elem_id="train_dataset_name", scale=2)
                 d["import"] = gr.Button("Import", variant="primary", elem_id="train_import", scale=1)
+            d["example"] = gr.Button("Example dataset (16 hearts for the demo model)", elem_id="train_example",
+                                     size="sm")
         with gr.Column(scale=3):
             f["dataset_dir"] = gr.Textbox("", label="Dataset folder (what training reads; Enter rescans)",
                                           elem_id="train_dataset_dir", placeholder="import, or type a folder")
@@ -176,6 +178,50 @@ def _wire(studio: Any, f: dict, d: dict) -> None:
     d["files"].upload(on_drop, [d["files"], d["name"], *scan_in], [*outs, d["files"]], api_visibility="private")
     bucket_in = [f[n] for n in BUCKET_FIELDS]
     d["bucket_button"].click(lambda *a: _bucket_report(svc, *a), [*bucket_in, *scan_in], d["buckets"], **HIDDEN)
+
+
+EXAMPLE_FOLDER = "example_heart"
+
+
+def example_values(studio: Any) -> dict:
+    """Write the demo world's example dataset (a shape the demo model has never seen, with a trigger word) into
+    the training service's datasets folder; returns the form values that must match it and the message."""
+    from studio import demo
+    from studio.demo_world import write_example_dataset
+    folder = studio.training.datasets_dir() / EXAMPLE_FOLDER
+    written = write_example_dataset(folder, demo.EXAMPLE_CONCEPT, count=16, trigger=demo.EXAMPLE_TRIGGER,
+                                    repeats=10)
+    base = next((i.title for i in studio.registry.checkpoints() if demo.is_demo_checkpoint(i.name)), None)
+    from PIL import Image
+    with Image.open(written[0][0]) as im:     # the training resolution must be the pictures' own size
+        side = im.width
+    concept, trigger = demo.EXAMPLE_CONCEPT, demo.EXAMPLE_TRIGGER
+    message = (f"Wrote {len(written)} pictures of a {concept} (a shape the demo model has never seen), {side} px, "
+               f"captioned \"{trigger}, ...\" (trigger word {trigger}, 10 repeats), into {folder}. Resolution, "
+               f"output name and sample prompt are set to match"
+               + ("; the base checkpoint is the demo model." if base else
+                  "; install the demo model (the button in the checkpoint help, or --demo) to train on it."))
+    return {"dataset_dir": str(folder), "resolution": side, "output_name": f"{concept}_lora",
+            "sample_prompts": f"{trigger}, a red {concept} on a blue background", "trigger": trigger,
+            "base_model": base, "message": message}
+
+
+def wire_example(studio: Any, f: dict, d: dict) -> None:
+    """The Example dataset button; wired once the whole form exists (it sets training fields too)."""
+    names = ("dataset_dir", "resolution", "output_name", "sample_prompts", "base_model")
+    scan_in = [f[n] for n in SCAN_FIELDS]
+
+    def run(*scan):
+        try:
+            v = example_values(studio)
+            view, summary = _view(studio.training, v["dataset_dir"], *scan[1:])
+        except (StudioError, OSError) as exc:
+            return [gr.update()] * (len(names) + 5) + [error_html(str(exc))]
+        fields = [v[n] if v[n] is not None else gr.update() for n in names]
+        return [*fields, v["trigger"], *view, summary + note_html(v["message"])]
+
+    d["example"].click(run, scan_in, [*[f[n] for n in names], d["trigger"], d["thumbs"], d["table"], d["tags"],
+                                      d["report"]], api_visibility="private")
 
 
 def import_action(svc: Any, files, source, name) -> tuple[str, str]:

@@ -308,7 +308,7 @@ def merge_checkpoints(spec: MergeSpec, registry, settings, progress: Progress | 
 
 def _to_diffusers(single: Path, dest: Path, fp16: bool, meta: dict) -> None:
     """Re-express a written single file as a diffusers folder (loads it whole: folders are not streamed)."""
-    from ..demo import write_diffusers_folder
+    from ..loading.diffusers_export import write_diffusers_folder
     from ..loading.single_file import load_single_file
 
     comps = load_single_file(single, dtype=torch.float16 if fp16 else torch.float32)

@@ -106,7 +106,7 @@ def _weights(components) -> dict[str, torch.Tensor]:
 
 def test_diffusers_load_lora_weights_matches_formula_and_our_engine(lora_run):
     from studio.adapters import AdapterPatcher, load_lora_file
-    from studio.demo import make_pipeline
+    from studio.loading.diffusers_export import make_pipeline
     trainer, result, _ = lora_run
     deltas = _formula(result.output)
     base = fresh_base(trainer.cfg)

@@ -45,7 +45,7 @@ def test_lycoris_keys_and_our_engine(make_cfg, method, keys):
 
 def test_textual_inversion_changes_only_its_token(make_cfg):
     from safetensors.torch import load_file
-    from studio.demo import make_pipeline
+    from studio.loading.diffusers_export import make_pipeline
     from studio.training.trainer import Trainer
     cfg = make_cfg(method="textual_inversion", token="shpx", init_word="shape", num_vectors=2, max_steps=3,
                    learning_rate=5e-2, output_name="shpx")
