@@ -98,3 +98,14 @@ def test_stop_before_the_first_step_is_a_note_not_an_error(tmp_path):
     out = tick(SimpleNamespace(training=svc), r, {"job": "j1"})
     assert "before the first training step" in out[r["result"]]
     assert "studio-error" not in out[r["result"]] and "wrote no file" not in out[r["result"]]
+
+
+def test_example_dataset_sets_the_recipe_that_teaches_the_heart(studio):
+    """The Example dataset button fills in the settings the concept-learning tests train with."""
+    from studio.demo import EXAMPLE_RECIPE
+    from studio.training import TrainConfig
+    from webui.train_dataset import example_values
+    v = example_values(studio)
+    assert {k: v[k] for k in EXAMPLE_RECIPE} == EXAMPLE_RECIPE and v["resolution"] == 64
+    cfg = TrainConfig(dataset_dir=v["dataset_dir"], **EXAMPLE_RECIPE)   # every key is a real training field
+    assert cfg.max_steps == 400 and "learning rate 0.001" in v["message"]

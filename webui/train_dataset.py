@@ -198,17 +198,20 @@ def example_values(studio: Any) -> dict:
     concept, trigger = demo.EXAMPLE_CONCEPT, demo.EXAMPLE_TRIGGER
     message = (f"Wrote {len(written)} pictures of a {concept} (a shape the demo model has never seen), {side} px, "
                f"captioned \"{trigger}, ...\" (trigger word {trigger}, 10 repeats), into {folder}. Resolution, "
-               f"output name and sample prompt are set to match"
+               f"output name, sample prompt and a quick recipe ("
+               + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in demo.EXAMPLE_RECIPE.items())
+               + ": about a minute on a CPU) are set to match"
                + ("; the base checkpoint is the demo model." if base else
                   "; install the demo model (the button in the checkpoint help, or --demo) to train on it."))
     return {"dataset_dir": str(folder), "resolution": side, "output_name": f"{concept}_lora",
             "sample_prompts": f"{trigger}, a red {concept} on a blue background", "trigger": trigger,
-            "base_model": base, "message": message}
+            "base_model": base, "message": message, **demo.EXAMPLE_RECIPE}
 
 
 def wire_example(studio: Any, f: dict, d: dict) -> None:
     """The Example dataset button; wired once the whole form exists (it sets training fields too)."""
-    names = ("dataset_dir", "resolution", "output_name", "sample_prompts", "base_model")
+    from studio.demo import EXAMPLE_RECIPE
+    names = ("dataset_dir", "resolution", "output_name", "sample_prompts", "base_model", *EXAMPLE_RECIPE)
     scan_in = [f[n] for n in SCAN_FIELDS]
 
     def run(*scan):
