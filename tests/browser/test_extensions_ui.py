@@ -3,13 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.browser.test_txt2img_ui import set_slider
+
 TIMEOUT = 120_000  # generous: a busy machine is slow, and a wait ends as soon as its condition holds
-
-
-def set_slider(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
 
 
 def test_extensions_tab_lists_the_builtins(page, shoot):

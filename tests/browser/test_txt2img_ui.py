@@ -10,9 +10,24 @@ TIMEOUT = 120_000  # generous: a busy machine is slow, and a wait ends as soon a
 
 
 def set_slider(page, elem_id: str, value) -> None:
+    """Type a slider's value and wait until the slider itself shows it.
+
+    A fill that lands while Gradio is still mounting the slider (a just-opened accordion) is dropped on a busy
+    machine; the range input only moves once the component's state holds the value, so wait for that and type
+    again if it never comes.
+    """
     box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
+    for attempt in range(3):
+        box.fill(str(value))
+        box.press("Enter")
+        try:
+            page.wait_for_function(
+                "([id, v]) => Number(document.querySelector(`#${id} input[type=range]`)?.value) === Number(v)",
+                arg=[elem_id, str(value)], timeout=TIMEOUT // 6)
+            return
+        except Exception:
+            if attempt == 2:
+                raise
 
 
 def fill_prompt(page, text: str) -> None:
