@@ -1,9 +1,11 @@
-"""Train: LoRA / LoCon / LoHa / LoKr / DreamBooth-LoRA / Textual Inversion from dropped images (kohya_ss-like).
+"""Train: LoRA / LoCon / LoHa / LoKr / DreamBooth-LoRA / Textual Inversion / ControlNet from dropped images
+(kohya_ss-like).
 
 Sections: Dataset (``webui.train_dataset``), Method and Training (``webui.train_form``), Run
 (``webui.train_run``). The form maps one widget per ``TrainConfig`` field; Start hands the values to
 ``studio.training`` (the service the REST API shares: one training at a time, later runs queue). When a run
-is done, "Try it" fills txt2img with the new LoRA's tag, the trigger word and a sample prompt.
+is done, "Try it" fills txt2img with the new LoRA's tag, the trigger word and a sample prompt (a new ControlNet:
+its unit 0).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ def build(studio: Any) -> dict:
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             with gr.Accordion("2 · Method", open=True, elem_id="train_method_section"):
-                train_form.method_section(f)
+                train_form.method_section(f, studio)
             with gr.Accordion("3 · Training", open=True, elem_id="train_training_section"):
                 train_form.training_section(studio, f)
         with gr.Column(scale=2):
@@ -43,7 +45,11 @@ def connect(studio: Any, ui: dict) -> None:
         run["try"].visible = False
         return
     names = list(target["fields"])
-    outputs = [*[target["fields"][n] for n in names], ui["quick"]["checkpoint"], ui["tabs"], run["result"]]
+    # the ControlNet units of txt2img, filled from the infotext's "ControlNet 0" (a trained ControlNet)
+    cn = target.get("controlnet")
+    units = (cn.restore_outputs, lambda text: cn.restore(text, reset=False)) if cn is not None else ([], None)
+    outputs = [*[target["fields"][n] for n in names], *units[0], ui["quick"]["checkpoint"], ui["tabs"],
+               run["result"]]
     keep = [gr.update() for _ in outputs]
 
     def try_it(state: dict, trigger: str) -> list:
@@ -54,7 +60,15 @@ def connect(studio: Any, ui: dict) -> None:
         base = title.rsplit(" [", 1)[0] if title != tried["base"] else None    # listed: switch to it
         text = train_run.try_it_text(tried, trigger or "", base)
         values, checkpoint, notes = fields_from_text(studio, text, names, fill_defaults=False)
-        return ([values[n] if n in values else gr.update() for n in names]
+        unit_updates = []
+        if units[1] is not None:
+            unit_updates, more = units[1](text)
+            notes = [*notes, *more]
+            if tried.get("controlnet"):
+                cond = tried["controlnet"]
+                what = "a condition image" if cond == "folder" else f"a picture (its {cond} map is made from it)"
+                notes.append(f"{tried['name']} is in ControlNet unit 0: drop {what} into it.")
+        return ([values[n] if n in values else gr.update() for n in names] + list(unit_updates)
                 + [checkpoint or gr.update(), gr.Tabs(selected="txt2img"),
                    note_html(" ".join(notes)) if notes else gr.update()])
 

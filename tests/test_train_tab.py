@@ -45,6 +45,14 @@ def test_try_it_text_carries_tag_trigger_and_sample_options():
     assert try_it_text({**tried, "sample": ""}, "zzz", None) == "<lora:shapes:1>, zzz"
     ti = {**tried, "ti": True, "token": "my-tok", "sample": "a photo of my-tok"}
     assert try_it_text(ti, "", None) == "a photo of shapes"
+    cn = {**tried, "controlnet": "canny", "sample": "a red circle --w 64 --h 64 --cn /x/edge.png"}
+    from studio.controlnet import units_from_params
+    params = parse_infotext(try_it_text(cn, "shp", None))
+    assert params_to_request_fields(params)["prompt"] == "a red circle"     # no LoRA tag, no trigger
+    (unit,) = units_from_params(params)
+    assert (unit.module, unit.model, unit.weight) == ("canny", "shapes", 1.0)
+    (paired,) = units_from_params(parse_infotext(try_it_text({**cn, "controlnet": "folder"}, "", None)))
+    assert paired.module == "none"
 
 
 def test_caption_table_edits_and_bucket_report(tmp_path):

@@ -121,6 +121,8 @@ class UnitsUI:
         sliders = slider_updates(self.studio, module, unit.processor_res, unit.threshold_a, unit.threshold_b,
                                  unit.pixel_perfect)
         # module interactive and ready_map off: a restored unit always names its preprocessor
+        # the choices too: the model may be newer than this page's list (a ControlNet just trained)
+        model = gr.update(value=model, choices=["None", *self.studio.controlnets.titles()])
         return [True, gr.update(value=module, interactive=True), model, unit.weight, unit.guidance_start,
                 unit.guidance_end, unit.control_mode, unit.resize_mode, *sliders, unit.pixel_perfect, False]
 

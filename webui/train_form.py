@@ -20,7 +20,8 @@ from webui.model_lists import model_list
 from webui.generation import HIDDEN
 
 METHODS = (("LoRA", "lora"), ("LoCon", "locon"), ("LoHa", "loha"), ("LoKr", "lokr"),
-           ("DreamBooth-LoRA", "dreambooth_lora"), ("Textual Inversion", "textual_inversion"))
+           ("DreamBooth-LoRA", "dreambooth_lora"), ("Textual Inversion", "textual_inversion"),
+           ("ControlNet", "controlnet"))
 METHOD_HELP = MappingProxyType({
     "lora": "Low-rank adapters on attention and feed-forward layers (kohya `networks.lora`).",
     "locon": "LoRA plus the 3×3 convolutions (set a conv rank).",
@@ -29,7 +30,11 @@ METHOD_HELP = MappingProxyType({
     "dreambooth_lora": "LoRA with prior preservation: class images (generated when fewer than asked) keep the "
                        "class from drifting.",
     "textual_inversion": "A new token in the text encoder; only its embedding vectors are trained.",
+    "controlnet": "A ControlNet (a trained copy of the UNet's encoder) that follows a condition image: maps made "
+                  "from every training image by a preprocessor, or your own pairs in a `conditioning/` folder beside "
+                  "the images (same file names). Saved to models/ControlNet in the lllyasviel layout.",
 })
+PAIRED = ("paired images (conditioning/ folder)", "folder")
 SAMPLE_HELP = "a photo of shp --n blurry --w 512 --h 512 --d 1 --l 7 --s 20"
 
 
@@ -53,7 +58,7 @@ def _text(name: str, label: str, f: dict, **kw) -> None:
     f[name] = gr.Textbox(getattr(TrainConfig(), name), label=label, elem_id=f"train_{name}", **kw)
 
 
-def method_section(f: dict) -> dict:
+def method_section(f: dict, studio: Any = None) -> dict:
     """Method picker and the fields of each method (the groups show for the methods that use them)."""
     groups: dict[str, Any] = {}
     f["method"] = gr.Radio(list(METHODS), value="lora", label="Method", elem_id="train_method")
@@ -88,13 +93,26 @@ def method_section(f: dict) -> dict:
             _text("token", "Token", f, placeholder="my-style")
             _text("init_word", "Initializer word", f)
             _num("num_vectors", "Vectors per token", f)
+    with gr.Group(visible=False) as groups["controlnet"]:
+        with gr.Row():
+            names = studio.preprocessors.names() if studio is not None else [TrainConfig().conditioning]
+            f["conditioning"] = gr.Dropdown([PAIRED] + [n for n in names if n != "none"],
+                                            value=TrainConfig().conditioning, label="Condition",
+                                            info="the preprocessor that makes each image's map, or your pairs",
+                                            elem_id="train_conditioning", scale=2)
+            titles = studio.controlnets.titles() if studio is not None else []
+            f["controlnet_init"] = model_list(gr.Dropdown(
+                ["None", *titles], value="None", allow_custom_value=True, label="Start from",
+                info="None: a copy of the base UNet; or a ControlNet of models/ControlNet to train further",
+                elem_id="train_controlnet_init", scale=2), "controlnet")
 
     def show(method: str):
-        ti = method == "textual_inversion"
-        return (METHOD_HELP.get(method, ""), gr.update(visible=not ti),
-                gr.update(visible=method == "dreambooth_lora"), gr.update(visible=ti))
+        ti, cn = method == "textual_inversion", method == "controlnet"
+        return (METHOD_HELP.get(method, ""), gr.update(visible=not ti and not cn),
+                gr.update(visible=method == "dreambooth_lora"), gr.update(visible=ti), gr.update(visible=cn))
 
-    f["method"].change(show, f["method"], [help_md, groups["network"], groups["dreambooth"], groups["ti"]], **HIDDEN)
+    f["method"].change(show, f["method"], [help_md, groups["network"], groups["dreambooth"], groups["ti"],
+                                           groups["controlnet"]], **HIDDEN)
     return groups
 
 
@@ -141,7 +159,8 @@ def training_section(studio: Any, f: dict) -> None:
         _text("output_name", "Output name", f, scale=2)
         _num("save_every", "Save every N steps", f, info="0: only at the end")
     with gr.Accordion("Paths (empty: the studio's folders)", open=False, elem_id="train_paths"):
-        _text("output_dir", "Output folder", f, placeholder="models/Lora (models/embeddings for TI)")
+        _text("output_dir", "Output folder", f,
+              placeholder="models/Lora (models/embeddings for TI, models/ControlNet for ControlNet)")
         _text("run_dir", "Run folder (state, samples, log)", f, placeholder="data/training/<output name>")
         _text("models_dir", "Models root (class-image generation)", f, placeholder="the studio's models folder")
     # the list is re-read when it is opened (a checkpoint merged or dropped in meanwhile shows up); the choices
@@ -199,6 +218,7 @@ def config_updates(studio: Any, names: list[str], cfg: TrainConfig) -> list:
     """A config (e.g. read from a TOML file) -> one value per widget; the base model path shows as its title."""
     values = dataclasses.asdict(cfg)
     values["base_model"] = checkpoint_title_for(studio, cfg.base_model)
+    values["controlnet_init"] = values["controlnet_init"] or "None"
     return [values[n] for n in names]
 
 

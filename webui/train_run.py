@@ -213,6 +213,7 @@ def _finished(studio: Any, r: dict, state: dict, info: dict) -> dict:
         return out
     cfg = TrainConfig.load(info["config"]) if info.get("config") else TrainConfig()
     state["try"] = {"name": Path(final[-1]).stem, "ti": cfg.is_ti, "token": cfg.token,
+                    "controlnet": cfg.conditioning if cfg.is_controlnet else "", "steps": cfg.sample_steps,
                     "sample": (cfg.sample_prompts or "").strip(), "instance": cfg.instance_prompt,
                     "base": cfg.base_model}
     verb = "Stopped early; saved" if info.get("state") == "stopped" else "Done: saved"
@@ -261,7 +262,8 @@ def history_html(history: list[dict]) -> str:
 # ---- "Try it" ----------------------------------------------------------------------------------------------
 def try_it_text(tried: dict, trigger: str, base_title: str | None) -> str:
     """An A1111 infotext for txt2img: the LoRA tag (or embedding), the trigger word and the first sample prompt,
-    with the sample's kohya options (--n --w --h --d --l --s) as the matching parameters."""
+    with the sample's kohya options (--n --w --h --d --l --s) as the matching parameters; a ControlNet goes into
+    unit 0 (its ``ControlNet 0`` parameter) with the preprocessor it was trained on."""
     sample = tried.get("sample", "")
     if sample and "\n" not in sample and Path(sample).is_file():     # a kohya prompt file: its first prompt
         sample = Path(sample).read_text(encoding="utf-8", errors="replace")
@@ -269,7 +271,11 @@ def try_it_text(tried: dict, trigger: str, base_title: str | None) -> str:
     parts = _OPTION.split(" " + first)
     prompt, opts = parts[0].strip(), dict(zip(parts[1::2], (v.strip() for v in parts[2::2])))
     name = tried["name"]
-    if tried.get("ti"):
+    unit = None
+    if tried.get("controlnet"):
+        module = "none" if tried["controlnet"] == "folder" else tried["controlnet"]
+        unit = f'"Module: {module}, Model: {name}, Weight: 1, Guidance Start: 0, Guidance End: 1"'
+    elif tried.get("ti"):
         token = tried.get("token") or ""
         prompt = prompt.replace(token, name) if token and token in prompt else ", ".join(filter(None, [name, prompt]))
     else:
@@ -282,6 +288,9 @@ def try_it_text(tried: dict, trigger: str, base_title: str | None) -> str:
     params = {"Steps": opts.get("s"), "CFG scale": opts.get("l"), "Seed": opts.get("d"),
               "Size": f"{opts['w']}x{opts['h']}" if opts.get("w") and opts.get("h") else None, "Model": base_title}
     params = {k: v for k, v in params.items() if v}
+    if unit:
+        # A1111 reads a last line as parameters only with 3 or more of them
+        params = {"Steps": tried.get("steps") or 20, **params, "ControlNet 0": unit}
     if params:
         lines.append(", ".join(f"{k}: {v}" for k, v in params.items()))
     return "\n".join(lines)

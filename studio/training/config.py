@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import StudioError
 
-METHODS = ("lora", "locon", "loha", "lokr", "dreambooth_lora", "textual_inversion")
+METHODS = ("lora", "locon", "loha", "lokr", "dreambooth_lora", "textual_inversion", "controlnet")
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion8bit", "Prodigy", "Adafactor")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
@@ -101,6 +101,9 @@ class TrainConfig:
     token: str = ""
     init_word: str = "*"
     num_vectors: int = 1
+    # [controlnet]
+    conditioning: str = "canny"           # a preprocessor's name, or "folder": pairs in conditioning/ beside images
+    controlnet_init: str = ""             # a ControlNet to go on training ("" = a copy of the base UNet's encoder)
 
     def __post_init__(self):
         if isinstance(self.gradient_checkpointing, bool):     # the option was a bool before "auto"
@@ -128,6 +131,15 @@ class TrainConfig:
         return self.method == "textual_inversion"
 
     @property
+    def is_controlnet(self) -> bool:
+        return self.method == "controlnet"
+
+    @property
+    def output_kind(self) -> str:
+        """The models/ sub-folder the result goes to."""
+        return "embeddings" if self.is_ti else "ControlNet" if self.is_controlnet else "Lora"
+
+    @property
     def network_module(self) -> str:
         return {"loha": "lycoris.kohya", "lokr": "lycoris.kohya"}.get(self.method, "networks.lora")
 
@@ -138,10 +150,11 @@ class TrainConfig:
         if not c.models_dir:
             c.models_dir = str(base.resolve().parent.parent)
         if not c.output_dir:
-            c.output_dir = str(Path(c.models_dir) / ("embeddings" if c.is_ti else "Lora"))
+            c.output_dir = str(Path(c.models_dir) / c.output_kind)
         if not c.run_dir:
             c.run_dir = str(Path(c.models_dir).parent / "data" / "training" / c.output_name)
-        for name in ("base_model", "models_dir", "output_dir", "run_dir", "dataset_dir", "class_images_dir"):
+        for name in ("base_model", "models_dir", "output_dir", "run_dir", "dataset_dir", "class_images_dir",
+                     "controlnet_init"):
             if getattr(c, name):
                 setattr(c, name, str(Path(getattr(c, name)).expanduser().resolve()))
         return c
@@ -197,6 +210,9 @@ class TrainConfig:
             if not self.class_images_dir:
                 raise bad("class_images_dir", "DreamBooth needs a class images folder.",
                           "name a folder; missing images are generated there")
+        if self.is_controlnet and not self.conditioning.strip():
+            raise bad("conditioning", "A ControlNet run needs its conditions.",
+                      "name a preprocessor (e.g. canny) or 'folder' for pairs in conditioning/ beside the images")
         if self.optimizer in ("AdamW8bit", "Lion8bit"):
             if not _has_bnb_cuda():
                 raise bad("optimizer", f"{self.optimizer} needs bitsandbytes and a CUDA device.",
@@ -215,6 +231,9 @@ class TrainConfig:
             if not self.dataset_dir or not Path(self.dataset_dir).is_dir():
                 raise bad("dataset_dir", f"Dataset folder {self.dataset_dir!r} not found.",
                           "give the folder with the training images")
+            if self.controlnet_init and not Path(self.controlnet_init).exists():
+                raise bad("controlnet_init", f"ControlNet {self.controlnet_init!r} not found.",
+                          "give a ControlNet file or folder, or leave it empty to start from the base UNet")
         return self
 
     # ---- TOML ----------------------------------------------------------------------------------------------
@@ -288,6 +307,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "output": ("output_name", "output_dir", "run_dir", "save_every", "resume"),
     "dreambooth": ("instance_prompt", "class_prompt", "class_images_dir", "num_class_images", "prior_loss_weight"),
     "textual_inversion": ("token", "init_word", "num_vectors"),
+    "controlnet": ("conditioning", "controlnet_init"),
 }
 SECTION_OF = {name: section for section, names in SECTIONS.items() for name in names}
 assert set(SECTION_OF) == {f.name for f in fields(TrainConfig)}, "every field belongs to one section"

@@ -18,6 +18,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTS = (".txt", ".caption")
 MAX_ZIP_BYTES = 4 * 1024 ** 3        # total uncompressed size accepted from one zip (zip-bomb limit)
 _REPEATS = re.compile(r"^(\d+)_(.+)$")
+CONDITIONING_DIR = "conditioning"    # ControlNet pairs (diffusers' example layout): never training images
 
 
 @dataclass
@@ -193,7 +194,8 @@ def scan_dataset(root: str | os.PathLike, *, min_side: int = 64, repeats: int = 
     items, skipped, dirs = [], [], {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         low = path.name.lower()
-        if low.endswith(CAPTION_EXTS) or path.name.startswith("."):
+        if low.endswith(CAPTION_EXTS) or path.name.startswith(".") or \
+                CONDITIONING_DIR in path.relative_to(root).parts[:-1]:
             continue
         if not low.endswith(IMAGE_EXTS):
             skipped.append((str(path), "not an image"))

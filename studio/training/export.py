@@ -234,6 +234,50 @@ def save_embedding(path: str | os.PathLike, rows: torch.Tensor | dict[str, torch
     return write_with(path, lambda p: save_file(tensors, p, metadata=metadata or {}))
 
 
+CONTROLNET_FOLDER = "controlnet_diffusers"     # in the run folder: models/ControlNet would list it twice
+
+
+def controlnet_metadata(cfg: TrainConfig, info: RunInfo) -> dict[str, str]:
+    """What made a trained ControlNet: base model, condition, steps (modelspec keys plus the studio's own)."""
+    v = info.prediction == "v_prediction"
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{ARCH.get(info.family, info.family)}{'-v' if v else ''}/controlnet",
+        "modelspec.implementation": "diffusers", "modelspec.title": cfg.output_name,
+        "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(info.finished_at or time.time())),
+        "studio.base_model": Path(cfg.base_model).name, "studio.base_model_hash": info.base_hash or "",
+        "studio.preprocessor": "paired images" if cfg.conditioning == "folder" else cfg.conditioning,
+        "studio.steps": str(info.steps), "studio.learning_rate": str(cfg.learning_rate),
+        "studio.batch_size": str(cfg.batch_size), "studio.num_train_images": str(info.num_train_images),
+        "studio.init": Path(cfg.controlnet_init).name if cfg.controlnet_init else "base UNet",
+    }
+
+
+def save_controlnet(path: str | os.PathLike, model, metadata: dict[str, str], dtype=torch.float32,
+                    folder: str | os.PathLike | None = None) -> Path:
+    """lllyasviel single file (``control_model.*``: A1111's ControlNet extension, ComfyUI, diffusers'
+    ``from_single_file``), atomically; with ``folder`` also a diffusers ``save_pretrained`` folder."""
+    from safetensors.torch import save_file
+
+    from ..controlnet.convert import controlnet_to_ldm
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tensors = _cast(controlnet_to_ldm(state, model.config), dtype)
+    out = write_with(path, lambda p: save_file(tensors, p, metadata=metadata))
+    if folder is not None:
+        import shutil
+        folder = Path(folder)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if next(model.parameters()).dtype != dtype:
+            import copy
+            model = copy.deepcopy(model).to(dtype)      # the trained copy stays in fp32
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    return out
+
+
 def output_path(cfg: TrainConfig, step: int | None = None) -> Path:
     """``<output_dir>/<name>.safetensors``; intermediate saves get a kohya-style ``-000123`` step suffix."""
     suffix = f"-{step:06d}" if step is not None else ""

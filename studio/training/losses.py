@@ -57,8 +57,10 @@ def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
 
 
 def diffusion_loss(unet, scheduler, latents: torch.Tensor, cond: dict, gen: torch.Generator, *,
-                   noise_offset: float = 0.0, min_snr_gamma: float = 0.0, weight_dtype=None) -> torch.Tensor:
-    """Per-sample loss [B] for ``latents`` (float32, on the UNet's device)."""
+                   noise_offset: float = 0.0, min_snr_gamma: float = 0.0, weight_dtype=None,
+                   controlnet=None, control: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample loss [B] for ``latents`` (float32, on the UNet's device). With ``controlnet``, its residuals
+    for the condition images ``control`` ([B, 3, H, W] in [0, 1]) are added to the UNet's (ControlNet training)."""
     b, ch = latents.shape[:2]
     device = latents.device
     noise = torch.randn(latents.shape, generator=gen).to(device)
@@ -70,6 +72,11 @@ def diffusion_loss(unet, scheduler, latents: torch.Tensor, cond: dict, gen: torc
     target = scheduler.get_velocity(latents, noise, t) if v_pred else noise
     dtype = weight_dtype or latents.dtype
     kw = {"added_cond_kwargs": cond["added"]} if cond.get("added") else {}
+    if controlnet is not None:
+        down, mid = controlnet(noisy.to(dtype), t, encoder_hidden_states=cond["hidden"].to(dtype),
+                               controlnet_cond=control.to(device, dtype), return_dict=False, **kw)
+        kw.update(down_block_additional_residuals=[d.to(dtype) for d in down],
+                  mid_block_additional_residual=mid.to(dtype))
     pred = unet(noisy.to(dtype), t, cond["hidden"].to(dtype), **kw).sample
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma:

@@ -1,5 +1,5 @@
 """What is trained: peft adapters (LoRA / LoCon / LoHa / LoKr) injected into the UNet / text encoder in place,
-or new token rows of the text encoder's embedding (Textual Inversion).
+new token rows of the text encoder's embedding (Textual Inversion), or a whole ControlNet beside the frozen UNet.
 
 Injection keeps every module its own class, so diffusers pipelines over the same modules sample with the
 training weights (no reload) and the loaders keep working.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -99,6 +100,8 @@ def build_network(cfg: TrainConfig, components) -> Network:
         m.requires_grad_(False)
     if cfg.is_ti:
         return _textual_inversion(cfg, components)
+    if cfg.is_controlnet:
+        return _controlnet(cfg, components)
     from peft import inject_adapter_in_model
 
     net = Network(cfg.method, {})
@@ -145,6 +148,26 @@ def _textual_inversion(cfg: TrainConfig, components) -> Network:
     emb.weight.requires_grad_(True)
     return Network("textual_inversion", {"text_encoder": te}, {"text_encoder": [emb.weight]}, ids, tokens,
                    emb.weight.detach().clone())
+
+
+def _controlnet(cfg: TrainConfig, components) -> Network:
+    """A ControlNet to train: the base UNet's encoder copied with zero convolutions (diffusers'
+    ``ControlNetModel.from_unet``), or the ControlNet named by ``controlnet_init`` to go on from."""
+    from diffusers import ControlNetModel
+
+    from ..controlnet.models import check_family, load_controlnet
+    unet = components.unet
+    if cfg.controlnet_init:
+        add_dim = getattr(unet.config, "addition_time_embed_dim", None)
+        cn, family = load_controlnet(cfg.controlnet_init, dtype=unet.dtype, device=unet.device,
+                                     addition_time_embed_dim=add_dim)
+        check_family(family, components.family, (Path(cfg.controlnet_init).name, Path(cfg.base_model).name),
+                     field="controlnet.controlnet_init")
+    else:
+        cn = ControlNetModel.from_unet(unet, conditioning_channels=3)
+    cn.to(device=unet.device).requires_grad_(True)
+    cn.train()
+    return Network("controlnet", {"controlnet": cn}, {"controlnet": list(cn.parameters())})
 
 
 def with_ti_tokens(caption: str, net: Network, token: str) -> str:

@@ -84,6 +84,8 @@ def run_config(path: str | os.PathLike, *, bar: bool = True, resume: bool | None
     # the run folder is ours from the class images to the last save; a second trainer is refused
     with RunLock(cfg.resolved().run_dir) as lock:
         prepare_class_images(cfg, progress=cb)
+        from .conditions import prepare_conditions
+        prepare_conditions(cfg, progress=cb)
         if state is not None:
             state.wait_for_everyone()
         return Trainer(cfg, on_event=cb, lock=lock).run()

@@ -1,7 +1,9 @@
 """Sample images during training from a kohya-style prompt list, with the weights being trained.
 
 The pipeline is a view over the training modules (no reload, no copy). Line format:
-``a photo of sks dog --n blurry --w 512 --h 512 --d 1 --l 7.5 --s 20`` (negative, width, height, seed, CFG, steps).
+``a photo of sks dog --n blurry --w 512 --h 512 --d 1 --l 7.5 --s 20`` (negative, width, height, seed, CFG, steps);
+ControlNet runs also read ``--cn path/to/condition.png`` (else the dataset's conditions are used in turn), and
+save the condition beside each sample.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class SamplePrompt:
     seed: int = 0
     cfg: float = 7.0
     steps: int = 20
+    control: str = ""          # --cn: a ControlNet condition image
 
 
 def parse_prompt_line(line: str, *, width: int = 512, height: int = 512, steps: int = 20, seed: int = 0
@@ -47,6 +50,8 @@ def parse_prompt_line(line: str, *, width: int = 512, height: int = 512, steps: 
                 sp.cfg = float(value)
             elif key == "s":
                 sp.steps = int(value)
+            elif key == "cn":
+                sp.control = value
         except ValueError:
             continue  # kohya ignores options it cannot read; so do we
     sp.width, sp.height = max(8, sp.width // 8 * 8), max(8, sp.height // 8 * 8)
@@ -62,39 +67,42 @@ def read_prompts(source: str, **defaults) -> list[SamplePrompt]:
     return [p for p in out if p is not None]
 
 
-def make_pipeline(components, text_encoder=None, tokenizer=None):
-    """A txt2img pipeline over the (training) modules."""
+def make_pipeline(components, text_encoder=None, tokenizer=None, controlnet=None):
+    """A txt2img pipeline over the (training) modules; with ``controlnet`` the ControlNet one."""
     import diffusers
 
     c = components
     sched = diffusers.DDIMScheduler.from_config(c.scheduler_config)
+    cn = {"controlnet": controlnet} if controlnet is not None else {}
     if c.family.startswith("sdxl"):
-        pipe = diffusers.StableDiffusionXLPipeline(
-            vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, tokenizer=c.tokenizer,
-            tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=sched)
+        cls = diffusers.StableDiffusionXLControlNetPipeline if cn else diffusers.StableDiffusionXLPipeline
+        pipe = cls(vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, tokenizer=c.tokenizer,
+                   tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=sched, **cn)
     else:
-        pipe = diffusers.StableDiffusionPipeline(
-            vae=c.vae, text_encoder=text_encoder or c.text_encoder, tokenizer=tokenizer or c.tokenizer, unet=c.unet,
-            scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        cls = diffusers.StableDiffusionControlNetPipeline if cn else diffusers.StableDiffusionPipeline
+        pipe = cls(vae=c.vae, text_encoder=text_encoder or c.text_encoder, tokenizer=tokenizer or c.tokenizer,
+                   unet=c.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
+                   requires_safety_checker=False, **cn)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @torch.no_grad()
 def render_samples(components, prompts: list[SamplePrompt], folder: Path, step: int, *, clip_skip: int = 1,
-                   prompt_filter=None, stop=None, autocast=None) -> list[dict]:
+                   prompt_filter=None, stop=None, autocast=None, controlnet=None, conditions=()) -> list[dict]:
     """Render every prompt; PNGs go to ``folder/step{N}_{i}.png`` atomically. Returns progress events.
 
     ``autocast()`` (the accelerator's) wraps the denoising: under fp16 / bf16 the trained tensors are fp32 beside
     half-precision weights (a TI embedding table inside the text encoder). The VAE decodes outside it, at its own
     dtype (fp32 in training). ``stop()`` is asked between denoising steps: a stop request ends sampling at once
-    (the half-denoised image is not saved)."""
+    (the half-denoised image is not saved). With ``controlnet`` each prompt is conditioned on its ``--cn`` image or
+    on ``conditions[i]`` in turn, and the saved PNG shows the condition left of the sample."""
     import contextlib
 
     from .atomic import save_image
 
-    pipe = make_pipeline(components)
-    modes = {m: m.training for m in components.modules().values()}
+    pipe = make_pipeline(components, controlnet=controlnet)
+    modes = {m: m.training for m in [*components.modules().values(), *([controlnet] if controlnet else [])]}
     for m in modes:
         m.eval()
     events = []
@@ -107,6 +115,11 @@ def render_samples(components, prompts: list[SamplePrompt], folder: Path, step: 
             kw = {"clip_skip": clip_skip - 1} if clip_skip > 1 else {}
             if stop is not None:
                 kw["callback_on_step_end"] = _interrupt_on(stop)
+            control = None
+            if controlnet is not None:
+                control = _condition(sp.control or (conditions[i % len(conditions)] if conditions else ""),
+                                     sp.width, sp.height)
+                kw["image"] = control
             with autocast() if autocast else contextlib.nullcontext():
                 latents = pipe(prompt, negative_prompt=sp.negative or None, width=sp.width, height=sp.height,
                                num_inference_steps=sp.steps, guidance_scale=sp.cfg, generator=gen,
@@ -114,12 +127,33 @@ def render_samples(components, prompts: list[SamplePrompt], folder: Path, step: 
             if stop is not None and stop():
                 break
             image = decode(pipe, latents)
+            if control is not None:
+                image = _beside(control, image)
             path = save_image(folder / f"step{step:06d}_{i:02d}.png", image)
             events.append({"type": "sample", "step": step, "index": i, "path": str(path), "prompt": sp.prompt})
     finally:
         for m, was_training in modes.items():
             m.train(was_training)
     return events
+
+
+def _condition(path, width: int, height: int):
+    from PIL import Image
+
+    from ..errors import StudioError
+    if not path or not Path(path).is_file():
+        raise StudioError(f"ControlNet sample condition {path!r} not found.", field="sampling.sample_prompts",
+                          fix="give an existing image with --cn, or leave --cn out to use the dataset's conditions")
+    with Image.open(path) as im:
+        return im.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+
+
+def _beside(left, right):
+    from PIL import Image
+    out = Image.new("RGB", (left.width + right.width, max(left.height, right.height)))
+    out.paste(left, (0, 0))
+    out.paste(right, (left.width, 0))
+    return out
 
 
 def decode(pipe, latents: torch.Tensor):

@@ -56,12 +56,17 @@ class TrainingService:
         if cfg.base_model:
             cfg.base_model = self._base_model(cfg.base_model, confined)
         cfg.models_dir = cfg.models_dir or str(Path(s.models_dir).resolve())
-        cfg.output_dir = cfg.output_dir or str((s.embeddings_path if cfg.is_ti else s.lora_path).resolve())
+        out = s.embeddings_path if cfg.is_ti else s.controlnet_path if cfg.is_controlnet else s.lora_path
+        cfg.output_dir = cfg.output_dir or str(out.resolve())
+        if cfg.controlnet_init.strip() in ("None", "none"):
+            cfg.controlnet_init = ""                       # the ControlNet lists' "None": start from the base UNet
+        if cfg.controlnet_init:
+            cfg.controlnet_init = self._controlnet(cfg.controlnet_init, confined)
         if confined:
             cfg.output_name = paths.plain_name(cfg.output_name, "output.output_name")
         cfg.run_dir = cfg.run_dir or str((self.runs_dir / cfg.output_name).resolve())
         if confined:
-            for name in ("models_dir", "output_dir", "run_dir", "dataset_dir", "class_images_dir"):
+            for name in ("models_dir", "output_dir", "run_dir", "dataset_dir", "class_images_dir", "controlnet_init"):
                 if getattr(cfg, name):
                     self.confine(getattr(cfg, name), f"{SECTION_OF[name]}.{name}")
             prompts = cfg.sample_prompts
@@ -77,6 +82,14 @@ class TrainingService:
         if given.exists():
             return str(self.confine(value, field)) if confined else value
         return str(self.studio.registry.find_checkpoint(value, field).path)
+
+    def _controlnet(self, value: str, confined: bool) -> str:
+        """A ControlNet to go on from: a path, or a name from models/ControlNet (as the ControlNet units take)."""
+        field = "controlnet.controlnet_init"
+        given = Path(value).expanduser()
+        if given.is_absolute() or ".." in given.parts or given.exists():
+            return str(self.confine(value, field)) if confined else value
+        return str(self.studio.controlnets.find(value, field).path)
 
     def write_config(self, cfg: TrainConfig | dict, *, confined: bool = False) -> Path:
         cfg = self.complete(cfg, confined=confined)
@@ -105,6 +118,8 @@ class TrainingService:
         if isinstance(cfg, (str, os.PathLike)):
             cfg = self.load_config(cfg) if confined else TrainConfig.load(cfg)
         cfg = self.complete(cfg, confined=confined)
+        from .conditions import preflight
+        preflight(cfg, self.studio.preprocessors)    # pairs, preprocessor, family: refused before it is queued
         self.check_free(cfg.run_dir)           # before run.toml is rewritten under a running trainer
         path = self.write_config(cfg)
         return self.queue.submit(path, resume=resume)
@@ -170,11 +185,13 @@ class TrainingService:
         cfg = TrainConfig.load(job["config"])
         job["state"] = "preparing"
         prepare_class_images(cfg, self.studio)          # through the normal queue (studio.generate)
+        from .conditions import prepare_conditions
+        prepare_conditions(cfg, self.studio.preprocessors)
         self.studio.run_exclusive(self.studio.manager.unload_all, kind="train-start")
 
     def _after_end(self, job: dict) -> None:
-        # new files in models/Lora: let whatever lists them rescan (the extra-networks panel)
-        for name in ("loras", "lora_library", "adapters"):
+        # new files in models/Lora or models/ControlNet: let whatever lists them rescan (the extra-networks panel)
+        for name in ("loras", "lora_library", "adapters", "controlnets"):
             lib = getattr(self.studio, name, None)
             refresh = getattr(lib, "refresh", None)
             if callable(refresh):

@@ -124,8 +124,10 @@ class Trainer:
             dtype = self.weight_dtype
             c.text_encoder.get_input_embeddings().register_forward_hook(lambda m, args, out: out.to(dtype))
         if cfg.checkpointing:
-            if "unet" in self.net.modules or cfg.is_ti or not cfg.train_unet:
+            if "unet" in self.net.modules or cfg.is_ti or cfg.is_controlnet or not cfg.train_unet:
                 c.unet.enable_gradient_checkpointing()
+            if "controlnet" in self.net.modules:
+                self.net.modules["controlnet"].enable_gradient_checkpointing()
             for part in ("text_encoder", "text_encoder_2"):
                 if part in self.net.modules:
                     self.net.modules[part].gradient_checkpointing_enable()
@@ -153,6 +155,11 @@ class Trainer:
         self.plan = plan_buckets(scan.items, resolution=cfg.resolution, enable=cfg.enable_buckets,
                                  min_reso=cfg.min_bucket_reso, max_reso=cfg.max_bucket_reso, step=cfg.bucket_step)
         self.cache = LatentCache(c.vae, mode=cfg.cache_latents, folder=self.run_dir / "latents")
+        self.conditions: dict[Path, Path] = {}
+        self.control_cache: dict[tuple, torch.Tensor] = {}
+        if cfg.is_controlnet:
+            from .conditions import condition_files
+            self.conditions = condition_files(cfg, scan)
         self.class_items = []
         if cfg.method == "dreambooth_lora":
             from .dreambooth import class_items
@@ -255,7 +262,8 @@ class Trainer:
         rng = random.Random(f"{cfg.seed}:{micro}:data")
         items = [self.scan.items[i] for i in batch]
         size = self.plan.sizes[batch[0]]
-        latents = [self.cache.get(it.path, size, cfg.flip and rng.random() < 0.5) for it in items]
+        flips = [cfg.flip and rng.random() < 0.5 for _ in items]
+        latents = [self.cache.get(it.path, size, f) for it, f in zip(items, flips)]
         captions = [self._caption(it, rng) for it in items]
         if self.class_items:   # DreamBooth: as many class images as instance images, same bucket size
             picks = [self.class_items[rng.randrange(len(self.class_items))] for _ in items]
@@ -265,14 +273,27 @@ class Trainer:
         with self.acc.autocast():
             # inside autocast: a TI run's fp32 embedding table feeds a half-precision encoder
             cond = self._cond(captions, [size] * len(captions))
+            control = {}
+            if self.conditions:
+                control = {"controlnet": self.models["controlnet"],
+                           "control": torch.stack([self._control(it.path, size, f) for it, f in zip(items, flips)])}
             loss = diffusion_loss(self.models.get("unet", self.c.unet), self.noise_sched, lat, cond,
                                   step_generator(cfg.seed, micro), noise_offset=cfg.noise_offset,
-                                  min_snr_gamma=cfg.min_snr_gamma, weight_dtype=self.weight_dtype)
+                                  min_snr_gamma=cfg.min_snr_gamma, weight_dtype=self.weight_dtype, **control)
         if not self.class_items:
             return loss.mean(), None
         n = len(items)
         prior = loss[n:].mean()
         return loss[:n].mean() + cfg.prior_loss_weight * prior, float(prior.detach())
+
+    def _control(self, image: Path, size: tuple[int, int], flip: bool) -> torch.Tensor:
+        """The condition of ``image`` at its bucket size and flip, kept in RAM (3 bytes a pixel, as images)."""
+        key = (image, size, flip)
+        if key not in self.control_cache:
+            from .conditions import load_condition
+            self.control_cache[key] = load_condition(self.conditions[image], size, flip).mul(255).round().to(
+                torch.uint8)
+        return self.control_cache[key].float().div(255)
 
     # ---- outputs ---------------------------------------------------------------------------------------------
     def _run_info(self, step: int, epoch: int) -> export.RunInfo:
@@ -300,7 +321,12 @@ class Trainer:
         info = self._run_info(step, epoch)
         info.finished_at = time.time()
         meta = export.lora_metadata(cfg, info)
-        if cfg.is_ti:
+        if cfg.is_controlnet:
+            dtype = torch.float16 if cfg.mixed_precision in ("fp16", "bf16") else torch.float32
+            export.save_controlnet(path, self.acc.unwrap_model(self.models["controlnet"]),
+                                   export.controlnet_metadata(cfg, info), dtype=dtype,
+                                   folder=self.run_dir / export.CONTROLNET_FOLDER if not suffix else None)
+        elif cfg.is_ti:
             rows = self.net.trainable_state()["ti_rows"]
             export.save_embedding(path, rows, {k: v for k, v in meta.items() if k.startswith("modelspec.")
                                                or k in ("ss_steps", "ss_sd_model_name", "ss_base_model_version")})
@@ -317,9 +343,13 @@ class Trainer:
         if not self.prompts or not self.acc.is_main_process:
             return []
         filt = (lambda p: with_ti_tokens(p, self.net, self.cfg.token)) if self.cfg.is_ti else None
+        control = {}
+        if self.conditions:
+            control = {"controlnet": self.acc.unwrap_model(self.models["controlnet"]),
+                       "conditions": list(self.conditions.values())}
         events = render_samples(self.c, self.prompts, self.run_dir / SAMPLES_DIR, step,
                                 clip_skip=self.cfg.clip_skip, prompt_filter=filt, stop=self.stop,
-                                autocast=self.acc.autocast)
+                                autocast=self.acc.autocast, **control)
         for e in events:
             self.progress.emit(e)
         return [e["path"] for e in events]

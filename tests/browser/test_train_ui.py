@@ -160,3 +160,50 @@ def test_bad_field_method_groups_and_load_config(page, live, tmp_path):
     assert page.locator("#train_rank input[type=number]").input_value() == "6"
     assert page.locator("#train_sample_prompts textarea").input_value() == "a b --w 64\nc d"
     assert page.locator("#train_method input[value=loha]").is_checked()
+
+
+def test_controlnet_training_from_the_tab(page, live, shoot, tmp_path):
+    """Method ControlNet with canny maps: trained in the tab, listed in models/ControlNet, Try it puts it in
+    txt2img's ControlNet unit 0."""
+    studio = live[1]
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train_import").wait_for(timeout=TIMEOUT)
+    fill(page, "train_dataset_name", "ui_canny_ds", "text")
+    page.locator("#train_files input[type=file]").set_input_files(dropped_files(tmp_path / "drop"))
+    wait_text(page, "train_import_report", "4 image(s)")
+    page.locator("#train_method").get_by_text("ControlNet", exact=True).click()
+    page.locator("#train_conditioning").wait_for(state="visible", timeout=TIMEOUT)
+    assert page.locator("#train_rank").is_hidden() and page.locator("#train_token").is_hidden()
+    assert "conditioning/" in text_of(page, "train_method_help")
+    page.locator("#train_buckets").get_by_text("Buckets and caption options").click()
+    page.locator("#train_resolution input").wait_for(state="visible", timeout=TIMEOUT)
+    page.wait_for_timeout(500)
+    fill(page, "train_resolution", 64)
+    fill(page, "train_min_bucket_reso", 64)
+    fill(page, "train_learning_rate", 0.001)
+    fill(page, "train_max_steps", 4)
+    fill(page, "train_batch_size", 2)
+    fill(page, "train_sample_prompts", "a red circle --w 64 --h 64 --s 2 --d 3", "text")
+    fill(page, "train_sample_every", 4)
+    fill(page, "train_output_name", "ui_canny", "text")
+    page.locator("#train_start").click()
+    wait_text(page, "train_result", "ui_canny.safetensors", RUN_TIMEOUT)
+    assert "ControlNet" in text_of(page, "train_result")
+    page.wait_for_function("document.querySelectorAll('#train_samples img').length >= 1", timeout=TIMEOUT)
+    shoot(page, "train-controlnet-done")
+    info = studio.controlnets.find("ui_canny")
+    assert info is not None and info.path.parent == studio.settings.controlnet_path
+    runs = Path(studio.settings.data_dir) / "training" / "ui_canny"
+    assert len(list((runs / "conditions").glob("*.png"))) == 4      # the canny maps, made once
+    sample = Image.open(sorted((runs / "samples").glob("*.png"))[-1])
+    assert sample.size == (128, 64)                                  # condition | sample
+
+    page.locator("#train_try").click()
+    page.wait_for_function("document.querySelector('#txt2img_prompt textarea')?.value === 'a red circle'",
+                           timeout=TIMEOUT)
+    unit = page.locator("#txt2img_cn_0_model input").first
+    page.wait_for_function("(document.querySelector('#txt2img_cn_0_model input')?.value || '')"
+                           ".startsWith('ui_canny')", timeout=TIMEOUT)
+    assert unit.input_value().startswith("ui_canny")
+    assert "drop a picture" in text_of(page, "train_result")
+    shoot(page, "train-controlnet-try-it")
