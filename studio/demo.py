@@ -15,6 +15,8 @@ from .settings import Settings
 
 TRAINED_NAME = "demo-shapes.safetensors"
 TRAINED_FILE = Path(__file__).resolve().parent / "demo_assets" / TRAINED_NAME
+CONTROLNET_NAME = "demo-canny.safetensors"      # trained by tools.train_demo_controlnet (studio's own training)
+CONTROLNET_FILE = TRAINED_FILE.with_name(CONTROLNET_NAME)
 NATIVE_SIZE = 64          # px; modelspec.resolution in the file says the same (the UI reads it from there)
 WORKS_UP_TO = 128         # px: beyond this it tiles many shapes
 EXAMPLE_PROMPTS = ("a red circle on a blue background", "a small yellow star in the top left, white background",
@@ -34,16 +36,21 @@ def demo_size_mb() -> float:
 
 
 def install_demo_model(settings: Settings) -> Path:
-    """Copy the trained demo model into the checkpoint folder (once) and return its path.
+    """Copy the trained demo model into the checkpoint folder and its canny ControlNet into the ControlNet folder
+    (once each) and return the checkpoint's path.
 
-    A copy, not a link: the user's models folder must not depend on where the studio's code lives. The copy goes
-    to a hidden ``.part`` file first, then is renamed, so a half-copied file never shows in the checkpoint list.
+    Copies, not links: the user's models folder must not depend on where the studio's code lives. Each copy goes
+    to a hidden ``.part`` file first, then is renamed, so a half-copied file never shows in a model list.
     """
-    path = settings.ckpt_path / TRAINED_NAME
-    if not path.exists() or path.is_symlink() or path.stat().st_size != TRAINED_FILE.stat().st_size:
+    _install(CONTROLNET_FILE, settings.controlnet_path / CONTROLNET_NAME)
+    return _install(TRAINED_FILE, settings.ckpt_path / TRAINED_NAME)
+
+
+def _install(src: Path, path: Path) -> Path:
+    if not path.exists() or path.is_symlink() or path.stat().st_size != src.stat().st_size:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.part")
-        shutil.copyfile(TRAINED_FILE, tmp)
+        shutil.copyfile(src, tmp)
         if path.is_symlink():
             path.unlink()
         os.replace(tmp, path)
@@ -86,4 +93,6 @@ def demo_description() -> str:
             f"- **Size:** {NATIVE_SIZE}×{NATIVE_SIZE} px native, works up to about {WORKS_UP_TO} px "
             f"(larger pictures tile many shapes); Hires. fix 2× works.\n"
             f"- **Try:** {examples}\n\n"
+            f"- **ControlNet:** `{Path(CONTROLNET_NAME).stem}` (installed with it) puts the shape where a canny "
+            f"edge map says: a unit with the `canny` preprocessor on any picture of a shape.\n\n"
             f"It has never seen {held}: teach it one in the **Train** tab with the **Example dataset** button.")

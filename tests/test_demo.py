@@ -33,6 +33,9 @@ def test_install_copies_the_shipped_file_once(tmp_path):
     mtime = path.stat().st_mtime_ns
     assert demo.install_demo_model(s) == path and path.stat().st_mtime_ns == mtime   # idempotent: not copied again
     assert [p.name for p in s.ckpt_path.iterdir()] == [demo.TRAINED_NAME]      # no .part left behind
+    controlnet = s.controlnet_path / demo.CONTROLNET_NAME                       # its ControlNet comes along
+    assert controlnet.read_bytes() == demo.CONTROLNET_FILE.read_bytes()
+    assert [p.name for p in s.controlnet_path.iterdir()] == [demo.CONTROLNET_NAME]
 
 
 def test_install_replaces_a_truncated_file_or_a_symlink(tmp_path):

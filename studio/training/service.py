@@ -118,8 +118,9 @@ class TrainingService:
         if isinstance(cfg, (str, os.PathLike)):
             cfg = self.load_config(cfg) if confined else TrainConfig.load(cfg)
         cfg = self.complete(cfg, confined=confined)
-        from .conditions import preflight
-        preflight(cfg, self.studio.preprocessors)    # pairs, preprocessor, family: refused before it is queued
+        if cfg.is_controlnet:
+            from .conditions import preflight
+            preflight(cfg, self.studio.preprocessors)  # pairs, preprocessor, family: refused before it is queued
         self.check_free(cfg.run_dir)           # before run.toml is rewritten under a running trainer
         path = self.write_config(cfg)
         return self.queue.submit(path, resume=resume)
@@ -185,8 +186,9 @@ class TrainingService:
         cfg = TrainConfig.load(job["config"])
         job["state"] = "preparing"
         prepare_class_images(cfg, self.studio)          # through the normal queue (studio.generate)
-        from .conditions import prepare_conditions
-        prepare_conditions(cfg, self.studio.preprocessors)
+        if cfg.is_controlnet:
+            from .conditions import prepare_conditions
+            prepare_conditions(cfg, self.studio.preprocessors)
         self.studio.run_exclusive(self.studio.manager.unload_all, kind="train-start")
 
     def _after_end(self, job: dict) -> None:

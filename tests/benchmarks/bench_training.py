@@ -2,6 +2,7 @@
 
     python -m tests.benchmarks.bench_training [--steps 30] [--images 8] [--batch 2] [--rounds 2]
     python -m tests.benchmarks.bench_training --quality --steps 4000 [--every 250]
+    python -m tests.benchmarks.bench_training --controlnet [--steps 30] [--batch 2] [--rounds 2]
 
 Same tiny SD1 model, same 8 synthetic 64x64 images, same batch size, rank, optimizer (AdamW), lr and steps:
 1. our trainer's steps/s (``studio.training.Trainer``, latent + text-embedding caching; LoRA on the same
@@ -12,6 +13,8 @@ Same tiny SD1 model, same 8 synthetic 64x64 images, same batch size, rank, optim
 2. peak RSS ours / reference, each in its own fresh process; target <= 1.0.
 3. VAE encodes per image with latent caching on; target 1.0.
 Each side runs in its own subprocess, alternated ``--rounds`` times; the medians are reported.
+With ``--controlnet`` 1-3 compare ControlNet training instead: ours (method "controlnet", paired conditions) /
+the loop of diffusers' ``train_controlnet.py`` (``ControlNetModel.from_unet``, VAE + text encoding every step).
 4. ``--quality``: steps to reach 70 % concept adherence on the held-out heart (demo model, Train tab defaults) / the
    same reference loop with the same settings; target <= 1.0 (see ``quality``).
 """
@@ -41,7 +44,19 @@ def _setup(root: Path, n_images: int) -> tuple[Path, Path]:
     ds = root / "dataset"
     if not ds.exists():
         write_dataset(ds, n_images)
+        _conditions(ds)
     return ckpt, ds
+
+
+def _conditions(ds: Path) -> None:
+    """``conditioning/<name>.png``: each image's canny map (the pairs both ControlNet trainers read)."""
+    import cv2
+    import numpy as np
+    from PIL import Image
+    (ds / "conditioning").mkdir()
+    for f in sorted(ds.glob("*.png")):
+        grey = np.asarray(Image.open(f).convert("L"))
+        Image.fromarray(cv2.Canny(grey, 100, 200)).convert("RGB").save(ds / "conditioning" / f.name)
 
 
 def run_ours(root: Path, args) -> dict:
@@ -54,10 +69,11 @@ def run_ours(root: Path, args) -> dict:
         if e["type"] in ("start", "step"):
             marks.setdefault(e["type"], time.perf_counter())
             marks["last"] = time.perf_counter()
+    method = {"method": "controlnet", "conditioning": "folder"} if args.controlnet else {}
     cfg = TrainConfig(base_model=str(ckpt), dataset_dir=str(ds), resolution=64, min_image_side=32, rank=4, alpha=4.0,
                       learning_rate=1e-4, max_steps=args.steps, batch_size=args.batch, seed=0,
                       output_name="bench", run_dir=str(root / "run-ours"), cache_latents="ram",
-                      unet_targets=args.targets)
+                      unet_targets=args.targets, **method)
     t = Trainer(cfg, on_event=on_event)
     result = t.run()
     return {"steps_per_s": args.steps / (marks["last"] - marks["start"]), "vae_encodes": result.vae_encodes,
@@ -67,6 +83,9 @@ def run_ours(root: Path, args) -> dict:
 def run_reference(root: Path, args) -> dict:
     """diffusers' train_text_to_image_lora.py, reduced to its training loop."""
     ckpt, ds = _setup(root, args.images)
+    if args.controlnet:
+        out = reference_controlnet_loop(ckpt, sorted(ds.glob("*.png")), steps=args.steps, batch=args.batch, lr=1e-4)
+        return {"steps_per_s": args.steps / out["seconds"], "vae_encodes": out["encodes"], "images": args.images}
     out = reference_loop(ckpt, sorted(ds.glob("*.png")), steps=args.steps, batch=args.batch, lr=1e-4, rank=4,
                          alpha=4)
     return {"steps_per_s": args.steps / out["seconds"], "vae_encodes": out["encodes"], "images": args.images}
@@ -143,6 +162,70 @@ def reference_loop(ckpt: Path, files: list[Path], *, steps: int, batch: int, lr:
                     break
     elapsed += time.perf_counter() - t0
     return {"seconds": elapsed, "encodes": encodes, "saved": saved}
+
+
+def reference_controlnet_loop(ckpt: Path, files: list[Path], *, steps: int, batch: int, lr: float,
+                              seed: int = 0) -> dict:
+    """The training loop of diffusers' train_controlnet.py: ``ControlNetModel.from_unet``, VAE and text encoding
+    every step, the ControlNet's residuals into the frozen UNet, AdamW on the ControlNet, constant lr, clip 1.0."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from diffusers import ControlNetModel, DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from PIL import Image
+    from studio.loading.single_file import load_single_file
+    torch.manual_seed(seed)
+    acc = Accelerator(gradient_accumulation_steps=1, mixed_precision="no", cpu=True)
+    c = load_single_file(str(ckpt))
+    unet, vae, te, tok = c.unet, c.vae, c.text_encoder, c.tokenizer
+    for m in (unet, vae, te):
+        m.requires_grad_(False)
+    controlnet = ControlNetModel.from_unet(unet)
+    controlnet.train()
+    opt = torch.optim.AdamW(controlnet.parameters(), lr=lr, weight_decay=1e-2)
+    sched = get_scheduler("constant", opt, num_warmup_steps=0, num_training_steps=steps)
+    noise_sched = DDPMScheduler.from_config(c.scheduler_config)
+
+    def tensor(f, scale):
+        return torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1).float() / scale
+    pixels = [tensor(f, 127.5) - 1 for f in files]
+    conds = [tensor(f.parent / "conditioning" / f.name, 255.0) for f in files]
+    captions = [f.with_suffix(".txt").read_text().strip() for f in files]
+    controlnet, opt, sched = acc.prepare(controlnet, opt, sched)
+    encodes, step = 0, 0
+    t0 = time.perf_counter()
+    while step < steps:
+        order = torch.randperm(len(files)).tolist()
+        for i in range(0, len(order) - batch + 1, batch):
+            idx = order[i:i + batch]
+            with acc.accumulate(controlnet):
+                latents = vae.encode(torch.stack([pixels[j] for j in idx])).latent_dist.sample()
+                latents = latents * vae.config.scaling_factor
+                encodes += len(idx)
+                noise = torch.randn_like(latents)
+                t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),)).long()
+                noisy = noise_sched.add_noise(latents, noise, t)
+                ids = tok([captions[j] for j in idx], max_length=tok.model_max_length, padding="max_length",
+                          truncation=True, return_tensors="pt").input_ids
+                hidden = te(ids, return_dict=False)[0]
+                down, mid = controlnet(noisy, t, encoder_hidden_states=hidden,
+                                       controlnet_cond=torch.stack([conds[j] for j in idx]), return_dict=False)
+                pred = unet(noisy, t, encoder_hidden_states=hidden, down_block_additional_residuals=down,
+                            mid_block_additional_residual=mid, return_dict=False)[0]
+                loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(controlnet.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+            if acc.sync_gradients:
+                step += 1
+                if step >= steps:
+                    break
+    return {"seconds": time.perf_counter() - t0, "encodes": encodes}
 
 
 def quality(args) -> None:
@@ -224,6 +307,7 @@ def main() -> None:
     p.add_argument("--quality", action="store_true",
                    help="steps to 70 %% concept adherence (demo model, held-out heart) instead of speed")
     p.add_argument("--every", type=int, default=250, help="--quality: steps between scored LoRAs")
+    p.add_argument("--controlnet", action="store_true", help="compare ControlNet training instead of LoRA")
     p.add_argument("--child", choices=("ours", "ref"))
     p.add_argument("--root")
     args = p.parse_args()
@@ -243,7 +327,7 @@ def main() -> None:
         for which in ("ref", "ours"):
             cmd = [sys.executable, "-m", "tests.benchmarks.bench_training", "--child", which, "--root", str(root),
                    "--steps", str(args.steps), "--images", str(args.images), "--batch", str(args.batch),
-                   "--targets", args.targets]
+                   "--targets", args.targets] + (["--controlnet"] if args.controlnet else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             runs[which].append(json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:]))
 
@@ -252,8 +336,8 @@ def main() -> None:
     speed = med("ours", "steps_per_s") / med("ref", "steps_per_s")
     rss = med("ours", "peak_rss_mb") / med("ref", "peak_rss_mb")
     per_image = runs["ours"][-1]["vae_encodes"] / args.images
-    print(f"steps={args.steps} images={args.images} batch={args.batch} rounds={args.rounds} "
-          f"our targets={args.targets}")
+    print(f"{'ControlNet' if args.controlnet else 'LoRA'} steps={args.steps} images={args.images} "
+          f"batch={args.batch} rounds={args.rounds}" + ("" if args.controlnet else f" our targets={args.targets}"))
     print(f"{'':28}{'ours':>10}{'reference':>12}{'ratio':>8}  target")
     print(f"{'steps/s':28}{med('ours', 'steps_per_s'):10.2f}{med('ref', 'steps_per_s'):12.2f}{speed:8.2f}  >= 1.0")
     print(f"{'peak RSS (MiB)':28}{med('ours', 'peak_rss_mb'):10.0f}{med('ref', 'peak_rss_mb'):12.0f}{rss:8.2f}  <= 1.0")
