@@ -91,6 +91,17 @@ def run_reference(root: Path, args) -> dict:
     return {"steps_per_s": args.steps / out["seconds"], "vae_encodes": out["encodes"], "images": args.images}
 
 
+def _example_batch(c, noise_sched, pixels: list, captions: list[str]):
+    """What diffusers' examples do every step: VAE-encode (a sample of the posterior), noise, text-encode."""
+    import torch
+    latents = c.vae.encode(torch.stack(pixels)).latent_dist.sample() * c.vae.config.scaling_factor
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(pixels),)).long()
+    ids = c.tokenizer(captions, max_length=c.tokenizer.model_max_length, padding="max_length", truncation=True,
+                      return_tensors="pt").input_ids
+    return noise_sched.add_noise(latents, noise, t), noise, t, c.text_encoder(ids, return_dict=False)[0]
+
+
 def reference_loop(ckpt: Path, files: list[Path], *, steps: int, batch: int, lr: float, rank: int, alpha: float,
                    save_every: int = 0, out_dir: Path | None = None, seed: int = 0) -> dict:
     """The training loop of diffusers' train_text_to_image_lora.py (peft LoRA on to_q/to_k/to_v/to_out.0 via
@@ -109,7 +120,7 @@ def reference_loop(ckpt: Path, files: list[Path], *, steps: int, batch: int, lr:
     torch.manual_seed(seed)
     acc = Accelerator(gradient_accumulation_steps=1, mixed_precision="no", cpu=True)
     c = load_single_file(str(ckpt))
-    unet, vae, te, tok = c.unet, c.vae, c.text_encoder, c.tokenizer
+    unet, vae, te = c.unet, c.vae, c.text_encoder
     for m in (unet, vae, te):
         m.requires_grad_(False)
     lora = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
@@ -131,15 +142,9 @@ def reference_loop(ckpt: Path, files: list[Path], *, steps: int, batch: int, lr:
         for i in range(0, len(order) - batch + 1, batch):
             idx = order[i:i + batch]
             with acc.accumulate(unet):
-                pix = torch.stack([pixels[j] for j in idx])
-                latents = vae.encode(pix).latent_dist.sample() * vae.config.scaling_factor
+                noisy, noise, t, hidden = _example_batch(c, noise_sched, [pixels[j] for j in idx],
+                                                         [captions[j] for j in idx])
                 encodes += len(idx)
-                noise = torch.randn_like(latents)
-                t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),)).long()
-                noisy = noise_sched.add_noise(latents, noise, t)
-                ids = tok([captions[j] for j in idx], max_length=tok.model_max_length, padding="max_length",
-                          truncation=True, return_tensors="pt").input_ids
-                hidden = te(ids, return_dict=False)[0]
                 pred = unet(noisy, t, hidden, return_dict=False)[0]
                 loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
                 acc.backward(loss)
@@ -179,7 +184,7 @@ def reference_controlnet_loop(ckpt: Path, files: list[Path], *, steps: int, batc
     torch.manual_seed(seed)
     acc = Accelerator(gradient_accumulation_steps=1, mixed_precision="no", cpu=True)
     c = load_single_file(str(ckpt))
-    unet, vae, te, tok = c.unet, c.vae, c.text_encoder, c.tokenizer
+    unet, vae, te = c.unet, c.vae, c.text_encoder
     for m in (unet, vae, te):
         m.requires_grad_(False)
     controlnet = ControlNetModel.from_unet(unet)
@@ -201,15 +206,9 @@ def reference_controlnet_loop(ckpt: Path, files: list[Path], *, steps: int, batc
         for i in range(0, len(order) - batch + 1, batch):
             idx = order[i:i + batch]
             with acc.accumulate(controlnet):
-                latents = vae.encode(torch.stack([pixels[j] for j in idx])).latent_dist.sample()
-                latents = latents * vae.config.scaling_factor
+                noisy, noise, t, hidden = _example_batch(c, noise_sched, [pixels[j] for j in idx],
+                                                         [captions[j] for j in idx])
                 encodes += len(idx)
-                noise = torch.randn_like(latents)
-                t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),)).long()
-                noisy = noise_sched.add_noise(latents, noise, t)
-                ids = tok([captions[j] for j in idx], max_length=tok.model_max_length, padding="max_length",
-                          truncation=True, return_tensors="pt").input_ids
-                hidden = te(ids, return_dict=False)[0]
                 down, mid = controlnet(noisy, t, encoder_hidden_states=hidden,
                                        controlnet_cond=torch.stack([conds[j] for j in idx]), return_dict=False)
                 pred = unet(noisy, t, encoder_hidden_states=hidden, down_block_additional_residuals=down,

@@ -48,6 +48,15 @@ def wait_text(page, elem_id: str, needle: str, timeout: int = TIMEOUT) -> None:
                            timeout=timeout)
 
 
+def at_64px(page) -> None:
+    """Open the bucket options and train at 64 px (the tiny models' size)."""
+    page.locator("#train_buckets").get_by_text("Buckets and caption options").click()
+    page.locator("#train_resolution input").wait_for(state="visible", timeout=TIMEOUT)
+    page.wait_for_timeout(500)                      # the opened accordion renders its fields once more
+    fill(page, "train_resolution", 64)
+    fill(page, "train_min_bucket_reso", 64)
+
+
 def test_train_tab_end_to_end(page, live, shoot, tmp_path):
     studio = live[1]
     page.get_by_role("tab", name="Train").click()
@@ -77,11 +86,7 @@ def test_train_tab_end_to_end(page, live, shoot, tmp_path):
     page.locator("#train_blip").click()
     wait_text(page, "train_import_report", "No BLIP captioner in")
     assert "captioners/blip-image-captioning-base" in text_of(page, "train_import_report")
-    page.locator("#train_buckets").get_by_text("Buckets and caption options").click()
-    page.locator("#train_resolution input").wait_for(state="visible", timeout=TIMEOUT)
-    page.wait_for_timeout(500)                      # the opened accordion renders its fields once more
-    fill(page, "train_resolution", 64)
-    fill(page, "train_min_bucket_reso", 64)
+    at_64px(page)
     fill(page, "train_max_bucket_reso", 128)
     page.locator("#train_bucket_report_button").click()
     wait_text(page, "train_bucket_report", "64x64")
@@ -175,11 +180,7 @@ def test_controlnet_training_from_the_tab(page, live, shoot, tmp_path):
     page.locator("#train_conditioning").wait_for(state="visible", timeout=TIMEOUT)
     assert page.locator("#train_rank").is_hidden() and page.locator("#train_token").is_hidden()
     assert "conditioning/" in text_of(page, "train_method_help")
-    page.locator("#train_buckets").get_by_text("Buckets and caption options").click()
-    page.locator("#train_resolution input").wait_for(state="visible", timeout=TIMEOUT)
-    page.wait_for_timeout(500)
-    fill(page, "train_resolution", 64)
-    fill(page, "train_min_bucket_reso", 64)
+    at_64px(page)
     fill(page, "train_learning_rate", 0.001)
     fill(page, "train_max_steps", 4)
     fill(page, "train_batch_size", 2)
