@@ -26,7 +26,7 @@ DEFAULT_OUT = TRAINED_FILE.with_name("demo-canny.safetensors")
 WORLD_SEED = 5               # training pictures; the eval uses EVAL_WORLD_SEED
 EVAL_WORLD_SEED = 4242
 EVAL_SEED = 2000
-RECIPE = {"learning_rate": 2e-4, "batch_size": 16, "max_steps": 3000, "caption_dropout": 0.5,
+RECIPE = {"learning_rate": 2e-4, "batch_size": 16, "max_steps": 10000, "caption_dropout": 0.5,
           "min_snr_gamma": 5.0, "resolution": 64, "seed": 0}
 CANNY = {"module": "canny", "processor_res": 64, "threshold_a": 100, "threshold_b": 200}
 OFF_CENTRE = ("top left", "top", "top right", "left", "right", "bottom left", "bottom", "bottom right")
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"run folder (default {DEFAULT_WORK})")
     p.add_argument("--steps", type=int, default=RECIPE["max_steps"], help="training steps in all")
     p.add_argument("--images", type=int, default=2048, help="world pictures in the training set")
-    p.add_argument("--save-every", type=int, default=250, help="steps between saved states and samples")
+    p.add_argument("--save-every", type=int, default=500, help="steps between saved states and samples")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the file to write (default {DEFAULT_OUT})")
     p.add_argument("--eval", type=int, nargs="?", const=20, default=None, metavar="N",
                    help="only score --out (or --candidate) on N pairs")

@@ -2,9 +2,8 @@
 with A1111 ControlNet units: the object goes where the edge map says while the prompt is silent on position.
 
 Pictures: ``tools.train_demo_controlnet.control_pairs`` (small / medium shapes away from the centre, 20 seeds); the
-scorer's object mask is compared with the control picture's. Measured (the model card): median IoU 0.67 at 5000
-steps with the unit, 0.00 without; guidance end 0.3 about 0.28.
-"""
+scorer's object mask is compared with the control picture's. Measured (the model card, 10000 steps): median IoU
+0.71 with the unit, 0.00 without, 0.30 with guidance end 0.3; two units: both squares drawn."""
 from __future__ import annotations
 
 import base64
