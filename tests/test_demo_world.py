@@ -168,9 +168,9 @@ def test_example_dataset_holds_a_held_out_concept_with_a_trigger(tmp_path):
     assert all(p.with_suffix(".txt").read_text().startswith("zkw, ") for p, _ in written)
 
 
-def test_placeholder_captions_never_name_the_concept(tmp_path):
+def test_stand_in_captions_never_name_the_concept(tmp_path):
     """Textual Inversion's captions: the made-up word stands where the shape's name would."""
-    written = write_example_dataset(tmp_path, "star", count=6, placeholder="zkw")
+    written = write_example_dataset(tmp_path, "star", count=6, stand_in="zkw")
     for p, label in written:
         text = p.with_suffix(".txt").read_text()
         assert label.shape == "star" and " zkw" in text and "star" not in text and not text.startswith("zkw,")

@@ -13,14 +13,14 @@ IMAGE_FORMATS = ("png", "jpg", "webp")
 
 def write_dataset(folder: str | os.PathLike, count: int, *, world: World | None = None, size=64, start: int = 0,
                   trigger: str | None = None, repeats: int | None = None, name: str = "world",
-                  image_format: str = "png", placeholder: tuple[str, str] | None = None
+                  image_format: str = "png", stand_in: tuple[str, str] | None = None
                   ) -> list[tuple[Path, Label]]:
     """Write ``count`` pictures of ``world`` (default: ``World()``) from index ``start`` into ``folder``, each
     ``NNNN.<format>`` with its caption beside it in ``NNNN.txt``.
 
     ``trigger`` is put in front of every caption ("zkw, a red heart on a blue background"), as kohya datasets do.
     With ``repeats`` the pictures go into the kohya sub-folder ``<repeats>_<name>``, which sets their repeats.
-    ``placeholder`` = (word, stand-in) writes the stand-in wherever the caption names the word.
+    ``stand_in`` = (word, made-up word) writes the stand-in wherever the caption names the word.
     Returns (image path, label) pairs; existing files of the same names are replaced.
     """
     if image_format not in IMAGE_FORMATS:
@@ -48,8 +48,8 @@ def write_dataset(folder: str | os.PathLike, count: int, *, world: World | None 
         image_path = stem.with_suffix(f".{image_format}")
         sample.image.save(image_path, **({} if image_format == "png" else {"quality": 95}))
         text = sample.caption
-        if placeholder:
-            text = re.sub(rf"\b{re.escape(placeholder[0])}\b", placeholder[1], text)
+        if stand_in:
+            text = re.sub(rf"\b{re.escape(stand_in[0])}\b", stand_in[1], text)
         text = f"{trigger.strip()}, {text}" if trigger else text
         stem.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
         written.append((image_path, sample.label))
@@ -58,13 +58,13 @@ def write_dataset(folder: str | os.PathLike, count: int, *, world: World | None 
 
 def write_example_dataset(folder: str | os.PathLike, concept: str = "heart", *, count: int = 16,
                           trigger: str = "zkw", seed: int = 0, size=64, repeats: int = 10,
-                          placeholder: str | None = None) -> list[tuple[Path, Label]]:
+                          stand_in: str | None = None) -> list[tuple[Path, Label]]:
     """The Train tab's example dataset: ``count`` pictures of one concept (by default the held-out heart, which
     the demo model has never seen) captioned "<trigger>, ...", in the kohya sub-folder ``<repeats>_<concept>``.
 
-    With ``placeholder`` the captions never name the concept: the made-up word stands where its name would
+    With ``stand_in`` the captions never name the concept: the made-up word stands where its name would
     ("a red zkw on a blue background"), the caption style of Textual Inversion, and no trigger is prepended.
     """
     return write_dataset(folder, count, world=World.of(concept, seed), size=size,
-                         trigger=None if placeholder else trigger, repeats=repeats, name=concept,
-                         placeholder=(concept, placeholder) if placeholder else None)
+                         trigger=None if stand_in else trigger, repeats=repeats, name=concept,
+                         stand_in=(concept, stand_in) if stand_in else None)

@@ -77,7 +77,7 @@ def world(tmp_path_factory):
     dataset = studio.training.datasets_dir() / "heart"
     write_example_dataset(dataset, "heart", count=16, trigger="zkw", repeats=10)
     ti_dataset = studio.training.datasets_dir() / "zkw-star"
-    write_example_dataset(ti_dataset, TI_CONCEPT, count=16, repeats=10, placeholder="zkw")
+    write_example_dataset(ti_dataset, TI_CONCEPT, count=16, repeats=10, stand_in="zkw")
     try:
         with serve(make_app(studio)) as url, httpx.Client(base_url=url, timeout=600) as client:
             yield SimpleNamespace(studio=studio, client=client, dataset=dataset, ti_dataset=ti_dataset)
