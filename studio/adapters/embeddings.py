@@ -139,12 +139,6 @@ def fit(ef: EmbeddingFile, components) -> tuple[dict[str, torch.Tensor] | None, 
     return {"text_encoder": t}, ""
 
 
-def _mtime(path: Path) -> int | None:
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return None
-
 
 class EmbeddingLibrary:
     """Embedding files on disk, parsed lazily and cached per file version (they are small)."""
@@ -167,22 +161,9 @@ class EmbeddingLibrary:
         root = Path(self.settings.embeddings_path)
         for _, path in scan_files([root], EMBEDDING_EXTS):
             paths.setdefault(path.stem, path)
-        dirs = {root, *(p.parent for p in paths.values())}
-        dirs.update(Path(d) for d, _, _ in os.walk(root, followlinks=True))
         with self._lock:
             self._paths = paths
             self._errors = {}
-            self._dir_times = {d: _mtime(d) for d in dirs}
-
-    def refresh_if_changed(self) -> bool:
-        """Rescan when a folder's mtime moved (a file added, removed or renamed), as A1111 checks before each
-        generation; a few stat calls otherwise."""
-        with self._lock:
-            times = dict(self._dir_times)
-        if all(_mtime(d) == t for d, t in times.items()):
-            return False
-        self.refresh()
-        return True
 
     def refresh_if_changed(self) -> bool:
         """Rescan when a file was added, removed or rewritten since the last scan (a stat walk)."""
@@ -194,6 +175,11 @@ class EmbeddingLibrary:
     def names(self) -> list[str]:
         with self._lock:
             return list(self._paths)
+
+    def path_of(self, name: str) -> Path | None:
+        """The file of the embedding named ``name`` (its stem), or None."""
+        with self._lock:
+            return self._paths.get(name)
 
     def file(self, name: str) -> EmbeddingFile | None:
         """The parsed file for a name (None if unreadable: see ``errors``)."""

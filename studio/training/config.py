@@ -60,6 +60,7 @@ class TrainConfig:
     train_unet: bool = True
     train_text_encoder: bool = False
     unet_targets: str = "transformer"     # transformer: attention + feed-forward + proj_in/out (kohya); attention
+    network_weights: str = ""             # refine: a LoRA / LyCORIS file (TI: an embedding) the run starts from
     # [optimizer]
     optimizer: str = "AdamW"
     learning_rate: float = 1e-4
@@ -153,8 +154,7 @@ class TrainConfig:
             c.output_dir = str(Path(c.models_dir) / c.output_kind)
         if not c.run_dir:
             c.run_dir = str(Path(c.models_dir).parent / "data" / "training" / c.output_name)
-        for name in ("base_model", "models_dir", "output_dir", "run_dir", "dataset_dir", "class_images_dir",
-                     "controlnet_init"):
+        for name in PATH_FIELDS:
             if getattr(c, name):
                 setattr(c, name, str(Path(getattr(c, name)).expanduser().resolve()))
         return c
@@ -231,6 +231,9 @@ class TrainConfig:
             if not self.dataset_dir or not Path(self.dataset_dir).is_dir():
                 raise bad("dataset_dir", f"Dataset folder {self.dataset_dir!r} not found.",
                           "give the folder with the training images")
+            if self.network_weights and not Path(self.network_weights).is_file():
+                raise bad("network_weights", f"Weights {self.network_weights!r} to refine not found.",
+                          "give a LoRA / LyCORIS file (an embedding for Textual Inversion), or leave it empty")
             if self.controlnet_init and not Path(self.controlnet_init).exists():
                 raise bad("controlnet_init", f"ControlNet {self.controlnet_init!r} not found.",
                           "give a ControlNet file or folder, or leave it empty to start from the base UNet")
@@ -298,7 +301,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "dataset": ("dataset_dir", "resolution", "enable_buckets", "min_bucket_reso", "max_bucket_reso", "bucket_step",
                 "min_image_side", "repeats", "flip", "shuffle_caption", "keep_tokens", "caption_dropout",
                 "caption_extension", "cache_latents"),
-    "network": ("rank", "alpha", "conv_rank", "conv_alpha", "train_unet", "train_text_encoder", "unet_targets"),
+    "network": ("rank", "alpha", "conv_rank", "conv_alpha", "train_unet", "train_text_encoder", "unet_targets",
+                "network_weights"),
     "optimizer": ("optimizer", "learning_rate", "unet_lr", "text_encoder_lr", "weight_decay", "lr_scheduler",
                   "lr_warmup_steps", "lr_num_cycles", "max_grad_norm"),
     "training": ("epochs", "max_steps", "batch_size", "grad_accum", "gradient_checkpointing", "mixed_precision",
@@ -309,6 +313,9 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "textual_inversion": ("token", "init_word", "num_vectors"),
     "controlnet": ("conditioning", "controlnet_init"),
 }
+# fields naming a file or folder: made absolute by ``resolved``, confined to the studio's folders for requests
+PATH_FIELDS = ("base_model", "models_dir", "output_dir", "run_dir", "dataset_dir", "class_images_dir",
+               "controlnet_init", "network_weights")
 SECTION_OF = {name: section for section, names in SECTIONS.items() for name in names}
 assert set(SECTION_OF) == {f.name for f in fields(TrainConfig)}, "every field belongs to one section"
 

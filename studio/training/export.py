@@ -67,15 +67,32 @@ def _te_name(name: str, part: str, family: str) -> str:
     return prefix + name.replace(".", "_")
 
 
-def _tensors_of(module, adapter: str) -> dict[str, torch.Tensor]:
+def tensors_of(module, adapter: str, *, detach: bool = True) -> dict[str, torch.Tensor]:
+    """A peft layer's adapter tensors by attribute (``lora_A``, ``hada_w1_a``...): fp32 CPU copies, or with
+    ``detach=False`` the parameters themselves (``refine`` writes into them)."""
     out = {}
     for attr in _LORA + _LOHA + _LOKR:
         holder = getattr(module, attr, None)
         if holder is None or adapter not in holder:
             continue
         t = holder[adapter]
-        out[attr] = (t.weight if isinstance(t, torch.nn.Module) else t).detach().float().cpu()
+        t = t.weight if isinstance(t, torch.nn.Module) else t
+        out[attr] = t.detach().float().cpu() if detach else t
     return out
+
+
+def layer_key(name: str, part: str, family: str, model) -> str:
+    """The kohya / LyCORIS key prefix of module ``name`` of ``part`` ("unet", "text_encoder"...)."""
+    return _unet_name(name, family, model) if part == "unet" else _te_name(name, part, family)
+
+
+def file_rank(t: dict[str, torch.Tensor]) -> int | None:
+    """The rank a layer's alpha is divided by (None: a LoKr layer with no decomposed factor, read at scale 1)."""
+    if "lora_A" in t:
+        return t["lora_A"].shape[0]
+    if "hada_w1_a" in t:
+        return t["hada_w1_b"].shape[0]
+    return next((t[k].shape[0] for k in ("lokr_w1_b", "lokr_w2_b") if k in t), None)
 
 
 def network_state_dict(modules: dict[str, Any], family: str, adapter: str = "default") -> dict[str, torch.Tensor]:
@@ -90,20 +107,16 @@ def network_state_dict(modules: dict[str, Any], family: str, adapter: str = "def
         for name, module in model.named_modules():
             if not isinstance(module, BaseTunerLayer):
                 continue
-            t = _tensors_of(module, adapter)
+            t = tensors_of(module, adapter)
             if not t:
                 continue
-            key = _unet_name(name, family, model) if part == "unet" else _te_name(name, part, family)
+            key = layer_key(name, part, family, model)
             scaling = float(module.scaling[adapter])
+            rank = file_rank(t)
             if "lora_A" in t:
                 out[f"{key}.lora_down.weight"] = t["lora_A"]
                 out[f"{key}.lora_up.weight"] = t["lora_B"]
-                rank = t["lora_A"].shape[0]
-            elif "hada_w1_a" in t:
-                out.update({f"{key}.{k}": v for k, v in t.items()})
-                rank = t["hada_w1_b"].shape[0]
             else:
-                rank = next((t[k].shape[0] for k in ("lokr_w1_b", "lokr_w2_b") if k in t), None)
                 if rank is None:
                     t["lokr_w2"] = t["lokr_w2"] * scaling
                     rank, scaling = 1, 1.0
@@ -198,6 +211,9 @@ def lora_metadata(cfg: TrainConfig, info: RunInfo) -> dict[str, str]:
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(info.finished_at or time.time())),
         "modelspec.prediction_type": "v" if v else "epsilon",
     }
+    if cfg.network_weights:
+        meta["studio.refined_from"] = Path(cfg.network_weights).name
+        meta["ss_training_comment"] += f", refined from {Path(cfg.network_weights).name}"
     if args:   # kohya writes it only when network arguments were given
         meta["ss_network_args"] = json.dumps(args)
     # an embedding is triggered by its file name (A1111), not by the placeholder token it was trained with

@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import paths
 from ..errors import StudioError
-from .config import SECTION_OF, TrainConfig
+from .config import PATH_FIELDS, SECTION_OF, TrainConfig
 from .dataset import DatasetScan, ImportReport, import_into, scan_dataset
 from .lifetime import describe_owner, lock_owner, locked_error
 from .runner import TrainingQueue
@@ -62,11 +62,13 @@ class TrainingService:
             cfg.controlnet_init = ""                       # the ControlNet lists' "None": start from the base UNet
         if cfg.controlnet_init:
             cfg.controlnet_init = self._controlnet(cfg.controlnet_init, confined)
+        if cfg.network_weights:
+            cfg.network_weights = self._weights(cfg.network_weights, cfg.is_ti, confined)
         if confined:
             cfg.output_name = paths.plain_name(cfg.output_name, "output.output_name")
         cfg.run_dir = cfg.run_dir or str((self.runs_dir / cfg.output_name).resolve())
         if confined:
-            for name in ("models_dir", "output_dir", "run_dir", "dataset_dir", "class_images_dir", "controlnet_init"):
+            for name in PATH_FIELDS[1:]:                   # the base model was confined above
                 if getattr(cfg, name):
                     self.confine(getattr(cfg, name), f"{SECTION_OF[name]}.{name}")
             prompts = cfg.sample_prompts
@@ -90,6 +92,24 @@ class TrainingService:
         if given.is_absolute() or ".." in given.parts or given.exists():
             return str(self.confine(value, field)) if confined else value
         return str(self.studio.controlnets.find(value, field).path)
+
+    def _weights(self, value: str, ti: bool, confined: bool) -> str:
+        """Weights to refine: a path, or a name from models/Lora (models/embeddings for TI)."""
+        given = Path(value).expanduser()
+        if given.is_absolute() or ".." in given.parts or given.exists():
+            return str(self.confine(value, "network.network_weights")) if confined else value
+        if ti:
+            self.studio.embeddings.refresh_if_changed()
+            path = self.studio.embeddings.path_of(value)
+        else:
+            self.studio.loras.refresh_if_changed()
+            hit = self.studio.loras.find(value)
+            path = hit and hit.path
+        if path is None:
+            kind = "embedding in models/embeddings" if ti else "LoRA in models/Lora"
+            raise StudioError(f"No {kind} named {value!r} to refine.", field="network.network_weights",
+                              fix="pick a finished run's output, or give the file's path")
+        return str(path)
 
     def write_config(self, cfg: TrainConfig | dict, *, confined: bool = False) -> Path:
         cfg = self.complete(cfg, confined=confined)

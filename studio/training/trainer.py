@@ -118,6 +118,12 @@ class Trainer:
         for ps in self.net.params.values():
             for p in ps:
                 p.data = p.data.float()   # trained tensors stay fp32 whatever the frozen weights are
+        if cfg.network_weights:
+            from .refine import apply_network_weights
+            got = apply_network_weights(self.net, cfg.network_weights, c.family)
+            if self.acc.is_main_process:      # the child's stdout is the run's log
+                new = f", {got['new']} new (not in the file: they start at zero)" if got["new"] else ""
+                print(f"refining {Path(cfg.network_weights).name}: {got['loaded']} layer(s) loaded{new}", flush=True)
         if cfg.is_ti and self.weight_dtype != torch.float32:
             # TI's fp32 table inside a half-precision encoder: its rows enter the encoder at the encoder's dtype
             # (autocast alone does not do it: on the CPU it leaves layer_norm to fail on fp32 inputs)
