@@ -63,12 +63,16 @@ def test_caption_table_edits_and_bucket_report(tmp_path):
     ds = write_dataset(tmp_path / "data" / "datasets" / "ds", 2, sizes=[(64, 64), (128, 64)])   # a studio folder
     svc = TrainingService(SimpleNamespace(settings=SimpleNamespace(data_dir=str(tmp_path / "data"))))
     scan = [str(ds), 32, 1, ".txt"]
-    (thumbs, rows, tags), summary = _view(svc, *scan)
+    (thumbs, rows, tags, versions), summary = _view(svc, *scan)
     assert [r[0] for r in rows] == ["img0.png", "img1.png"] and len(thumbs) == 2
     assert ["shp", 2] in tags and "2 image(s)" in summary
+    assert [v[:3] for v in versions] == [[1, versions[0][1], 2]] and versions[0][3] == "+2 image(s)"
     rows[1][1] = "shp, a wide square"
     assert _write_table(svc, rows, *scan) == 1                      # only the edited caption is rewritten
     assert (ds / "img1.txt").read_text().strip() == "shp, a wide square"
+    versions = _view(svc, *scan)[0][3]                              # newest first
+    assert [v[0] for v in versions] == [2, 1] and versions[0][3] == "1 caption(s) changed"
+    assert _view(svc, *scan)[0][3] == versions                      # an unchanged folder is no new version
     report = _bucket_report(svc, 64, True, 64, 128, 64, *scan)
     assert "img0.png" in report and "img1.png" in report and "64x64" in report
     assert "centre crop at 64×64" in _bucket_report(svc, 64, False, 64, 128, 64, *scan)
@@ -83,8 +87,9 @@ def test_finished_stop_clears_stopping_note_and_says_stopped(tmp_path):
                                            "losses": [(20, 0.1)], "samples": [], "log": "", "loss": 0.1})
     job = {"id": "j1", "process": proc, "state": "stopped", "error": None, "config": ""}
     svc = SimpleNamespace(status=lambda: {"current": None, "queued": []}, queue=SimpleNamespace(finished=[job]),
-                          history=lambda: [])
-    names = ("progress", "loss", "samples", "log", "result", "try", "history", "state", "timer", "error")
+                          history=lambda: [], finished_runs=lambda: [])
+    names = ("progress", "loss", "samples", "log", "result", "try", "history", "state", "timer", "error",
+             "refine_run")
     r = {n: type("Widget", (), {"name": n})() for n in names}      # hashable stand-ins
     out = tick(SimpleNamespace(training=svc), r, {"job": "j1"})
     assert out[r["error"]] == ""
@@ -100,8 +105,9 @@ def test_stop_before_the_first_step_is_a_note_not_an_error(tmp_path):
                                            "losses": [], "samples": [], "log": "", "loss": None})
     job = {"id": "j1", "process": proc, "state": "stopped", "error": None, "config": ""}
     svc = SimpleNamespace(status=lambda: {"current": None, "queued": []}, queue=SimpleNamespace(finished=[job]),
-                          history=lambda: [])
-    names = ("progress", "loss", "samples", "log", "result", "try", "history", "state", "timer", "error")
+                          history=lambda: [], finished_runs=lambda: [])
+    names = ("progress", "loss", "samples", "log", "result", "try", "history", "state", "timer", "error",
+             "refine_run")
     r = {n: type("Widget", (), {"name": n})() for n in names}
     out = tick(SimpleNamespace(training=svc), r, {"job": "j1"})
     assert "before the first training step" in out[r["result"]]

@@ -25,6 +25,7 @@ from studio.request import GenerationRequest
 from studio.samplers import SAMPLERS, SCHEDULE_TYPES
 from webui.common import TokenCounter, error_html, note_html
 from webui.icons import icon_button
+from webui.model_lists import model_list
 
 POLL_SECONDS = 0.2
 SEND_TARGETS = (("img2img", "Send to img2img"), ("inpaint", "Send to inpaint"), ("controlnet", "Send to ControlNet"))
@@ -122,12 +123,20 @@ def output_panel(prefix: str, studio: Any, folder: str) -> dict:
                        for target, label in SEND_TARGETS}
         open_folder = icon_button("Open outputs folder", "folder", text=True, elem_id=f"{prefix}_open_folder",
                                   size="sm", min_width=160)
+    with gr.Row(elem_id=f"{prefix}_dataset_row", elem_classes=["send-row"], equal_height=True):
+        out["dataset"] = model_list(gr.Dropdown(studio.training.dataset_names(), value=None, allow_custom_value=True,
+                                                label="Dataset (pick one, or type a new name)", scale=3,
+                                                elem_id=f"{prefix}_dataset", min_width=160), "dataset")
+        out["send_dataset"] = gr.Button("Send to dataset", elem_id=f"{prefix}_send_dataset", size="sm", scale=1,
+                                        min_width=120)
     path = Path(studio.settings.outdir).resolve() / f"{folder}-images"
     folder_note = gr.Markdown(f"Saved to `{path}`", elem_id=f"{prefix}_folder")
     out["info"] = gr.HTML("", elem_id=f"{prefix}_info")
     out["job_state"] = gr.State(None)    # this page's job id, so Interrupt/Skip act on its own job
     out["results"] = gr.State({"seeds": [], "infotexts": [], "paths": [], "selected": 0})
     out["gallery"].select(_select_image, out["results"], [out["results"], out["info"]], **HIDDEN)
+    out["send_dataset"].click(lambda results, name: send_to_dataset(studio, results, name),
+                              [out["results"], out["dataset"]], [out["note"], out["dataset"]], **HIDDEN)
     open_folder.click(lambda: _open_folder(path), None, folder_note, **HIDDEN)
     return out
 
@@ -269,6 +278,26 @@ def info_html(state: dict) -> str:
     body = html.escape(texts[i]).replace("\n", "<br>")
     notes = "".join(f"<p class='studio-note'>{html.escape(n)}</p>" for n in state.get("notes", []))
     return f"<div class='studio-infotext'><p class='infotext'>{body}</p>{notes}</div>"
+
+
+def send_to_dataset(studio: Any, results: dict | None, dataset: str) -> tuple[str, Any]:
+    """The selected picture into a dataset with its prompt as the caption (``TrainingService.add_to_dataset``):
+    the note says where it went and the dataset's version now."""
+    path, text = selected(results)
+    if not path:
+        return note_html("Nothing to send: make or select an image first."), gr.update()
+    if not (dataset or "").strip():
+        return error_html("Pick a dataset, or type a new name, then Send to dataset."), gr.update()
+    try:
+        target, caption, version, added = studio.training.add_to_dataset(dataset.strip(), path, infotext=text)
+    except StudioError as exc:
+        return error_html(str(exc)), gr.update()
+    where = html.escape(f"{target.parent.name}/{target.name}")
+    if not added:
+        return note_html(f"Already in the dataset as {where}; nothing added."), gr.update()
+    return (note_html(f"Added {where} to {html.escape(dataset.strip())} (version {version['version']}, "
+                      f"{version['images']} pictures), caption: {html.escape(caption) or '(none)'}"),
+            gr.update(choices=studio.training.dataset_names(), value=dataset.strip()))
 
 
 def selected(state: dict | None) -> tuple[str | None, str]:

@@ -32,6 +32,10 @@ def _bake_vaes(studio: Any) -> list[str]:
     return ["None", *[v.name for v in studio.registry.vaes()]]
 
 
+def _datasets(studio: Any) -> list[str]:
+    return studio.training.dataset_names()
+
+
 @dataclass(frozen=True)
 class Provider:
     choices: Callable[[Any], list]
@@ -44,6 +48,7 @@ PROVIDERS: dict[str, Provider] = {
     "bake_vae": Provider(_bake_vaes, "None"),
     "lora": Provider(_loras),
     "controlnet": Provider(_controlnets, "None"),
+    "dataset": Provider(_datasets),
 }
 
 

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 THUMB = 160                 # px, longest side of a caption-editor thumbnail
 MAX_LISTED = 30             # refused / skipped files listed one by one (the rest are counted)
 SCAN_FIELDS = ("dataset_dir", "min_image_side", "repeats", "caption_extension")
+VIEWS = 4                   # what _view gives: thumbnails, caption rows, tag rows, version rows
+VERSION_COLUMNS = ("version", "recorded", "images", "changes", "runs")
 BUCKET_FIELDS = ("resolution", "enable_buckets", "min_bucket_reso", "max_bucket_reso", "bucket_step")
 
 
@@ -57,6 +59,11 @@ def build(studio: Any, f: dict) -> dict:
                                       label="Captions (edit the caption column, then Save captions)",
                                       elem_id="train_captions", column_widths=["30%", "70%"])
             d["save"] = gr.Button("Save captions", elem_id="train_save_captions", size="sm")
+    with gr.Accordion("Versions of this dataset (what each run read)", open=False, elem_id="train_versions_box"):
+        d["versions"] = gr.Dataframe(headers=list(VERSION_COLUMNS), datatype=["number", "str", "number", "str", "str"],
+                                     value=[], interactive=False, max_height=220, elem_id="train_versions",
+                                     label="A new version is recorded whenever the folder's pictures or captions "
+                                           "changed; runs list the trainings that read it (newest last)")
     with gr.Accordion("Bulk caption tools, tag frequency, BLIP", open=True, elem_id="train_caption_tools"):
         with gr.Row():
             d["trigger"] = gr.Textbox("", label="Trigger word (added once, first)", elem_id="train_trigger")
@@ -106,7 +113,7 @@ def build(studio: Any, f: dict) -> dict:
 
 def _wire(studio: Any, f: dict, d: dict) -> None:
     scan_in = [f[n] for n in SCAN_FIELDS]
-    outs = [d["thumbs"], d["table"], d["tags"], d["report"], f["dataset_dir"]]
+    outs = [d["thumbs"], d["table"], d["tags"], d["versions"], d["report"], f["dataset_dir"]]
     svc = studio.training
 
     def handler(action, n_inputs: int):
@@ -120,10 +127,10 @@ def _wire(studio: Any, f: dict, d: dict) -> None:
                     scan[0] = folder
                 view, summary = _view(svc, *scan)
             except StudioError as exc:
-                return [gr.update()] * 3 + [error_html(str(exc)), gr.update()]
+                return [gr.update()] * VIEWS + [error_html(str(exc)), gr.update()]
             except Exception as exc:  # noqa: BLE001 - e.g. a broken captioner model: a message, not a traceback
                 log.exception("Dataset action %s failed", action.__name__)
-                return [gr.update()] * 3 + [error_html(f"{type(exc).__name__}: {exc}"), gr.update()]
+                return [gr.update()] * VIEWS + [error_html(f"{type(exc).__name__}: {exc}"), gr.update()]
             return [*view, summary + text, folder or gr.update()]
         return fn
 
@@ -174,7 +181,7 @@ def _wire(studio: Any, f: dict, d: dict) -> None:
 
     def on_drop(*values):
         out = dropped(*values)
-        return [*out, gr.update() if "studio-error" in str(out[3]) else None]
+        return [*out, gr.update() if "studio-error" in str(out[VIEWS]) else None]
     d["files"].upload(on_drop, [d["files"], d["name"], *scan_in], [*outs, d["files"]], api_visibility="private")
     bucket_in = [f[n] for n in BUCKET_FIELDS]
     d["bucket_button"].click(lambda *a: _bucket_report(svc, *a), [*bucket_in, *scan_in], d["buckets"], **HIDDEN)
@@ -219,12 +226,12 @@ def wire_example(studio: Any, f: dict, d: dict) -> None:
             v = example_values(studio)
             view, summary = _view(studio.training, v["dataset_dir"], *scan[1:])
         except (StudioError, OSError) as exc:
-            return [gr.update()] * (len(names) + 5) + [error_html(str(exc))]
+            return [gr.update()] * (len(names) + 2 + VIEWS) + [error_html(str(exc))]
         fields = [v[n] if v[n] is not None else gr.update() for n in names]
         return [*fields, v["trigger"], *view, summary + note_html(v["message"])]
 
     d["example"].click(run, scan_in, [*[f[n] for n in names], d["trigger"], d["thumbs"], d["table"], d["tags"],
-                                      d["report"]], api_visibility="private")
+                                      d["versions"], d["report"]], api_visibility="private")
 
 
 def import_action(svc: Any, files, source, name) -> tuple[str, str]:
@@ -261,14 +268,24 @@ def _scan(svc: Any, folder, *rest):
     return svc.scan(folder, _scan_cfg(folder, *rest))
 
 
+def version_rows(versions: list[dict]) -> list[list]:
+    from studio.training.versions import describe
+    return [[v["version"], v["time"], v["images"], describe(v), ", ".join(v.get("runs") or [])]
+            for v in reversed(versions)]
+
+
 def _view(svc: Any, folder, *rest) -> tuple[list, str]:
-    """(thumbnails, caption rows, tag rows) and the HTML list of skipped files."""
+    """(thumbnails, caption rows, tag rows, version rows) and the HTML list of skipped files. The folder's
+    version is recorded here: every view is of what training would read now."""
     from PIL import Image
     from studio.training.captions import tag_frequency
 
     if not (folder or "").strip():
-        return [[], [], []], ""
+        return [[], [], [], []], ""
     scan = _scan(svc, folder, *rest)
+    root = svc.confine(folder.strip(), "dataset.dataset_dir")
+    svc.versions.record(root, scan)
+    versions = svc.versions.versions(root)
     root = Path(folder).resolve()
     thumbs, rows = [], []
     for item in scan.items:
@@ -284,7 +301,7 @@ def _view(svc: Any, folder, *rest) -> tuple[list, str]:
     tag_rows = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     skipped = [(Path(p).name, why) for p, why in scan.skipped]
     summary = note_html(f"{len(scan.items)} image(s), {scan.num_images} per epoch with repeats.")
-    return [thumbs, rows, [list(r) for r in tag_rows]], summary + _listing("Skipped", skipped)
+    return [thumbs, rows, [list(r) for r in tag_rows], version_rows(versions)], summary + _listing("Skipped", skipped)
 
 
 def _listing(title: str, entries: list[tuple[str, str]]) -> str:

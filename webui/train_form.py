@@ -106,13 +106,19 @@ def method_section(f: dict, studio: Any = None) -> dict:
                 info="None: a copy of the base UNet; or a ControlNet of models/ControlNet to train further",
                 elem_id="train_controlnet_init", scale=2), "controlnet")
 
+    with gr.Group(visible=True) as groups["refine"]:
+        _text("network_weights", "Refine from (empty: start new)", f,
+              placeholder="a LoRA name of models/Lora (an embedding for TI) or a file path: the run starts from "
+                          "its weights; Refine in the Run panel fills it")
+
     def show(method: str):
         ti, cn = method == "textual_inversion", method == "controlnet"
         return (METHOD_HELP.get(method, ""), gr.update(visible=not ti and not cn),
-                gr.update(visible=method == "dreambooth_lora"), gr.update(visible=ti), gr.update(visible=cn))
+                gr.update(visible=method == "dreambooth_lora"), gr.update(visible=ti), gr.update(visible=cn),
+                gr.update(visible=not cn))
 
     f["method"].change(show, f["method"], [help_md, groups["network"], groups["dreambooth"], groups["ti"],
-                                           groups["controlnet"]], **HIDDEN)
+                                           groups["controlnet"], groups["refine"]], **HIDDEN)
     return groups
 
 

@@ -50,7 +50,12 @@ def build(studio: Any) -> dict:
         r["config_file"] = gr.File(None, label="run.toml (download, or drop one to load)", file_types=[".toml"],
                                    elem_id="train_config_file", height=90)
         r["config_note"] = gr.HTML("", elem_id="train_config_note")
-    r["history"] = gr.HTML("", elem_id="train_history")
+    r["history"] = gr.HTML(history_html(studio.training.history()), elem_id="train_history")
+    with gr.Row(equal_height=True):
+        r["refine_run"] = gr.Dropdown(refine_choices(studio), value=None, label="Finished run",
+                                      elem_id="train_refine_run", scale=3)
+        r["refine"] = gr.Button("Refine from this run", elem_id="train_refine", scale=2, min_width=120)
+    r["refine_note"] = gr.HTML("", elem_id="train_refine_note")
     r["timer"] = gr.Timer(TICK_SECONDS, active=True)   # first tick on page load: adopt a running training
     # {"job": id this page follows, "n": losses shown, "samples": {src: cached copy}, "log": text, "try": {...}}
     r["state"] = gr.State({})
@@ -118,6 +123,20 @@ def wire(studio: Any, f: dict, r: dict) -> None:
             return [fail(exc)] + [gr.update()] * len(names)
         return [note_html(f"Loaded {Path(source).name}.")] + train_form.config_updates(studio, names, cfg)
 
+    def refine(run):
+        if not run:
+            return [note_html("Pick a finished run first.")] + [gr.update()] * len(names)
+        try:
+            cfg = svc.refine_config(run)
+        except StudioError as exc:
+            return [fail(exc)] + [gr.update()] * len(names)
+        start = Path(cfg.controlnet_init or cfg.network_weights).name
+        msg = (f"Refining {html.escape(run)}: the run starts from {html.escape(start)} and saves "
+               f"{html.escape(cfg.output_name)}. Point the dataset folder at the pictures to refine on (e.g. the "
+               "ones sent from a gallery), set the steps, then Start.")
+        return [note_html(msg)] + train_form.config_updates(studio, names, cfg)
+
+    r["refine"].click(refine, r["refine_run"], [r["refine_note"], *widgets], api_visibility="private")
     r["save_config"].click(save_config, widgets, [r["config_note"], r["config_path"], r["config_file"]],
                            api_visibility="private")
     # the button reads the typed path; dropping a file loads that file (the box also holds Save's download)
@@ -200,7 +219,8 @@ def tick(studio: Any, r: dict, state: dict) -> dict:
 def _finished(studio: Any, r: dict, state: dict, info: dict) -> dict:
     outputs = info.get("outputs") or []
     final = [p for p in outputs if not re.search(r"-\d{6}\.safetensors$", p)] or outputs
-    out = {r["history"]: history_html(studio.training.history())}
+    out = {r["history"]: history_html(studio.training.history()),
+           r["refine_run"]: gr.update(choices=refine_choices(studio))}
     if info.get("state") == "stopped" and not final and not info.get("error"):
         # stopped before the first step (class images, caching): nothing to save, and nothing went wrong
         out[r["result"]] = note_html("Stopped before the first training step; nothing was written.")
@@ -246,17 +266,24 @@ def _bar(text: str, pct: int, state: str = "idle") -> str:
             f"style='width:{pct}%'></div><span class='studio-progress-text'>{html.escape(text)}</span></div>")
 
 
+def refine_choices(studio: Any) -> list[tuple[str, str]]:
+    return [(f"{run} · {final.name}", run) for run, final in studio.training.finished_runs()]
+
+
 def history_html(history: list[dict]) -> str:
     rows = []
     for h in history[:8]:
         name = Path(h["config"]).parent.name
         outs = ", ".join(Path(p).name for p in h.get("outputs", [])[-1:])
+        data = h.get("dataset") or {}
+        read = (f"{Path(data['dataset_dir']).name} v{data['version']} ({data['images']} images)"
+                if data.get("version") else "")
         rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(h['state']))}</td>"
-                    f"<td>{html.escape(outs)}</td></tr>")
+                    f"<td>{html.escape(outs)}</td><td>{html.escape(read)}</td></tr>")
     if not rows:
         return ""
     return ("<details class='studio-note'><summary>Recent runs</summary><table class='studio-params'>"
-            f"<tr><th>run</th><th>state</th><th>output</th></tr>{''.join(rows)}</table></details>")
+            f"<tr><th>run</th><th>state</th><th>output</th><th>dataset</th></tr>{''.join(rows)}</table></details>")
 
 
 # ---- "Try it" ----------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from ..errors import StudioError
+from .imagedata import decode_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..app import Studio
@@ -39,6 +40,22 @@ class TrainStatusResponse(BaseModel):
     queued: list[dict[str, Any]] = Field(default_factory=list)
     last: Optional[dict[str, Any]] = Field(None, description="The most recent finished job of this session "
                                                              "(same fields as current, without the log)")
+
+
+class DatasetAddRequest(BaseModel):
+    dataset: str = Field(description="A dataset name (data/datasets/<name>, created when new) or its folder")
+    image: str = Field(description="The picture, base64 (PNG / JPEG / WEBP)")
+    caption: Optional[str] = Field(None, description="The caption; null: the prompt of infotext / of the PNG")
+    infotext: Optional[str] = Field(None, description="A1111 parameters of the picture (a txt2img answer's info)")
+    name: Optional[str] = Field(None, description="File name wanted (without extension)")
+
+
+class DatasetAddResponse(BaseModel):
+    path: str = Field(description="The picture's file in the dataset")
+    caption: str = Field(description="The caption written beside it")
+    added: bool = Field(description="False when the same picture was there already")
+    version: int = Field(description="The dataset's version now")
+    images: int = Field(description="Pictures in the dataset now")
 
 
 _START_EXAMPLE = {"base_model": "v1-5-pruned-emaonly.safetensors", "dataset_dir": "data/datasets/mychar",
@@ -85,6 +102,41 @@ def register_training(r: APIRouter, studio: "Studio") -> None:
     def history() -> list:
         return svc.history()
 
+    async def datasets() -> list:
+        def listing() -> list:
+            from ..training.versions import describe
+            out = []
+            for name in svc.dataset_names():
+                folder = svc.datasets_dir() / name
+                versions = svc.versions.versions(folder) or [svc.record_version(folder)]
+                out.append({"name": name, "path": str(folder), "images": versions[-1]["images"],
+                            "versions": [{**{k: v[k] for k in ("version", "time", "images", "runs")},
+                                          "changes": describe(v)} for v in versions]})
+            return out
+        return await run_in_threadpool(listing)
+
+    async def add(body: DatasetAddRequest) -> dict:
+        def put() -> dict:
+            import tempfile
+            import io
+
+            from PIL import Image
+            raw, image = decode_file(body.image, "image")      # a real image within the size limit, or 422
+            with Image.open(io.BytesIO(raw)) as head:
+                kind = head.format
+            suffix = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}.get(kind or "", ".png")
+            with tempfile.TemporaryDirectory() as tmp:
+                src = Path(tmp) / f"{Path(body.name or 'api').name}{suffix}"
+                if kind in ("PNG", "JPEG", "WEBP"):
+                    src.write_bytes(raw)                       # the file as sent: its infotext stays with it
+                else:
+                    image.convert("RGB").save(src, format="PNG")
+                path, caption, version, added = svc.add_to_dataset(body.dataset, src, body.caption,
+                                                                   infotext=body.infotext or "")
+            return {"path": str(path), "caption": caption, "added": added, "version": version["version"],
+                    "images": version["images"]}
+        return await run_in_threadpool(put)
+
     tags = ["training"]
     r.add_api_route("/sdapi/v1/train/start", start, methods=["POST"], response_model=TrainStartResponse, tags=tags,
                     summary="Queue a training run (studio extension)",
@@ -96,5 +148,11 @@ def register_training(r: APIRouter, studio: "Studio") -> None:
                     summary="Stop the running training (it saves its state and a usable file first)")
     r.add_api_route("/sdapi/v1/train/status", status, methods=["GET"], response_model=TrainStatusResponse,
                     tags=tags, summary="Progress, losses, samples and log of the running training")
+    r.add_api_route("/sdapi/v1/train/datasets", datasets, methods=["GET"], response_model=list[dict[str, Any]],
+                    tags=tags, summary="Datasets in data/datasets with their versions (and the runs that read each)")
+    r.add_api_route("/sdapi/v1/train/datasets/add", add, methods=["POST"], response_model=DatasetAddResponse,
+                    tags=tags, summary="Add a picture to a dataset (created when new), captioned with its prompt",
+                    description="The caption is `caption`, else the prompt of `infotext`, else of the PNG's own "
+                                "parameters, without extra-network tags. The same picture twice is kept once.")
     r.add_api_route("/sdapi/v1/train/history", history, methods=["GET"], response_model=list[dict[str, Any]],
                     tags=tags, summary="Runs of this session (newest first), then run folders found on disk")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -52,6 +53,13 @@ def set_caption(item: ImageItem, caption: str, extension: str = ".txt") -> Path:
     write_text(path, item.caption + "\n")
     item.caption_path = path
     return path
+
+
+def caption_from_prompt(prompt: str) -> str:
+    """A generation prompt as a training caption: extra-network tags (``<lora:name:1>``, ``<lyco:...>``) go (a
+    refined LoRA must not be asked to load itself), the rest stays as written, tidied into ``a, b, c`` tags."""
+    text = re.sub(r"<[^<>:]+:[^<>]*>", " ", prompt or "")
+    return join_tags(" ".join(t.split()) for t in split_tags(text))
 
 
 def tag_frequency(items: list[ImageItem]) -> dict[str, dict[str, int]]:

@@ -166,6 +166,33 @@ def import_into(source: str | os.PathLike | list, dest: str | os.PathLike) -> Im
     return import_files([src], dest)
 
 
+def add_image(root: str | os.PathLike, image, name: str, caption: str, extension: str = ".txt", *,
+              infotext: str = "") -> Path:
+    """Put one picture (a PIL image, or a PNG / JPEG file copied as it is, infotext included) with its caption
+    into a dataset folder: into its only ``N_name`` sub-folder when the pictures live there (its repeats then
+    apply), else the folder itself. ``name`` is the file stem wanted; ``-2``, ``-3``... keep earlier files.
+    A PIL image is written as PNG with ``infotext`` as its "parameters" (how it was made stays with it)."""
+    from ..infotext import png_text
+    from .atomic import write_text, write_with
+    root = Path(root)
+    subs = [d for d in root.iterdir() if d.is_dir() and _REPEATS.match(d.name)] if root.is_dir() else []
+    loose = root.is_dir() and any(p.suffix.lower() in IMAGE_EXTS for p in root.iterdir() if p.is_file())
+    folder = subs[0] if len(subs) == 1 and not loose else root
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = Path(image).suffix.lower() if isinstance(image, (str, os.PathLike)) else ".png"
+    stem = re.sub(r"[^\w.-]+", "_", name).strip("._") or "image"
+    target, n = folder / f"{stem}{suffix}", 1
+    while target.exists() or target.with_suffix(extension).exists():
+        n += 1
+        target = folder / f"{stem}-{n}{suffix}"
+    if isinstance(image, (str, os.PathLike)):
+        write_with(target, lambda p: shutil.copyfile(image, p))
+    else:
+        write_with(target, lambda p: image.save(p, format="PNG", pnginfo=png_text(infotext) if infotext else None))
+    write_text(target.with_suffix(extension), caption.strip() + "\n")
+    return target
+
+
 # ---- scan ------------------------------------------------------------------------------------------------------
 def read_caption(image: Path, extension: str = ".txt") -> tuple[str, Path | None]:
     for ext in dict.fromkeys((extension,) + CAPTION_EXTS):

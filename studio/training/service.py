@@ -25,6 +25,8 @@ class TrainingService:
     def __init__(self, studio, num_processes: int = 1):
         self.studio = studio
         self.settings = studio.settings
+        from .versions import DatasetVersions
+        self.versions = DatasetVersions(Path(self.settings.data_dir) / "dataset_versions")
         self.queue = TrainingQueue(before_start=self._before_start, after_end=self._after_end,
                                    num_processes=num_processes)
 
@@ -125,6 +127,68 @@ class TrainingService:
         dest = self.datasets_dir() / paths.plain_name(name, "dataset_name")
         return dest, import_into(source, dest)
 
+    def dataset_names(self) -> list[str]:
+        """The datasets in data/datasets (what "Send to dataset" offers)."""
+        root = self.datasets_dir()
+        return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) \
+            if root.is_dir() else []
+
+    def dataset_folder(self, dataset: str, field: str = "dataset") -> Path:
+        """A dataset by name (data/datasets/<name>, created when new) or by folder path (inside the studio's
+        folders)."""
+        dataset = (dataset or "").strip()
+        if not dataset:
+            raise StudioError("No dataset named.", field=field, fix="pick a dataset or type a new name")
+        if "/" in dataset or "\\" in dataset:
+            return self.confine(dataset, field)
+        return self.datasets_dir() / paths.plain_name(dataset, field)
+
+    def add_to_dataset(self, dataset: str, image, caption: str | None = None, *, infotext: str = "",
+                       name: str = "") -> tuple[Path, str, dict, bool]:
+        """One picture (a file path or a PIL image) into a dataset, captioned with ``caption`` or else the prompt
+        of its infotext (given, or read from the file): (the file, its caption, the dataset's version now,
+        whether it was added). The same picture twice is kept once."""
+        from PIL import Image, UnidentifiedImageError
+        from ..infotext import parse_infotext, read_infotext
+        from .captions import caption_from_prompt
+        from .dataset import IMAGE_EXTS, add_image
+        from .versions import file_sha256
+        root = self.dataset_folder(dataset)
+        if isinstance(image, (str, os.PathLike)):
+            try:
+                with Image.open(image) as im:
+                    im.verify()
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+                raise StudioError(f"{Path(image).name} is not a readable image ({type(exc).__name__}).",
+                                  field="image", fix="send a PNG or JPEG the studio made") from None
+            infotext = infotext or read_infotext(image) or ""
+            if Path(image).suffix.lower() not in IMAGE_EXTS:
+                with Image.open(image) as im:
+                    image = im.convert("RGB")
+        if caption is None:
+            caption = caption_from_prompt(parse_infotext(infotext)["Prompt"]) if infotext.strip() else ""
+        if root.is_dir():
+            version = self.record_version(root)
+            digest = file_sha256(Path(image)) if isinstance(image, (str, os.PathLike)) else None
+            same = next((rel for rel, f in version["files"].items() if f["sha256"] == digest), None)
+            if same:
+                return root / same, version["files"][same]["caption"], version, False
+        ext = self._caption_extension(root)
+        path = add_image(root, image, name or (Path(image).stem if isinstance(image, (str, os.PathLike)) else
+                                                "image"), caption, ext, infotext=infotext)
+        return path, caption, self.record_version(root), True
+
+    @staticmethod
+    def _caption_extension(root: Path) -> str:
+        """``.caption`` where the folder's captions already are, else ``.txt``."""
+        found = {p.suffix for p in root.rglob("*") if p.suffix in (".txt", ".caption")} if root.is_dir() else set()
+        return ".caption" if found == {".caption"} else ".txt"
+
+    def record_version(self, folder: str | os.PathLike, cfg: TrainConfig | None = None, *,
+                       run: str | None = None) -> dict:
+        """The folder's version now (``studio.training.versions``); ``run`` marks it as read by that run."""
+        return self.versions.record(folder, self.scan(folder, cfg), run=run)
+
     def scan(self, folder: str | os.PathLike, cfg: TrainConfig | None = None) -> DatasetScan:
         cfg = cfg or TrainConfig()
         return scan_dataset(folder, min_side=cfg.min_image_side, repeats=cfg.repeats,
@@ -143,7 +207,55 @@ class TrainingService:
             preflight(cfg, self.studio.preprocessors)  # pairs, preprocessor, family: refused before it is queued
         self.check_free(cfg.run_dir)           # before run.toml is rewritten under a running trainer
         path = self.write_config(cfg)
+        self._note_dataset(cfg)
         return self.queue.submit(path, resume=resume)
+
+    def _note_dataset(self, cfg: TrainConfig) -> None:
+        """The dataset's version joins the run (the history shows it) and its manifest the run folder."""
+        from .atomic import write_json
+        from .versions import RUN_FILE
+        version = self.record_version(cfg.dataset_dir, cfg, run=cfg.output_name)
+        write_json(Path(cfg.run_dir) / RUN_FILE, {"dataset_dir": cfg.dataset_dir, **version})
+
+    def run_dataset(self, run_dir: str | os.PathLike) -> dict | None:
+        """What a run read (``dataset.json`` of its folder), or None for runs from before versions."""
+        import json
+        from .versions import RUN_FILE
+        try:
+            return json.loads((Path(run_dir) / RUN_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def finished_runs(self) -> list[tuple[str, Path]]:
+        """(run name, its final file) of every run folder whose final LoRA / embedding / ControlNet exists,
+        newest first: what can be refined."""
+        out = []
+        for toml in sorted(self.runs_dir.glob("*/run.toml"), key=lambda p: p.stat().st_mtime, reverse=True):
+            try:
+                cfg = TrainConfig.load(toml).resolved()
+            except StudioError:
+                continue          # a hand-edited run.toml that no longer parses: Load config says why
+            final = Path(cfg.output_dir) / f"{cfg.output_name}.safetensors"
+            if final.is_file() and not lock_owner(toml.parent):
+                out.append((toml.parent.name, final))
+        return out
+
+    def refine_config(self, run_name: str) -> TrainConfig:
+        """A finished run's config set to go on from its final file under a new output name (``<name>_r2``,
+        ``_r3``...); the dataset stays the run's (point it at the pictures to refine on)."""
+        import re
+        run = paths.plain_name(run_name, "run")
+        final = dict(self.finished_runs()).get(run)
+        if final is None:
+            raise StudioError(f"Run {run_name!r} has no finished file to refine.", field="run",
+                              fix="pick a run that finished (its LoRA / embedding / ControlNet is in models/)")
+        cfg = TrainConfig.load(self.runs_dir / run / "run.toml")
+        stem = re.sub(r"_r\d+$", "", cfg.output_name)
+        n = 2
+        while (self.runs_dir / f"{stem}_r{n}").exists() or (final.parent / f"{stem}_r{n}.safetensors").exists():
+            n += 1
+        changes = {"controlnet_init": str(final)} if cfg.is_controlnet else {"network_weights": str(final)}
+        return dataclasses.replace(cfg, **changes, output_name=f"{stem}_r{n}", run_dir="", resume=False)
 
     def resume(self, run_name: str) -> str:
         path = self.runs_dir / paths.plain_name(run_name, "run") / "run.toml"
@@ -195,6 +307,10 @@ class TrainingService:
                 continue
             out.append({"id": None, "config": str(toml), "state": "on disk",
                         "resumable": (toml.parent / "state" / "trainer.json").is_file()})
+        for entry in out:
+            read = self.run_dataset(Path(entry["config"]).parent)
+            if read:
+                entry["dataset"] = {k: read.get(k) for k in ("dataset_dir", "version", "images", "time")}
         return out
 
     def wait(self, timeout: float | None = None) -> bool:
