@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import inspect
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -289,7 +290,10 @@ def send_to_dataset(studio: Any, results: dict | None, dataset: str) -> tuple[st
     if not (dataset or "").strip():
         return error_html("Pick a dataset, or type a new name, then Send to dataset."), gr.update()
     try:
-        target, caption, version, added = studio.training.add_to_dataset(dataset.strip(), path, infotext=text)
+        # gallery files are cached copies named <hash>-<output name>: the dataset gets the output's own name
+        name = re.sub(r"^[0-9a-f]{16,}-", "", Path(path).stem)
+        target, caption, version, added = studio.training.add_to_dataset(dataset.strip(), path, infotext=text,
+                                                                         name=name)
     except StudioError as exc:
         return error_html(str(exc)), gr.update()
     where = html.escape(f"{target.parent.name}/{target.name}")

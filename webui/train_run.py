@@ -123,20 +123,32 @@ def wire(studio: Any, f: dict, r: dict) -> None:
             return [fail(exc)] + [gr.update()] * len(names)
         return [note_html(f"Loaded {Path(source).name}.")] + train_form.config_updates(studio, names, cfg)
 
-    def refine(run):
+    def refine(run, dataset_dir):
         if not run:
             return [note_html("Pick a finished run first.")] + [gr.update()] * len(names)
         try:
             cfg = svc.refine_config(run)
         except StudioError as exc:
             return [fail(exc)] + [gr.update()] * len(names)
+        # the folder open in the Dataset section is what the artist means to refine on (e.g. pictures just sent
+        # from a gallery); with none open, the run's own dataset
+        cfg.dataset_dir = (dataset_dir or "").strip() or cfg.dataset_dir
         start = Path(cfg.controlnet_init or cfg.network_weights).name
-        msg = (f"Refining {html.escape(run)}: the run starts from {html.escape(start)} and saves "
-               f"{html.escape(cfg.output_name)}. Point the dataset folder at the pictures to refine on (e.g. the "
-               "ones sent from a gallery), set the steps, then Start.")
+        msg = (f"Refining {html.escape(run)}: the run starts from {html.escape(start)}, trains on "
+               f"{html.escape(Path(cfg.dataset_dir).name)} (the dataset folder above) and saves "
+               f"{html.escape(cfg.output_name)}. Set the steps, then Start.")
         return [note_html(msg)] + train_form.config_updates(studio, names, cfg)
 
-    r["refine"].click(refine, r["refine_run"], [r["refine_note"], *widgets], api_visibility="private")
+    r["refine"].click(refine, [r["refine_run"], f["dataset_dir"]], [r["refine_note"], *widgets],
+                      api_visibility="private")
+    # runs finish in other pages, the API and the shell too: the list is re-read when it is opened, and only
+    # re-sent when it changed (an open list is not re-rendered under the pointer)
+    shown = gr.State(refine_choices(studio))
+
+    def fresh_runs(old):
+        now = refine_choices(studio)
+        return (gr.update(), old) if now == old else (gr.update(choices=now), now)
+    r["refine_run"].focus(fresh_runs, shown, [r["refine_run"], shown], **HIDDEN)
     r["save_config"].click(save_config, widgets, [r["config_note"], r["config_path"], r["config_file"]],
                            api_visibility="private")
     # the button reads the typed path; dropping a file loads that file (the box also holds Save's download)

@@ -1,6 +1,7 @@
 """The Train tab in a real browser: drop images, import, caption, train ~10 steps, watch loss and samples, try it."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from PIL import Image
@@ -208,3 +209,51 @@ def test_controlnet_training_from_the_tab(page, live, shoot, tmp_path):
     assert unit.input_value().startswith("ui_canny")
     assert "drop a picture" in text_of(page, "train_result")
     shoot(page, "train-controlnet-try-it")
+
+
+def test_send_to_dataset_then_refine(page, live, shoot, tmp_path):
+    """The loop in the browser: a txt2img picture goes to a new dataset (typed in the gallery's dataset box) with
+    its prompt as caption; the Train tab shows the dataset's versions; Refine sets a finished run up again."""
+    from tests.browser.test_txt2img_ui import fill_prompt, small, wait_for_images
+    studio = live[1]
+    base = next(i.title for i in studio.registry.checkpoints() if "untrained" in i.name)
+    seed = tmp_path / "seed"
+    dropped_files(seed)
+    svc = studio.training
+    svc.start({"base_model": base, "dataset_dir": str(seed), "output_name": "ui_loop", "resolution": 64,
+               "min_bucket_reso": 64, "min_image_side": 32, "rank": 2, "max_steps": 2, "batch_size": 2,
+               "sample_at_start": False})
+    fill_prompt(page, "a red lighthouse <lora:other:1>")
+    small(page, 2)
+    page.locator("#txt2img_generate").click()
+    wait_for_images(page, 1)
+    box = page.locator("#txt2img_dataset input")
+    box.fill("ui_picked")
+    box.press("Enter")
+    page.locator("#txt2img_send_dataset").click()
+    wait_text(page, "txt2img_note", "Added")
+    assert "caption: a red lighthouse" in text_of(page, "txt2img_note")
+    folder = svc.datasets_dir() / "ui_picked"
+    [picture] = folder.glob("*.png")
+    assert picture.with_suffix(".txt").read_text().strip() == "a red lighthouse"
+    page.locator("#txt2img_send_dataset").click()                       # twice: kept once
+    wait_text(page, "txt2img_note", "Already in the dataset")
+    assert len(list(folder.glob("*.png"))) == 1
+
+    assert svc.wait(RUN_TIMEOUT / 1000), svc.status()
+    page.get_by_role("tab", name="Train").click()
+    fill(page, "train_dataset_dir", str(folder), "text")
+    page.locator("#train_dataset_dir textarea").press("Enter")
+    page.locator("#train_versions_box").get_by_text("Versions of this dataset").click()
+    wait_text(page, "train_versions", "+1 image(s)")
+    runs = page.locator("#train_refine_run input")
+    runs.click()
+    page.get_by_role("option", name="ui_loop · ui_loop.safetensors").click()
+    page.locator("#train_refine").click()
+    wait_text(page, "train_refine_note", "starts from ui_loop.safetensors")
+    page.wait_for_function("document.querySelector('#train_output_name textarea')?.value === 'ui_loop_r2'",
+                           timeout=TIMEOUT)
+    assert page.locator("#train_network_weights textarea").input_value().endswith("Lora/ui_loop.safetensors")
+    assert page.locator("#train_dataset_dir textarea").input_value() == str(folder)     # the one open
+    assert not picture.name.startswith(("tmp", "0" * 8)) and re.match(r"\d{5}-\d+\.png$", picture.name), picture
+    shoot(page, "train-refine")
