@@ -68,7 +68,7 @@ def wire(studio: Any, f: dict, r: dict) -> None:
     names = [n for n in f]
     widgets = [f[n] for n in names]
     live = [r["progress"], r["loss"], r["samples"], r["log"], r["result"], r["try"], r["history"], r["state"],
-            r["timer"], r["error"]]
+            r["timer"], r["error"], r["refine_run"]]
 
     def form_config(values) -> dict:
         return train_form.to_config_dict(names, values)
