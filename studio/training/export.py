@@ -216,7 +216,7 @@ def lora_metadata(cfg: TrainConfig, info: RunInfo) -> dict[str, str]:
         meta["ss_training_comment"] += f", refined from {Path(cfg.network_weights).name}"
     if args:   # kohya writes it only when network arguments were given
         meta["ss_network_args"] = json.dumps(args)
-    # an embedding is triggered by its file name (A1111), not by the placeholder token it was trained with
+    # an embedding is triggered by its file name (A1111), not by the stand-in token it was trained with
     trigger = cfg.output_name if cfg.is_ti else (cfg.instance_prompt.split()[0] if cfg.instance_prompt else "")
     if not trigger:
         top = [t for freq in info.tag_frequency.values() for t in list(freq)[:1]]

@@ -148,31 +148,33 @@ class TrainingService:
         """One picture (a file path or a PIL image) into a dataset, captioned with ``caption`` or else the prompt
         of its infotext (given, or read from the file): (the file, its caption, the dataset's version now,
         whether it was added). The same picture twice is kept once."""
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
+        from ..images import open_image
         from ..infotext import parse_infotext, read_infotext
         from .captions import caption_from_prompt
         from .dataset import IMAGE_EXTS, add_image
         from .versions import file_sha256
         root = self.dataset_folder(dataset)
         if isinstance(image, (str, os.PathLike)):
-            try:
-                with Image.open(image) as im:
-                    im.verify()
-            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-                raise StudioError(f"{Path(image).name} is not a readable image ({type(exc).__name__}).",
-                                  field="image", fix="send a PNG or JPEG the studio made") from None
+            open_image(os.fspath(image), field="image")     # a readable image within the size limit, or why not
             infotext = infotext or read_infotext(image) or ""
             if Path(image).suffix.lower() not in IMAGE_EXTS:
                 with Image.open(image) as im:
                     image = im.convert("RGB")
         if caption is None:
             caption = caption_from_prompt(parse_infotext(infotext)["Prompt"]) if infotext.strip() else ""
-        if root.is_dir():
-            version = self.record_version(root)
-            digest = file_sha256(Path(image)) if isinstance(image, (str, os.PathLike)) else None
-            same = next((rel for rel, f in version["files"].items() if f["sha256"] == digest), None)
-            if same:
-                return root / same, version["files"][same]["caption"], version, False
+        if isinstance(image, (str, os.PathLike)) and root.is_dir():
+            # only files of the same size can be the same picture: a stat per file, no scan of the dataset
+            size, digest = os.path.getsize(image), None
+            for other in root.rglob("*"):
+                if other.suffix.lower() in IMAGE_EXTS and other.is_file() and other.stat().st_size == size:
+                    digest = digest or file_sha256(Path(image))
+                    if file_sha256(other) == digest:
+                        version = self.record_version(root)
+                        rel = other.relative_to(root).as_posix()
+                        return other, version["files"].get(rel, {}).get("caption", ""), version, False
+        if root.is_dir() and not self.versions.versions(root):
+            self.record_version(root)       # a folder made outside the studio: its state before, so "+1" shows
         ext = self._caption_extension(root)
         path = add_image(root, image, name or (Path(image).stem if isinstance(image, (str, os.PathLike)) else
                                                 "image"), caption, ext, infotext=infotext)

@@ -51,7 +51,7 @@ def test_bad_sends_are_refused_naming_the_thing(studio, tmp_path):
     svc = studio.training
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    with pytest.raises(StudioError, match="broken.png is not a readable image") as exc:
+    with pytest.raises(StudioError, match="broken.png is not an image this studio can read") as exc:
         svc.add_to_dataset("sent", broken)
     assert exc.value.field == "image"
     for name in ("", "../outside", "/etc"):
