@@ -468,33 +468,18 @@ class PipelineManager:
         ``mode`` is "txt2img", "img2img" or "inpaint". A 9-channel inpainting checkpoint serves every mode
         through its inpaint pipeline (the engine passes a full mask), as A1111 lets it.
         """
-        import diffusers
-
         c = loaded.components
         if c.in_channels not in (4, 9):
             raise StudioError(f"{loaded.info.name} is an image-edit checkpoint ({c.in_channels} input channels), "
                               "which this studio cannot drive yet.", field="checkpoint",
                               fix="pick an ordinary or inpainting checkpoint")
-        if c.family == "sdxl_refiner" and mode == "txt2img":
-            raise StudioError(f"{loaded.info.name} is an SDXL refiner; it cannot make images from text alone.",
-                              field="checkpoint", fix="use it in img2img, or pick an SDXL base checkpoint")
+        spec = c.spec
+        if not spec.txt2img and mode == "txt2img":
+            raise StudioError(f"{loaded.info.name} is an {spec.label} checkpoint; it cannot make images from text "
+                              "alone.", field="checkpoint", fix="use it in img2img, or pick a base checkpoint")
         kind = "inpaint" if c.in_channels == 9 else mode
-        xl = c.family in ("sdxl", "sdxl_refiner")
-        cls = getattr(diffusers, {
-            ("txt2img", False): "StableDiffusionPipeline", ("img2img", False): "StableDiffusionImg2ImgPipeline",
-            ("inpaint", False): "StableDiffusionInpaintPipeline", ("txt2img", True): "StableDiffusionXLPipeline",
-            ("img2img", True): "StableDiffusionXLImg2ImgPipeline",
-            ("inpaint", True): "StableDiffusionXLInpaintPipeline"}[(kind, xl)])
-        parts: dict[str, Any] = dict(vae=loaded.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
-                                     unet=c.unet, scheduler=scheduler)
-        if xl:
-            parts.update(text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2)
-            if kind != "txt2img":
-                parts["requires_aesthetics_score"] = c.family == "sdxl_refiner"
-        else:
-            parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe = cls(**parts)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = spec.make_pipeline(kind, {**c.text_modules(), "vae": loaded.vae, "unet": c.unet,
+                                         "scheduler": scheduler})
         self._apply_device_options(pipe)
         return pipe
 

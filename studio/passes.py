@@ -73,7 +73,7 @@ class BatchRun:
         cond: Conditioning = conds(actual)
         inputs = ["latents"]
         if cond.scheduled:
-            inputs += ["prompt_embeds"] + (["add_text_embeds"] if cond.xl else [])
+            inputs += ["prompt_embeds"] + (["add_text_embeds"] if cond.pooled else [])
         if self.control:
             pipe, control_kw = self._with_control(pipe, kw, phase)
             kw = {**kw, **control_kw}

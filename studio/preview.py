@@ -1,8 +1,8 @@
 """Cheap live previews: latents -> RGB with one linear projection per family (no VAE decode).
 
-The coefficients are the community's least-squares fits of VAE decodes against the 4 latent channels, as
-used by A1111's "Approx cheap" preview (first published by Keturn for SD1). They are approximate: colours
-and contrast are roughly right, detail is 8× coarser. They apply to the latents the UNet sees (already
+The coefficients (each family's ``latent_rgb``) are the community's least-squares fits of VAE decodes against
+the latent channels, as used by A1111's "Approx cheap" preview (first published by Keturn for SD1). They are
+approximate: colours and contrast are roughly right, detail is 8× coarser. They apply to the latents the UNet sees (already
 multiplied by the VAE scaling factor), which is what a diffusers step callback hands out.
 """
 from __future__ import annotations
@@ -13,34 +13,26 @@ from typing import Any, Callable
 
 from PIL import Image
 
+from . import families
+
 log = logging.getLogger(__name__)
 
-# rows: latent channels 0..3, columns: R, G, B; output is roughly in [-1, 1]
-SD_LATENT_RGB = (
-    (0.298, 0.207, 0.208),
-    (0.187, 0.286, 0.173),
-    (-0.158, 0.189, 0.264),
-    (-0.184, -0.271, -0.473),
-)
-# SDXL (and its refiner) use a retrained VAE with a different latent space
-SDXL_LATENT_RGB = (
-    (0.3448, 0.4168, 0.4395),
-    (-0.1953, -0.0290, 0.0250),
-    (0.1074, 0.0886, -0.0163),
-    (-0.3730, -0.2499, -0.2088),
-)
-
-
-def latent_rgb_coefficients(family: str | None) -> tuple[tuple[float, float, float], ...]:
-    """The 4×3 projection for a family ("sd1", "sd2", "sdxl", "sdxl_refiner"; unknown -> SD1/SD2)."""
-    return SDXL_LATENT_RGB if (family or "").lower().startswith("sdxl") else SD_LATENT_RGB
+def latent_rgb_coefficients(family: str | None, channels: int = 4) -> tuple[tuple[float, float, float], ...] | None:
+    """The family's latent -> RGB projection (rows: latent channels) when it has one for ``channels`` latent
+    channels; an unknown family gets the first family's projection of that size (SD 1.x's for 4)."""
+    fam = families.get((family or "").lower())
+    if fam is not None and len(fam.latent_rgb) == channels:
+        return fam.latent_rgb
+    if fam is None:
+        return next((f.latent_rgb for f in families.all_families() if len(f.latent_rgb) == channels), None)
+    return None
 
 
 def latents_to_preview(latents: Any, family: str | None = None, *, scale: int = 8) -> Image.Image:
     """First image of ``latents`` ([B,C,h,w] or [C,h,w], tensor or array) as an RGB image ``scale``× larger.
 
-    4 channels use the family's projection; other channel counts show their first three channels, each
-    min-max normalised (a grey image for one channel).
+    Latents use the family's projection where it has one for their channel count; otherwise the first three
+    channels are shown, each min-max normalised (a grey image for one channel).
     """
     import numpy as np
     import torch
@@ -54,8 +46,9 @@ def latents_to_preview(latents: Any, family: str | None = None, *, scale: int = 
     # itself at this size and stalls badly when the CPU is busy (e.g. the sampler running next to it).
     x = x.to("cpu", torch.float32).numpy()
     channels, h, w = x.shape
-    if channels == 4:
-        coefs = np.asarray(latent_rgb_coefficients(family), dtype=np.float32)
+    coefs = latent_rgb_coefficients(family, channels)
+    if coefs is not None:
+        coefs = np.asarray(coefs, dtype=np.float32)
         rgb = np.tensordot(x, coefs, axes=(0, 0))          # h × w × 3, roughly in [-1, 1]
         rgb += 1.0
         rgb *= 127.5

@@ -132,7 +132,7 @@ class _TextModel:
         finally:
             handle.remove()
 
-    def encode(self, chunk: _Chunk, clip_skip: int, xl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(self, chunk: _Chunk, clip_skip: int, pooled_family: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         tokens = list(chunk.tokens)
         if self.id_pad != self.id_end:  # after the first end token, pad with the pad token (SD2, SDXL's bigG)
             first_end = tokens.index(self.id_end)
@@ -140,7 +140,7 @@ class _TextModel:
         # the encoder's execution device: under --lowvram its parameters (so enc.device) are on `meta`
         ids = torch.tensor([tokens], device=execution_device(self.enc, torch.device("cpu")))
         with self._fixes(chunk.fixes):
-            if xl:
+            if pooled_family:  # families with pooled conditioning read the penultimate layer by default
                 out = self.enc(ids, output_hidden_states=True)
                 z, pooled = out.hidden_states[-(clip_skip + 1)], out[0]
             elif clip_skip <= 1:
@@ -162,7 +162,7 @@ class Conditioning:
 
     positive: list[tuple[int, torch.Tensor, torch.Tensor | None]]   # (end_step, embeds [1,77n,d], pooled)
     negative: list[tuple[int, torch.Tensor, torch.Tensor | None]]
-    xl: bool
+    pooled: bool                                         # the family's UNet takes pooled text embeddings too
     embeddings_used: set = field(default_factory=set)   # textual-inversion names found in the texts
 
     @staticmethod
@@ -177,7 +177,7 @@ class Conditioning:
         z, pooled = self._at(self.positive, 0)
         nz, npooled = self._at(self.negative, 0)
         out = {"prompt_embeds": z, "negative_prompt_embeds": nz}
-        if self.xl:
+        if self.pooled:
             out.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=npooled)
         return out
 
@@ -194,7 +194,7 @@ class Conditioning:
         current = callback_kwargs["prompt_embeds"]
         pos, neg = z.repeat(batch, 1, 1), nz.repeat(batch, 1, 1)
         out = {"prompt_embeds": torch.cat([neg, pos]) if current.shape[0] == 2 * batch else pos}
-        if self.xl and "add_text_embeds" in callback_kwargs:
+        if self.pooled and "add_text_embeds" in callback_kwargs:
             p, n = pooled.repeat(batch, 1), npooled.repeat(batch, 1)
             out["add_text_embeds"] = torch.cat([n, p]) if current.shape[0] == 2 * batch else p
         return {k: v.to(current.device, current.dtype) for k, v in out.items()}
@@ -235,7 +235,7 @@ class PromptEncoder:
     def _run_encoders(self, components: Any, cache_key: tuple, text: str, clip_skip: int, embeddings: dict,
                       check: Callable[[], None] | None,
                       max_chunks: int | None) -> tuple[torch.Tensor, torch.Tensor | None, frozenset]:
-        xl = components.family in ("sdxl", "sdxl_refiner")
+        pooled_family = components.spec.pooled
         per_model = []
         pooled = None
         used: set[str] = set()
@@ -249,7 +249,7 @@ class PromptEncoder:
             for i, chunk in enumerate(chunks):
                 if check is not None:
                     check()   # Interrupt stops a long prompt between chunks
-                z, p = model.encode(chunk, clip_skip, xl)
+                z, p = model.encode(chunk, clip_skip, pooled_family)
                 self.encoder_runs += 1
                 zs.append(z)
                 if i == 0 and p is not None:
@@ -290,7 +290,7 @@ class PromptEncoder:
         if any(z.shape[1] != longest for side in sides for _, z, _ in side):
             empty = self._encode_text(components, key, "", clip_skip, embeddings)[0]
             sides = [[(end, _pad(z, longest, empty), p) for end, z, p in side] for side in sides]
-        return Conditioning(sides[0], sides[1], components.family in ("sdxl", "sdxl_refiner"), used)
+        return Conditioning(sides[0], sides[1], components.spec.pooled, used)
 
     def clear(self) -> None:
         self._cache.clear()

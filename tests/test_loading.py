@@ -13,7 +13,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from studio.errors import ModelLoadError  # noqa: E402
 from studio.loading.diffusers_folder import load_diffusers_folder  # noqa: E402
 from studio.loading.hub import load_hub_repo  # noqa: E402
-from studio.loading.ldm_config import detect_family, shapes_of  # noqa: E402
+from studio import families  # noqa: E402
+from studio.loading.ldm_config import shapes_of  # noqa: E402
+
+
+def detect_family(shapes, path=""):
+    return families.detect_ldm(shapes, path).name
 from studio.loading.single_file import load_single_file, load_vae_file  # noqa: E402
 from studio.loading.state_dict import read_header_shapes, read_state_dict  # noqa: E402
 from studio.loading.tokenizers import load_clip_tokenizer  # noqa: E402
@@ -313,13 +318,13 @@ def test_real_sized_configs_from_shapes(family):
                        text_encoder_2=te2)
     shapes = shapes_of(components_to_ldm(comps))
     assert detect_family(shapes) == family
-    cfg = unet_config(shapes, family, text_proj_dim=1280 if te2 else None)
+    cfg = unet_config(shapes, families.get(family), text_proj_dim=1280 if te2 else None)
     for k, v in spec["unet"].items():
         if k == "transformer_layers_per_block":
             assert cfg[k] == v
         else:
             assert (list(cfg[k]) if isinstance(v, list) else cfg[k]) == v, k
-    assert vae_config(shapes, family)["block_out_channels"] == spec["vae"]
+    assert vae_config(shapes, families.get(family))["block_out_channels"] == spec["vae"]
     te_cfg = (clip_config(shapes, "cond_stage_model.transformer.text_model.") if family == "sd1" else
               open_clip_config(shapes, "cond_stage_model.model.", drop_last=True) if family == "sd2" else
               clip_config(shapes, "conditioner.embedders.0.transformer.text_model."))

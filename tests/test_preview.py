@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from studio.preview import SD_LATENT_RGB, SDXL_LATENT_RGB, latent_rgb_coefficients, latents_to_preview
+from studio.families.sd1 import SD_LATENT_RGB
+from studio.families.sdxl import XL_LATENT_RGB as SDXL_LATENT_RGB
+from studio.preview import latent_rgb_coefficients, latents_to_preview
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "sdxl_refiner", None])

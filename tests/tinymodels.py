@@ -15,7 +15,8 @@ import torch  # noqa: E402
 from studio.loading.components import Components  # noqa: E402
 from studio.loading.diffusers_export import make_pipeline, write_diffusers_folder  # noqa: E402,F401
 from studio.loading.ldm_config import scheduler_config  # noqa: E402
-from studio.loading.tokenizers import load_clip_tokenizer, pad_token_for  # noqa: E402
+from studio import families  # noqa: E402
+from studio.loading.tokenizers import load_clip_tokenizer  # noqa: E402
 
 CHANNELS = (32, 64)
 VAE_CHANNELS = (32, 32, 64, 64)
@@ -82,13 +83,16 @@ def _vae(family: str, seed: int):
 def make_tiny(family: str, seed: int = 0, in_channels: int = 4, prediction_type: str = "epsilon") -> Components:
     """A tiny random model of ``family`` ("sd1", "sd2", "sdxl", "sdxl_refiner"), deterministic for a seed."""
     te = tok = te2 = tok2 = None
+    spec = families.get(family)
     if family in ("sd1", "sdxl"):
-        te, tok = _clip(seed + 10, openclip=False), load_clip_tokenizer(pad_token_for(family))
+        te = _clip(seed + 10, openclip=False)
     if family == "sd2":
-        te, tok = _clip(seed + 10, openclip=True, layers=3), load_clip_tokenizer(pad_token_for(family))
+        te = _clip(seed + 10, openclip=True, layers=3)
+    if te is not None:
+        tok = load_clip_tokenizer(spec.encoder("text_encoder").pad_token)
     if family in ("sdxl", "sdxl_refiner"):
         te2 = _clip(seed + 20, openclip=True, projection=True, layers=3)
-        tok2 = load_clip_tokenizer(pad_token_for(family, second=True))
+        tok2 = load_clip_tokenizer(spec.encoder("text_encoder_2").pad_token)
     return Components(family=family, unet=_unet(family, seed, in_channels), vae=_vae(family, seed + 30),
                       text_encoder=te, tokenizer=tok, scheduler_config=scheduler_config(prediction_type),
                       text_encoder_2=te2, tokenizer_2=tok2, prediction_type=prediction_type,

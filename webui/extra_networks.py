@@ -20,17 +20,15 @@ from typing import Any
 
 import gradio as gr
 
-from webui.model_lists import refresh_button
+from studio import families
 from webui.icons import icon_button
+from webui.model_lists import refresh_button
 
 log = logging.getLogger(__name__)
 
 HIDDEN = dict(queue=False, api_visibility="private", show_progress="hidden")
 THUMB_PX = 160
 MAX_SHOWN_WORDS = 4
-FAMILY_LABEL = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner", "sd3": "SD3",
-                "flux": "FLUX"}
-EMBEDDING_FAMILY_BY_WIDTH = {768: "sd1", 1024: "sd2"}
 
 CSS = """
 .en-grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(160px, 1fr)); gap: 10px;
@@ -159,7 +157,7 @@ def preferred_weight(path: Path) -> float:
 
 
 def _label(family: str | None) -> str:
-    return FAMILY_LABEL.get(family or "", (family or "?").upper())
+    return families.short_label(family)
 
 
 def _weight_text(w: float) -> str:
@@ -236,8 +234,8 @@ class CardRenderer:
                 badges = [f"<span class='en-badge en-warn' title='{why}'>⚠ unreadable</span>"]
                 cards.append(self._card(i, name, name, None, badges, "", [], [name]))
                 continue
-            family = "sdxl" if "clip_g" in ef.parts or "clip_l" in ef.parts else \
-                EMBEDDING_FAMILY_BY_WIDTH.get(ef.shape)
+            made_for = families.from_embedding({k: int(v.shape[-1]) for k, v in ef.parts.items()})
+            family = made_for.name if made_for else None
             if family is None and fits is not None and fits.get(name) == "":
                 family = model_family  # an unusual width that fits the loaded model is made for its family
             n = ef.n_vectors

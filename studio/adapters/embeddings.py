@@ -13,12 +13,12 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import families
 from ..errors import StudioError
 from ..folders import FolderWatch
 from ..hashes import HashCache, short_hash
 from ..lazy import torch
 from ..loading.state_dict import _read_pickle, read_state_dict
-from .keys import FAMILY_LABEL
 from .library import scan_files
 from .lora_files import file_ident
 
@@ -114,26 +114,30 @@ def _width(te) -> int | None:
 
 
 def fit(ef: EmbeddingFile, components) -> tuple[dict[str, torch.Tensor] | None, str]:
-    """(vectors by encoder attribute, "") if the file fits the model, else (None, reason)."""
-    fam = FAMILY_LABEL.get(components.family, components.family)
-    w1, w2 = _width(components.text_encoder), _width(components.text_encoder_2)
-    if w2 is not None:  # SDXL (both encoders) or the refiner (bigG only)
-        if "clip_g" not in ef.parts:
-            return None, f"made for one text encoder (width {ef.shape}); {fam} needs clip_l and clip_g parts"
-        out = {"text_encoder_2": ef.parts["clip_g"]}
-        if w1 is not None:
-            if "clip_l" not in ef.parts:
-                return None, f"has no clip_l part; {fam} needs clip_l and clip_g parts"
-            out["text_encoder"] = ef.parts["clip_l"]
-        for attr, t in out.items():
-            want = w1 if attr == "text_encoder" else w2
+    """(vectors by encoder attribute, "") if the file fits the model, else (None, reason). A family whose
+    encoders have named parts (SDXL: clip_l, clip_g) needs each of them; others take a single-vector file."""
+    spec = components.spec
+    fam = spec.short
+    encoders = [te for te in spec.text_encoders if getattr(components, te.attr, None) is not None]
+    named = [te for te in encoders if te.embedding_part != "single"]
+    if named:
+        need = " and ".join(te.embedding_part for te in named)
+        if "single" in ef.parts:
+            return None, f"made for one text encoder (width {ef.shape}); {fam} needs {need} parts"
+        out = {}
+        for te in named:
+            if te.embedding_part not in ef.parts:
+                return None, f"has no {te.embedding_part} part; {fam} needs {need} parts"
+            t, want = ef.parts[te.embedding_part], _width(getattr(components, te.attr))
             if t.shape[1] != want:
-                return None, f"{'clip_l' if attr == 'text_encoder' else 'clip_g'} width {t.shape[1]} does " \
-                             f"not fit the {fam} text encoder ({want})"
+                return None, f"{te.embedding_part} width {t.shape[1]} does not fit the {fam} text encoder ({want})"
+            out[te.attr] = t
         return out, ""
     if "single" not in ef.parts:
-        return None, f"is an SDXL embedding (clip_l / clip_g); the loaded checkpoint is {fam}"
-    t = ef.parts["single"]
+        other = families.from_embedding({k: int(v.shape[1]) for k, v in ef.parts.items()})
+        made = f"an {other.short} embedding" if other else "an embedding of another family"
+        return None, f"is {made} ({' / '.join(ef.parts)}); the loaded checkpoint is {fam}"
+    t, w1 = ef.parts["single"], _width(components.text_encoder)
     if t.shape[1] != w1:
         return None, f"width {t.shape[1]} does not fit the {fam} text encoder ({w1})"
     return {"text_encoder": t}, ""

@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from .. import families
+
 # component ids inside a LoRA file; the model attribute each one patches
 COMPONENT_ATTR = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
-FAMILY_LABEL = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner", "sd3": "SD3",
-                "flux": "FLUX"}
 
 # tensor-name suffix -> role; the longest match wins (so "lora_down.weight" is not read as "weight")
 SUFFIX_ROLE = {
@@ -101,48 +101,38 @@ def module_index(components) -> dict[str, dict[str, Any]]:
 
 
 # ---- family hints ----------------------------------------------------------------------------------------------
-_CROSS_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl_refiner"}
-
-
 def family_from_metadata(meta: dict) -> str | None:
     """Family named by kohya's ``ss_base_model_version`` / ``modelspec.architecture`` / ``ss_v2`` (or None)."""
     for key in ("ss_base_model_version", "modelspec.architecture"):
-        v = str(meta.get(key) or "").lower()
-        if not v:
-            continue
-        if "xl" in v:
-            return "sdxl_refiner" if "refiner" in v else "sdxl"
-        if "flux" in v:
-            return "flux"
-        if v.startswith(("sd_v1", "stable-diffusion-v1")):
-            return "sd1"
-        if v.startswith(("sd_v2", "stable-diffusion-v2")):
-            return "sd2"
-        if v.startswith(("sd3", "sd_3", "stable-diffusion-v3", "stable-diffusion-3")):
-            return "sd3"
+        fam = families.from_version(str(meta.get(key) or ""))
+        if fam is not None:
+            return fam.name
     if str(meta.get("ss_v2", "")).lower() == "true":
-        return "sd2"
+        return next((f.name for f in families.all_families() if f.kohya_v2), None)
     return None
 
 
 def family_from_shapes(shapes: dict[str, tuple]) -> str | None:
-    """Family from tensor names and widths (header shapes are enough): a second text encoder means SDXL, else
-    the cross-attention input width (768 SD1, 1024 SD2, 2048 SDXL, 1280 refiner) or the text encoder width."""
-    te_width = None
+    """Family from tensor names and widths (header shapes are enough): which text encoders have layers, the
+    UNet's cross-attention input width and the text encoders' widths (see ``Family.lora_score``)."""
+    encoders: set[str] = set()
+    cross = None
+    widths: dict[str, int] = {}
     for key, shape in shapes.items():
         parsed = split_key(key)
         if parsed is None:
             continue
         comp, layer, role, _ = parsed
-        if comp == "te2":
-            return "sdxl"
+        if comp != "unet":
+            encoders.add(comp)
         if role not in ("down", "w1b", "diff") or len(shape) < 2:
             continue
-        if comp == "unet" and layer.endswith("attn2_to_k") and shape[1] in _CROSS_WIDTH:
-            return _CROSS_WIDTH[shape[1]]
-        if comp == "te1" and layer.endswith("mlp_fc1"):
-            te_width = shape[1]
-    return {768: "sd1", 1024: "sd2"}.get(te_width)
+        if comp == "unet" and layer.endswith("attn2_to_k"):
+            cross = int(shape[1])
+        elif comp != "unet" and layer.endswith("mlp_fc1"):
+            widths[comp] = int(shape[1])
+    fam = families.from_lora(encoders, cross, widths)
+    return fam.name if fam else None
 
 
 def family_hint(meta: dict, shapes: dict[str, tuple]) -> str | None:

@@ -27,7 +27,7 @@ class LoraFile:
     path: Path
     kind: str                                   # lora | locon | loha | lokr | full | diffusers | mixed
     metadata: dict[str, str]
-    family: str | None                          # "sd1" | "sd2" | "sdxl" | ... or None when nothing says
+    family: str | None                          # a family name (studio.families) or None when nothing says
     layers: dict[tuple[str, str], LayerDelta]
     unknown_keys: list[str] = field(default_factory=list)
     ident: str = ""                             # path + mtime + size: identity of this version of the file

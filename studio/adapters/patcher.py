@@ -20,10 +20,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import families
 from ..lazy import torch
 from ..offload import live_tensor
 from .deltas import LayerDelta
-from .keys import COMPONENT_ATTR, FAMILY_LABEL, module_index
+from .keys import COMPONENT_ATTR, module_index
 from .lora_files import LoraFile
 
 # a LoRA whose layers fit this model less than this is taken for another model and skipped whole
@@ -34,7 +35,7 @@ _TE_LAYER = re.compile(r"^encoder_layers_(\d+)_")
 
 
 def _label(family: str | None) -> str:
-    return FAMILY_LABEL.get(family or "", family or "unknown")
+    return families.short_label(family) if family else "unknown"
 
 
 @dataclass

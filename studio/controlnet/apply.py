@@ -14,7 +14,6 @@ adds what the A1111 extension does per unit and diffusers does not:
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -155,32 +154,15 @@ def build_plan(units: Sequence[ControlUnit], controlnets: Sequence[Any], control
                        [float(u.guidance_start) for u in us], [float(u.guidance_end) for u in us], us)
 
 
-PIPELINES = {("txt2img", False): "StableDiffusionControlNetPipeline",
-             ("img2img", False): "StableDiffusionControlNetImg2ImgPipeline",
-             ("inpaint", False): "StableDiffusionControlNetInpaintPipeline",
-             ("txt2img", True): "StableDiffusionXLControlNetPipeline",
-             ("img2img", True): "StableDiffusionXLControlNetImg2ImgPipeline",
-             ("inpaint", True): "StableDiffusionXLControlNetInpaintPipeline"}
-
-
 def controlnet_pipeline(mode: str, family: str, components_kwargs: dict, controlnet: Any) -> Any:
     """A diffusers ControlNet pipeline for ``mode`` over the SAME modules (``components_kwargs``: vae,
     text_encoder(s), tokenizer(s), unet, scheduler, ... e.g. ``manager.pipeline(...).components``)."""
-    import diffusers
-
-    if family == "sdxl_refiner":
-        raise StudioError("ControlNet does not work with the SDXL refiner.", field="controlnet.units",
-                          fix="use an SDXL base checkpoint with SDXL ControlNets")
-    if (mode, False) not in PIPELINES:
+    from .. import families
+    spec = families.get(family)
+    if spec is None or not spec.controlnet:
+        raise StudioError(f"ControlNet does not work with {families.label(family)} checkpoints.",
+                          field="controlnet.units", fix="use a base checkpoint of a family that takes ControlNets")
+    if mode not in spec.controlnet_pipelines:
         raise StudioError(f"Unknown mode {mode!r} for ControlNet.", field="mode", fix="txt2img, img2img or inpaint")
-    cls = getattr(diffusers, PIPELINES[(mode, family == "sdxl")])
-    accepted = inspect.signature(cls.__init__).parameters
-    kwargs = {k: v for k, v in components_kwargs.items() if k in accepted and k != "controlnet"}
-    defaults = {"safety_checker": None, "feature_extractor": None, "image_encoder": None,
-                "requires_safety_checker": False, "requires_aesthetics_score": False}
-    for k, v in defaults.items():
-        if k in accepted:
-            kwargs.setdefault(k, v)
-    pipe = cls(controlnet=controlnet, **kwargs)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = spec.make_pipeline(mode, components_kwargs, controlnet=controlnet)
     return pipe

@@ -11,7 +11,8 @@ import re
 from typing import Mapping, Sequence
 
 from ..errors import ModelLoadError
-from ..loading.ldm_config import WIDTH_FAMILY, encoder_levels
+from .. import families
+from ..loading.ldm_config import encoder_levels
 from ..loading.ldm_export import UNET_RESNET, UNET_TOP, _map_key, _unet_prefix_map
 
 LDM_PREFIX = "control_model."
@@ -140,15 +141,6 @@ def diffusers_shapes_to_ldm(shapes: Shapes) -> dict[str, tuple]:
 
 # ---- config from shapes ------------------------------------------------------------------------------
 
-def family_of(cross_dim: int, sdxl_layout: bool, linear: bool) -> str:
-    """Real widths decide (768 / 1024 / 2048); tiny test models fall back to the layout."""
-    if sdxl_layout:
-        return "sdxl"
-    if cross_dim in WIDTH_FAMILY and WIDTH_FAMILY[cross_dim] in ("sd1", "sd2", "sdxl"):
-        return WIDTH_FAMILY[cross_dim]
-    return "sd2" if linear else "sd1"
-
-
 def controlnet_config(shapes: Shapes, path: str = "", *, global_pool: bool = False,
                       addition_time_embed_dim: int | None = None) -> tuple[dict, str]:
     """(ControlNetModel config, family) from LDM-named ControlNet shapes (``control_model.`` stripped)."""
@@ -167,12 +159,14 @@ def controlnet_config(shapes: Shapes, path: str = "", *, global_pool: bool = Fal
                              fix="use a ControlNet for SD 1.x / 2.x / SDXL.")
     linear = any(lv.get("linear") for lv in levels) or ("middle_block.1.proj_in.weight" in shapes and
                                                         len(shapes["middle_block.1.proj_in.weight"]) == 2)
-    family = family_of(cross, "label_emb.0.0.weight" in shapes, linear)
+    family = families.detect_controlnet({"cross_attention_dim": cross, "use_linear_projection": linear,
+                                         "addition_embed_type": "text_time" if "label_emb.0.0.weight" in shapes
+                                         else None}, path)
     mid_depth = len(_indices(shapes, "middle_block.1.transformer_blocks."))
     # hint encoder: convs at even indices; conv_in, then (same, stride-2 up) pairs, then conv_out
     convs = [i for i in _indices(shapes, "input_hint_block.") if f"input_hint_block.{i}.weight" in shapes]
     outs = [int(shapes[f"input_hint_block.{i}.weight"][0]) for i in convs[:-1]]
-    heads = 8 if family == "sd1" else [max(1, c // 64) for c in channels]  # the studio's rule (see demo.py)
+    heads = family.attention_heads(channels)  # cannot be read off the weights: the family's rule
     depths = [max(1, lv["depth"]) for lv in levels]
     if levels[-1]["depth"] == 0 and mid_depth:
         depths[-1] = mid_depth  # the mid block reads the last entry
@@ -192,4 +186,4 @@ def controlnet_config(shapes: Shapes, path: str = "", *, global_pool: bool = Fal
         adm_in = int(shapes["label_emb.0.0.weight"][1])
         cfg.update(addition_embed_type="text_time", projection_class_embeddings_input_dim=adm_in,
                    addition_time_embed_dim=int(addition_time_embed_dim or SDXL_TIME_EMBED_DIM))
-    return cfg, family
+    return cfg, family.name

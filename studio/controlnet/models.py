@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import families
 from ..errors import ModelLoadError, StudioError
 from ..folders import FolderWatch
 from ..hashes import HashCache
@@ -22,7 +23,6 @@ from ..settings import Settings
 from . import convert
 
 EXTS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner"}
 
 
 @dataclass
@@ -187,9 +187,7 @@ def _global_pool(path: str) -> bool:
 
 
 def _family_from_config(cfg) -> str:
-    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
-    return convert.family_of(int(get("cross_attention_dim", 768)), get("addition_embed_type") == "text_time",
-                             bool(get("use_linear_projection", False)))
+    return families.detect_controlnet(cfg).name
 
 
 def controlnet_family(model) -> str:
@@ -267,8 +265,6 @@ def check_family(controlnet_family: str | None, checkpoint_family: str | None,
     if not controlnet_family or not checkpoint_family or controlnet_family == checkpoint_family:
         return
     cn, ckpt = names
-    raise StudioError(
-        f"ControlNet {cn} is for {FAMILY_NAMES.get(controlnet_family, controlnet_family)} but checkpoint {ckpt} is "
-        f"{FAMILY_NAMES.get(checkpoint_family, checkpoint_family)}.", field=field,
-        fix=f"pick a ControlNet made for {FAMILY_NAMES.get(checkpoint_family, checkpoint_family)} models, or a "
-            f"{FAMILY_NAMES.get(controlnet_family, controlnet_family)} checkpoint")
+    want, got = families.label(checkpoint_family), families.label(controlnet_family)
+    raise StudioError(f"ControlNet {cn} is for {got} but checkpoint {ckpt} is {want}.", field=field,
+                      fix=f"pick a ControlNet made for {want} models, or a {got} checkpoint")

@@ -4,20 +4,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
 
 
 @dataclass
 class Components:
     """Modules of one checkpoint. Pipelines for every mode are built as views over these same objects."""
 
-    family: str                        # one of FAMILIES
+    family: str                        # the family's name (``studio.families``); ``spec`` is the Family
     unet: Any
     vae: Any
-    text_encoder: Any | None           # CLIP-L (SD1, SDXL) or OpenCLIP-H (SD2); None for the SDXL refiner
+    text_encoder: Any | None           # the family's first text encoder (None where it has none)
     tokenizer: Any | None
     scheduler_config: dict             # diffusers scheduler config (betas, prediction_type, ...)
-    text_encoder_2: Any | None = None  # SDXL OpenCLIP-bigG (with projection)
+    text_encoder_2: Any | None = None  # the second one, where the family has two
     tokenizer_2: Any | None = None
     prediction_type: str = "epsilon"   # "epsilon" or "v_prediction"
     in_channels: int = 4               # 9: inpainting, 8: instruct-pix2pix, 5: depth
@@ -25,8 +24,23 @@ class Components:
     notes: list[str] = field(default_factory=list)   # what the loader decided and why (shown to users)
 
     @property
+    def spec(self):
+        """The ``Family`` these components are of."""
+        from .. import families
+        fam = families.get(self.family)
+        if fam is None:
+            from ..errors import ModelLoadError
+            raise ModelLoadError(f"Unknown model family {self.family!r}.", fix="install the plug-in that provides it")
+        return fam
+
+    @property
     def is_inpaint(self) -> bool:
         return self.in_channels == 9
+
+    def text_modules(self) -> dict[str, Any]:
+        """Text encoders and tokenizers by pipeline argument name (None where the family has none)."""
+        return {"text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
+                "text_encoder_2": self.text_encoder_2, "tokenizer_2": self.tokenizer_2}
 
     def modules(self) -> dict[str, Any]:
         """The torch modules, by diffusers component name."""

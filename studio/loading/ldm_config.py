@@ -1,9 +1,7 @@
-"""Read family and diffusers configs off an LDM-layout checkpoint's tensor names and shapes (no network).
+"""Read diffusers configs off an LDM-layout checkpoint's tensor names and shapes (no network).
 
-Family is decided by the text-encoder LAYOUT first (HF CLIP -> sd1, OpenCLIP ``cond_stage_model.model`` -> sd2,
-``conditioner.embedders`` -> sdxl / refiner) and confirmed by the UNet's cross-attention width, which must
-equal the text-encoder width(s). That works for real models (768/1024/2048/1280) and for tiny test models whose
-widths are none of those. Files with no text encoder fall back to the known real widths.
+Which family a file is, and where its text encoders sit, is the families' knowledge (``studio.families``);
+the functions here read the layout of the parts the SD UNet families share.
 """
 from __future__ import annotations
 
@@ -11,16 +9,12 @@ import os
 import re
 from typing import Mapping, Sequence
 
+from .. import families
 from ..errors import ModelLoadError
+from ..families.unet_family import UNET, cross_width
 
-UNET = "model.diffusion_model."
 VAE_PREFIXES = ("first_stage_model.", "vae.")
-CLIP_PREFIX = {"sd1": "cond_stage_model.transformer.text_model.",
-               "sdxl": "conditioner.embedders.0.transformer.text_model."}
-OPENCLIP_PREFIX = {"sd2": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model.",
-                   "sdxl_refiner": "conditioner.embedders.0.model."}
-WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl_refiner"}
-VAE_SCALE = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025, "sdxl_refiner": 0.13025}
+DEFAULT_VAE_SCALE = 0.18215   # SD 1/2's, for a VAE whose family nothing tells
 
 Shapes = Mapping[str, Sequence[int]]
 
@@ -45,7 +39,8 @@ def linear_text_projection(sd: dict) -> dict:
     ``…model.text_projection`` ([width, proj], used as ``x @ P``). Rename and transpose; works on tensors and on
     header shapes alike."""
     out = sd
-    for prefix in set(OPENCLIP_PREFIX.values()):
+    prefixes = {te.ldm_prefix for f in families.all_families() for te in f.text_encoders if te.kind == "open_clip"}
+    for prefix in sorted(prefixes):
         linear, ldm = prefix + "text_projection.weight", prefix + "text_projection"
         if linear in sd and ldm not in sd:
             if out is sd:
@@ -82,60 +77,6 @@ def describe_non_checkpoint(shapes: Shapes) -> tuple[str, str]:
     if _has(shapes, "down_blocks.") and _has(shapes, "conv_in."):
         return "a diffusers-format UNet", "load the whole diffusers folder (with model_index.json) instead"
     return "not a Stable Diffusion checkpoint", "use an SD 1.x / 2.x / SDXL .safetensors checkpoint"
-
-
-def _cross_width(shapes: Shapes) -> int | None:
-    for k, s in shapes.items():
-        if k.startswith(UNET) and k.endswith("attn2.to_k.weight"):
-            return int(s[1])
-    return None
-
-
-def detect_family(shapes: Shapes, path: str = "") -> str:
-    """Family of an LDM checkpoint: layout first, cross-attention width as confirmation."""
-    if UNET + "input_blocks.0.0.weight" not in shapes:
-        what, fix = describe_non_checkpoint(shapes)
-        raise ModelLoadError(f"{os.path.basename(path) or 'This file'} looks like {what}, not a checkpoint.",
-                             path=path, fix=fix + ".")
-    width = _cross_width(shapes)
-    if width is None:
-        raise ModelLoadError(f"{path}: the UNet has no cross-attention layers; not an SD 1/2/XL model.",
-                             path=path, fix="use an SD 1.x / 2.x / SDXL checkpoint.")
-    te = text_widths(shapes)
-    if "sdxl" in te:
-        family, expect = "sdxl", sum(te["sdxl"])
-    elif "sdxl_refiner" in te:
-        family, expect = "sdxl_refiner", te["sdxl_refiner"][0]
-    elif "sd2" in te:
-        family, expect = "sd2", te["sd2"][0]
-    elif "sd1" in te:
-        family, expect = "sd1", te["sd1"][0]
-    else:  # UNet-only file: only the real widths tell
-        if width not in WIDTH_FAMILY:
-            raise ModelLoadError(f"{path}: no text encoder and an unknown cross-attention width {width}.",
-                                 path=path, fix="use a complete checkpoint (UNet, VAE and text encoder).")
-        return WIDTH_FAMILY[width]
-    if width != expect:
-        raise ModelLoadError(f"{path}: the UNet expects text features of width {width} but the {family} text "
-                             f"encoder gives {expect}; the file is inconsistent (a bad merge?).", path=path,
-                             fix="re-download or re-merge the checkpoint.")
-    return family
-
-
-def text_widths(shapes: Shapes) -> dict[str, list[int]]:
-    """Which text-encoder layouts are present -> their hidden widths."""
-    out: dict[str, list[int]] = {}
-    l_key = CLIP_PREFIX["sdxl"] + "embeddings.token_embedding.weight"
-    g_key = OPENCLIP_PREFIX["sdxl"] + "token_embedding.weight"
-    if l_key in shapes and g_key in shapes:
-        out["sdxl"] = [shapes[l_key][1], shapes[g_key][1]]
-    elif OPENCLIP_PREFIX["sdxl_refiner"] + "token_embedding.weight" in shapes:
-        out["sdxl_refiner"] = [shapes[OPENCLIP_PREFIX["sdxl_refiner"] + "token_embedding.weight"][1]]
-    if OPENCLIP_PREFIX["sd2"] + "token_embedding.weight" in shapes:
-        out["sd2"] = [shapes[OPENCLIP_PREFIX["sd2"] + "token_embedding.weight"][1]]
-    if CLIP_PREFIX["sd1"] + "embeddings.token_embedding.weight" in shapes:
-        out["sd1"] = [shapes[CLIP_PREFIX["sd1"] + "embeddings.token_embedding.weight"][1]]
-    return out
 
 
 def read_sidecar_yaml(path: str) -> dict:
@@ -181,7 +122,7 @@ def encoder_levels(shapes: Shapes, prefix: str) -> list[dict]:
     return levels
 
 
-def unet_config(shapes: Shapes, family: str, *, sidecar: dict | None = None,
+def unet_config(shapes: Shapes, family: families.Family, *, sidecar: dict | None = None,
                 text_proj_dim: int | None = None, prediction: str = "epsilon") -> dict:
     """UNet2DConditionModel config from the ``model.diffusion_model.`` tensors."""
     p, sidecar = UNET, sidecar or {}
@@ -198,18 +139,16 @@ def unet_config(shapes: Shapes, family: str, *, sidecar: dict | None = None,
         heads = [max(1, c // sidecar["num_head_channels"]) for c in channels]
     elif sidecar.get("num_heads"):
         heads = sidecar["num_heads"]
-    elif family == "sd1":
-        heads = 8  # SD1 uses 8 heads everywhere (diffusers calls it attention_head_dim)
     else:
-        heads = [max(1, c // 64) for c in channels]  # SD2/SDXL: 64-wide heads
+        heads = family.attention_heads(channels)
     cfg = {
-        "sample_size": {"sd1": 64, "sd2": 96 if prediction == "v_prediction" else 64}.get(family, 128),
+        "sample_size": family.unet_sample_size(prediction),
         "in_channels": int(in_ch), "out_channels": int(shapes[p + "out.2.weight"][0]),
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "block_out_channels": channels, "layers_per_block": lpb.pop(),
-        "cross_attention_dim": int(_cross_width(shapes)),
+        "cross_attention_dim": int(cross_width(shapes)),
         "attention_head_dim": heads,
         "use_linear_projection": any(lv.get("linear") for lv in levels),
         "transformer_layers_per_block": [max(1, lv["depth"]) for lv in levels[:-1]] + [max(1, mid_depth)],
@@ -220,11 +159,10 @@ def unet_config(shapes: Shapes, family: str, *, sidecar: dict | None = None,
                              fix="use a standard SD 1/2/XL checkpoint.")
     if levels[-1]["depth"] and levels[-1]["depth"] != mid_depth:
         cfg["transformer_layers_per_block"][-1] = levels[-1]["depth"]  # mid block takes the last entry
-    if family in ("sdxl", "sdxl_refiner"):
+    if family.pooled:
         adm_in = int(shapes[p + "label_emb.0.0.weight"][1])
-        n = 6 if family == "sdxl" else 5  # sizes+crop+target (6) vs sizes+crop+aesthetic score (5)
         cfg.update(addition_embed_type="text_time", projection_class_embeddings_input_dim=adm_in,
-                   addition_time_embed_dim=(adm_in - int(text_proj_dim or 0)) // n)
+                   addition_time_embed_dim=(adm_in - int(text_proj_dim or 0)) // family.size_ids)
     return cfg
 
 
@@ -235,8 +173,9 @@ def vae_prefix(shapes: Shapes) -> str:
     raise ModelLoadError("No VAE found (encoder.conv_in missing).", fix="use a complete checkpoint or VAE file.")
 
 
-def vae_config(shapes: Shapes, family: str | None, prefix: str | None = None) -> dict:
-    """AutoencoderKL config from LDM VAE tensors (``encoder.down.N.block.M``...)."""
+def vae_config(shapes: Shapes, family: families.Family | None, prefix: str | None = None) -> dict:
+    """AutoencoderKL config from LDM VAE tensors (``encoder.down.N.block.M``...); ``family`` gives the
+    native size and latent scale (None: SD 1/2's)."""
     p = vae_prefix(shapes) if prefix is None else prefix
     n = _count(shapes, p + "encoder.down.")
     channels = [int(shapes[f"{p}encoder.down.{i}.block.0.conv1.weight"][0]) for i in range(n)]
@@ -247,8 +186,8 @@ def vae_config(shapes: Shapes, family: str | None, prefix: str | None = None) ->
         "block_out_channels": channels,
         "layers_per_block": _count(shapes, p + "encoder.down.0.block."),
         "latent_channels": int(shapes[p + "encoder.conv_out.weight"][0]) // 2,  # mean and logvar
-        "norm_num_groups": 32, "sample_size": 1024 if family in ("sdxl", "sdxl_refiner") else 512,
-        "scaling_factor": VAE_SCALE.get(family or "sd1", 0.18215),
+        "norm_num_groups": 32, "sample_size": family.default_size if family else 512,
+        "scaling_factor": family.vae_scale if family else DEFAULT_VAE_SCALE,
     }
 
 

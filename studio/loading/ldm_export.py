@@ -11,7 +11,7 @@ import os
 
 from ..lazy import torch
 from .components import Components
-from .ldm_config import CLIP_PREFIX, OPENCLIP_PREFIX, UNET
+from .ldm_config import UNET
 
 UNET_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
                ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
@@ -140,14 +140,12 @@ def components_to_ldm(c: Components) -> dict[str, torch.Tensor]:
     """The whole checkpoint as one LDM-layout state dict (tensors are shared with the modules, not copied)."""
     sd = unet_to_ldm(c.unet.state_dict(), c.unet.config)
     sd.update(vae_to_ldm(c.vae.state_dict()))
-    if c.family == "sd1":
-        sd.update(clip_to_ldm(c.text_encoder, CLIP_PREFIX["sd1"]))
-    elif c.family == "sd2":
-        sd.update(open_clip_to_ldm(c.text_encoder, OPENCLIP_PREFIX["sd2"], recreate_last=True))
-    else:
-        if c.family == "sdxl":
-            sd.update(clip_to_ldm(c.text_encoder, CLIP_PREFIX["sdxl"]))
-        sd.update(open_clip_to_ldm(c.text_encoder_2, OPENCLIP_PREFIX[c.family], recreate_last=False))
+    for te in c.spec.text_encoders:
+        model = getattr(c, te.attr)
+        if te.kind == "clip":
+            sd.update(clip_to_ldm(model, te.ldm_prefix))
+        else:
+            sd.update(open_clip_to_ldm(model, te.ldm_prefix, recreate_last=te.drop_last))
     return sd
 
 

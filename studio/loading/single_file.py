@@ -9,13 +9,12 @@ import os
 
 import torch
 
+from .. import families
 from ..errors import ModelLoadError
 from .components import Components
-from .ldm_config import (CLIP_PREFIX, OPENCLIP_PREFIX, UNET, clip_config, detect_family, linear_text_projection,
-                         normalize_keys, open_clip_config, read_sidecar_yaml, scheduler_config, shapes_of,
-                         unet_config, vae_config, vae_prefix)
+from .ldm_config import (UNET, clip_config, linear_text_projection, normalize_keys, open_clip_config,
+                         read_sidecar_yaml, shapes_of, vae_config, vae_prefix, DEFAULT_VAE_SCALE)
 from .state_dict import read_header_shapes, read_state_dict
-from .tokenizers import load_clip_tokenizer, pad_token_for
 
 PREDICTIONS = ("epsilon", "v_prediction")
 
@@ -87,14 +86,16 @@ def load_clip(sd: dict, prefix: str, *, path: str, dtype, device):
                         what="text encoder", path=path, dtype=dtype, device=device, config=cfg)
 
 
-def load_open_clip(sd: dict, prefix: str, *, path: str, dtype, device, with_projection: bool):
-    """OpenCLIP text encoder -> CLIPTextModel (SD2: last block dropped) or CLIPTextModelWithProjection."""
+def load_open_clip(sd: dict, prefix: str, *, path: str, dtype, device, with_projection: bool,
+                   drop_last: bool = False):
+    """OpenCLIP text encoder -> CLIPTextModel or CLIPTextModelWithProjection; ``drop_last``: the model ends at the
+    penultimate block (an encoder read there, as SD2's)."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     sub = {k: v for k, v in sd.items() if k.startswith(prefix)}
-    cfg = open_clip_config(shapes_of(sub), prefix, drop_last=not with_projection)
-    if not with_projection:  # SD2 conditions on the penultimate layer: diffusers' model ends there
+    cfg = open_clip_config(shapes_of(sub), prefix, drop_last=drop_last)
+    if drop_last:
         last = f"{prefix}transformer.resblocks.{cfg['num_hidden_layers']}."
         sub = {k: v for k, v in sub.items() if not k.startswith(last) and k != prefix + "text_projection"}
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
@@ -149,49 +150,21 @@ def _prediction(explicit: str | None, sidecar: dict, notes: list[str]) -> str:
 
 
 def load_single_file(path, *, dtype=torch.float32, device="cpu", prediction: str | None = None) -> Components:
-    """An LDM-layout .safetensors/.ckpt checkpoint -> Components (no network)."""
+    """A single-file checkpoint -> Components (no network); its family decides how its parts are built."""
     path = os.fspath(path)
     if path.lower().endswith(".safetensors"):  # decide from the header before reading gigabytes
-        detect_family(linear_text_projection(normalize_keys(read_header_shapes(path))), path)
+        families.detect_ldm(linear_text_projection(normalize_keys(read_header_shapes(path))), path)
     sd = linear_text_projection(normalize_keys(read_state_dict(path)))
     shapes = shapes_of(sd)
-    family = detect_family(shapes, path)
-    notes = [f"family {family} (text-encoder layout, confirmed by cross-attention width)"]
+    family = families.detect_ldm(shapes, path)
+    notes = [f"family {family.name} (text-encoder layout, confirmed by cross-attention width)"]
     sidecar = read_sidecar_yaml(path)
     pred = _prediction(prediction, sidecar, notes)
-    kw = dict(path=path, dtype=dtype, device=device)
-
-    te = tok = te2 = tok2 = None
-    proj_dim = None
-    if family == "sd1":
-        te = load_clip(sd, CLIP_PREFIX["sd1"], **kw)
-    elif family == "sd2":
-        te = load_open_clip(sd, OPENCLIP_PREFIX["sd2"], with_projection=False, **kw)
-        notes.append("SD2 text encoder: last OpenCLIP block dropped (penultimate-layer conditioning)")
-    else:
-        if family == "sdxl":
-            te = load_clip(sd, CLIP_PREFIX["sdxl"], **kw)
-        te2 = load_open_clip(sd, OPENCLIP_PREFIX[family], with_projection=True, **kw)
-        proj_dim = te2.config.projection_dim
-        tok2 = load_clip_tokenizer(pad_token_for(family, second=True))
-    if te is not None:
-        tok = load_clip_tokenizer(pad_token_for(family))
-
-    ucfg = unet_config(shapes, family, sidecar=sidecar, text_proj_dim=proj_dim, prediction=pred)
-    unet = load_unet(sd, ucfg, **kw)
-    pre = vae_prefix(shapes)
-    vae = load_vae(sd, vae_config(shapes, family, pre), prefix=pre, **kw)
-    in_ch = ucfg["in_channels"]
-    if in_ch != 4:
-        notes.append({9: "inpainting model (9 input channels)", 8: "instruct-pix2pix model (8 input channels)",
-                      5: "depth model (5 input channels)"}.get(in_ch, f"{in_ch} input channels"))
-    del sd
-    return Components(family=family, unet=unet, vae=vae, text_encoder=te, tokenizer=tok,
-                      scheduler_config=scheduler_config(pred), text_encoder_2=te2, tokenizer_2=tok2,
-                      prediction_type=pred, in_channels=in_ch, source=path, notes=notes)
+    return family.load_single_file(path, sd, shapes, dtype=dtype, device=device, prediction=pred,
+                                   sidecar=sidecar, notes=notes)
 
 
-def _diffusers_vae_config(shapes: dict, family: str | None) -> dict:
+def _diffusers_vae_config(shapes: dict, family: families.Family | None) -> dict:
     n = len({k.split(".")[2] for k in shapes if k.startswith("encoder.down_blocks.")})
     ch = [int(shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"][0]) for i in range(n)]
     lpb = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down_blocks.0.resnets.")})
@@ -200,15 +173,16 @@ def _diffusers_vae_config(shapes: dict, family: str | None) -> dict:
             "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
             "block_out_channels": ch, "layers_per_block": lpb, "norm_num_groups": 32,
             "latent_channels": int(shapes["encoder.conv_out.weight"][0]) // 2,
-            "scaling_factor": 0.13025 if family in ("sdxl", "sdxl_refiner") else 0.18215}
+            "scaling_factor": family.vae_scale if family else DEFAULT_VAE_SCALE}
 
 
-def load_vae_file(path, dtype=torch.float32, device="cpu", family: str | None = None):
+def load_vae_file(path, dtype=torch.float32, device="cpu", family: str | families.Family | None = None):
     """A standalone VAE file (models/VAE): LDM keys with or without ``first_stage_model.``, or diffusers keys.
-    ``family`` picks the latent scaling factor (SDXL 0.13025, else 0.18215) since weights do not tell."""
+    ``family`` picks the latent scaling factor, since weights do not tell."""
     from diffusers import AutoencoderKL
 
     path = os.fspath(path)
+    family = families.get(family)
     sd = read_state_dict(path)
     shapes = shapes_of(sd)
     try:

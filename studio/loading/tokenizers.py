@@ -1,7 +1,7 @@
 """The CLIP tokenizer, loaded from the files shipped in ``clip_tokenizer/`` (no network).
 
-SD1 and SDXL's first tokenizer pad with ``<|endoftext|>``; SD2 and SDXL's second tokenizer pad with ``!``
-(id 0), as the OpenCLIP models were trained.
+CLIP-L encoders pad with ``<|endoftext|>``, OpenCLIP ones with ``!`` (id 0), as they were trained; each
+family's ``TextEncoder.pad_token`` says which.
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import os
 from ..errors import ModelLoadError
 
 TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_tokenizer")
-OPENCLIP_PAD = "!"
 
 
 def load_clip_tokenizer(pad_token: str = "<|endoftext|>", folder: str | None = None):
@@ -22,8 +21,3 @@ def load_clip_tokenizer(pad_token: str = "<|endoftext|>", folder: str | None = N
         raise ModelLoadError(f"CLIP tokenizer files are missing in {folder}.", path=folder,
                              fix="run `python tools/derive_clip_tokenizer.py` to recreate them.")
     return CLIPTokenizer.from_pretrained(folder, pad_token=pad_token, model_max_length=77, local_files_only=True)
-
-
-def pad_token_for(family: str, second: bool = False) -> str:
-    """Pad token for a family's first (or ``second``) tokenizer."""
-    return OPENCLIP_PAD if family == "sd2" or second else "<|endoftext|>"

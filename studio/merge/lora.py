@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from .. import families
 from ..errors import StudioError
 from .checkpoints import MergeReport, Progress, _out_dtype
-from .lora_keys import KOHYA_TE_PREFIX, LayerTarget, checkpoint_layers, last_openclip_block, layer_index
+from .lora_keys import LayerTarget, checkpoint_layers, kohya_te_prefix, last_openclip_block, layer_index
 from .lowrank import Factors, exact_factors, lora_metadata, svd_factors, write_lora
 from .sources import family_label, family_of, open_checkpoint, output_path
 from .stio import TensorInfo, write_streaming
@@ -88,7 +89,7 @@ def _natural_delta(delta, what: str) -> torch.Tensor | None:
 def _stem(comp: str, layer: str, family: str | None) -> str:
     if comp == "unet":
         return "lora_unet_" + layer
-    return KOHYA_TE_PREFIX.get((family or "sd1", comp), "lora_te_") + "text_model_" + layer
+    return kohya_te_prefix(family, comp) + "text_model_" + layer
 
 
 def _family(files) -> str | None:
@@ -99,7 +100,8 @@ def _family(files) -> str | None:
                           field="loras", fix="merge LoRAs made for one family")
     if fams:
         return fams.pop()
-    return "sdxl" if any(comp == "te2" for lf in files for comp, _ in lf.layers) else None
+    made_for = families.from_lora({comp for lf in files for comp, _ in lf.layers if comp != "unet"})
+    return made_for.name if made_for else None
 
 
 def _is_conv(shape) -> bool:

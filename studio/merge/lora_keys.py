@@ -11,14 +11,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..loading.ldm_config import CLIP_PREFIX, OPENCLIP_PREFIX, UNET
+from .. import families
+from ..loading.ldm_config import UNET
 
 OPENCLIP_RENAMES = {"attn.out_proj": "self_attn_out_proj", "mlp.c_fc": "mlp_fc1", "mlp.c_proj": "mlp_fc2"}
-KOHYA_TE_PREFIX = {("sd1", "te1"): "lora_te_", ("sd2", "te1"): "lora_te_", ("sdxl", "te1"): "lora_te1_",
-                   ("sdxl", "te2"): "lora_te2_", ("sdxl_refiner", "te2"): "lora_te2_"}
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sdxl_refiner": "sdxl_refiner_v1-0"}
-MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
-                  "sdxl_refiner": "stable-diffusion-xl-v1-refiner"}
 _TE_TARGET = re.compile(r"^encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])$")
 
 
@@ -33,11 +29,12 @@ class LayerTarget:
     shape: tuple[int, ...]          # shape of this layer's weight (after slicing)
 
     def kohya(self, family: str) -> str:
-        """kohya tensor-name stem (SD1/SD2 UNet: diffusers naming, SDXL: LDM naming)."""
+        """kohya tensor-name stem (UNet in diffusers naming, or LDM naming where the family's kohya files use it)."""
+        spec = families.get(family)
         if self.comp == "unet":
-            use_ldm = family.startswith("sdxl") or self.alt is None
+            use_ldm = spec.kohya_unet_ldm_names or self.alt is None
             return "lora_unet_" + (self.name if use_ldm else self.alt)
-        return KOHYA_TE_PREFIX.get((family, self.comp), "lora_te_") + "text_model_" + self.name
+        return kohya_te_prefix(family, self.comp) + "text_model_" + self.name
 
     def is_default_target(self, conv: bool) -> bool:
         """kohya's LoRA targets: transformer linears + proj_in/out, text-encoder attention/MLP; with ``conv``
@@ -53,15 +50,23 @@ class LayerTarget:
         return False
 
 
+def kohya_te_prefix(family: str | None, comp: str) -> str:
+    """``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` for text encoder ``comp`` ("te1", "te2") of ``family``
+    (unknown: kohya's single-encoder prefix)."""
+    spec = families.get(family)
+    te = spec.encoder_by_lora_id(comp) if spec else None
+    return te.kohya_prefix if te else "lora_te_"
+
+
 def _unet_inverse(shapes, family: str):
     """LDM module prefix -> diffusers module prefix (and resnet renames) for this checkpoint's UNet."""
     from ..loading.ldm_config import unet_config
     from ..loading.ldm_export import UNET_RESNET, UNET_TOP, _unet_prefix_map
-    cfg = unet_config(shapes, family)
+    cfg = unet_config(shapes, families.get(family))
     inv: dict[str, str] = {}
     for diff, ldm in {**UNET_TOP, **_unet_prefix_map(cfg)}.items():
-        if "class_embedding" in diff and family.startswith("sdxl"):
-            continue  # SDXL's label_emb is diffusers' add_embedding
+        if "class_embedding" in diff and families.get(family).pooled:
+            continue  # a pooled family's label_emb is diffusers' add_embedding
         inv.setdefault(ldm, diff)
     return inv, [(ldm, diff) for diff, ldm in UNET_RESNET]
 
@@ -84,15 +89,8 @@ def checkpoint_layers(shapes: dict, family: str) -> list[LayerTarget]:
     """Every weight of ``shapes`` (an LDM checkpoint) a LoRA could adapt, in key order."""
     out: list[LayerTarget] = []
     inv, resnet = _unet_inverse(shapes, family)
-    te_prefixes = []
-    if family == "sd1":
-        te_prefixes.append(("te1", CLIP_PREFIX["sd1"], False))
-    elif family == "sd2":
-        te_prefixes.append(("te1", OPENCLIP_PREFIX["sd2"], True))
-    elif family == "sdxl":
-        te_prefixes += [("te1", CLIP_PREFIX["sdxl"], False), ("te2", OPENCLIP_PREFIX["sdxl"], True)]
-    elif family == "sdxl_refiner":
-        te_prefixes.append(("te2", OPENCLIP_PREFIX["sdxl_refiner"], True))
+    te_prefixes = [(te.lora_id, te.ldm_prefix, te.kind == "open_clip")
+                   for te in families.get(family).text_encoders]
     for key, shape in shapes.items():
         shape = tuple(shape)
         if key.startswith(UNET) and key.endswith(".weight") and len(shape) >= 2:
@@ -147,9 +145,10 @@ def layer_index(layers: list[LayerTarget]) -> dict[tuple[str, str], LayerTarget]
 
 
 def last_openclip_block(shapes: dict, family: str) -> str | None:
-    """SD2's last OpenCLIP block is never used (penultimate-layer conditioning): extraction skips it."""
-    if family != "sd2":
+    """An OpenCLIP block a family never reads (SD2's last: penultimate-layer conditioning): extraction skips it."""
+    te = next((te for te in families.get(family).text_encoders if te.drop_last), None)
+    if te is None:
         return None
-    pat = re.compile(re.escape(OPENCLIP_PREFIX["sd2"]) + r"transformer\.resblocks\.(\d+)\.")
+    pat = re.compile(re.escape(te.ldm_prefix) + r"transformer\.resblocks\.(\d+)\.")
     n = max((int(m.group(1)) for k in shapes if (m := pat.match(k))), default=None)
     return None if n is None else f"encoder_layers_{n}_"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .lora_keys import BASE_MODEL_VERSION, MODELSPEC_ARCH
+from .. import families
 from .stio import TensorInfo, _tensor_bytes, write_streaming
 
 RANK_METHODS = ("fixed", "sv_ratio", "sv_fro", "sv_cumulative")
@@ -106,10 +106,11 @@ def lora_metadata(family: str | None, layers: dict[str, Factors], title: str, ex
         cdim = max(f.rank for f in conv)
         meta["ss_network_args"] = json.dumps({"conv_dim": str(cdim),
                                               "conv_alpha": str(next(f.alpha for f in conv if f.rank == cdim))})
-    if family:
-        meta["ss_base_model_version"] = BASE_MODEL_VERSION.get(family, family)
-        meta["ss_v2"] = str(family == "sd2")
-        meta["modelspec.architecture"] = MODELSPEC_ARCH.get(family, family) + "/lora"
+    fam = families.get(family)
+    if fam:
+        meta["ss_base_model_version"] = fam.kohya_version
+        meta["ss_v2"] = str(fam.kohya_v2)
+        meta["modelspec.architecture"] = fam.modelspec_arch + "/lora"
     meta.update(extra or {})
     return meta
 

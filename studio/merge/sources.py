@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .. import families
 from ..errors import StudioError
 from ..paths import plain_name
 from .stio import DictSource, SafetensorsSource, TensorSource
-
-FAMILY_LABEL = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner"}
 
 
 def open_checkpoint(info) -> TensorSource:
@@ -31,12 +30,11 @@ def open_checkpoint(info) -> TensorSource:
 
 
 def family_of(source: TensorSource, name: str) -> str:
-    from ..loading.ldm_config import detect_family
-    return detect_family({k: v.shape for k, v in source.infos.items()}, name)
+    return families.detect_ldm({k: v.shape for k, v in source.infos.items()}, name).name
 
 
 def family_label(family: str | None) -> str:
-    return FAMILY_LABEL.get(family or "", family or "unknown")
+    return families.label(family)
 
 
 def vae_tensors(registry, name: str) -> dict:

@@ -172,9 +172,9 @@ def _base_family(base_model: str) -> str | None:
     """The base checkpoint's family from its header (None where that needs a full read)."""
     if not base_model.lower().endswith(".safetensors") or not Path(base_model).is_file():
         return None
-    from ..loading.ldm_config import detect_family
+    from .. import families
     from ..loading.state_dict import read_header_shapes
-    return detect_family(read_header_shapes(base_model), base_model)
+    return families.detect_ldm(read_header_shapes(base_model), base_model).name
 
 
 def preflight(cfg, preprocessors=None) -> None:

@@ -14,11 +14,10 @@ from typing import Any
 
 import torch
 
+from .. import families
 from .atomic import write_with
 from .config import TrainConfig
 
-BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
 _LORA = ("lora_A", "lora_B")
 _LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 _LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -28,7 +27,7 @@ _LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b
 class RunInfo:
     """Facts about the run that go into the metadata."""
 
-    family: str = "sd1"
+    family: str = ""             # the base model's family name
     prediction: str = "epsilon"
     steps: int = 0
     epoch: int = 0
@@ -52,16 +51,15 @@ class RunInfo:
 
 # ---- tensor names --------------------------------------------------------------------------------------------
 def _unet_name(name: str, family: str, unet) -> str:
-    if family.startswith("sdxl"):
-        # SDXL kohya files name UNet modules in the original (LDM) layout
+    if families.get(family).kohya_unet_ldm_names:
+        # e.g. SDXL kohya files name UNet modules in the original (LDM) layout
         from ..loading.ldm_export import UNET_RESNET, UNET_TOP, _map_key, _unet_prefix_map
         name = _map_key(name + ".", {**UNET_TOP, **_unet_prefix_map(unet.config)}, UNET_RESNET)[:-1]
     return "lora_unet_" + name.replace(".", "_")
 
 
 def _te_name(name: str, part: str, family: str) -> str:
-    prefix = {"text_encoder": "lora_te1_" if family.startswith("sdxl") else "lora_te_",
-              "text_encoder_2": "lora_te2_"}[part]
+    prefix = families.get(family).kohya_te_prefix(part)
     # kohya names text-encoder modules with ``text_model_`` even where transformers 5 dropped the wrapper
     name = name if name.startswith("text_model.") else "text_model." + name
     return prefix + name.replace(".", "_")
@@ -162,6 +160,11 @@ def bucket_info(items, plan) -> dict:
             "mean_img_ar_error": sum(errors) / len(errors) if errors else 0}
 
 
+def _arch(family: str) -> str:
+    fam = families.get(family)
+    return fam.modelspec_arch if fam else family
+
+
 def lora_metadata(cfg: TrainConfig, info: RunInfo) -> dict[str, str]:
     v = info.prediction == "v_prediction"
     # kohya: json.dumps of the --network_args key=value pairs, so every value is a string
@@ -169,12 +172,13 @@ def lora_metadata(cfg: TrainConfig, info: RunInfo) -> dict[str, str]:
         if cfg.conv_rank or cfg.method == "locon" else {}
     if cfg.method in ("loha", "lokr"):
         args["algo"] = cfg.method
-    base = BASE_VERSION.get(info.family, info.family) + ("_v" if v and info.family == "sd2" else "")
+    fam = families.get(info.family)
+    base = fam.kohya_base_version(info.prediction) if fam else info.family
     kind = "textual-inversion" if cfg.is_ti else "lora"
     meta = {
         "ss_output_name": cfg.output_name, "ss_network_module": cfg.network_module,
         "ss_network_dim": str(cfg.rank), "ss_network_alpha": str(cfg.alpha),
-        "ss_base_model_version": base, "ss_v2": str(info.family == "sd2"),
+        "ss_base_model_version": base, "ss_v2": str(bool(fam and fam.kohya_v2)),
         "ss_resolution": f"({cfg.resolution}, {cfg.resolution})", "ss_learning_rate": str(cfg.learning_rate),
         "ss_unet_lr": str(cfg.lr_for("unet")), "ss_text_encoder_lr": str(cfg.lr_for("text_encoder")),
         "ss_optimizer": info.optimizer or cfg.optimizer, "ss_lr_scheduler": cfg.lr_scheduler,
@@ -205,7 +209,7 @@ def lora_metadata(cfg: TrainConfig, info: RunInfo) -> dict[str, str]:
         "ss_max_bucket_reso": str(max(cfg.max_bucket_reso, cfg.resolution)), "ss_keep_tokens": str(cfg.keep_tokens),
         "ss_reg_dataset_dirs": json.dumps(info.reg_dataset_dirs), "ss_bucket_info": json.dumps(info.bucket_info),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{ARCH.get(info.family, info.family)}{'-v' if v else ''}/{kind}",
+        "modelspec.architecture": f"{_arch(info.family)}{'-v' if v else ''}/{kind}",
         "modelspec.implementation": "diffusers", "modelspec.title": cfg.output_name,
         "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(info.finished_at or time.time())),
@@ -258,7 +262,7 @@ def controlnet_metadata(cfg: TrainConfig, info: RunInfo) -> dict[str, str]:
     v = info.prediction == "v_prediction"
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{ARCH.get(info.family, info.family)}{'-v' if v else ''}/controlnet",
+        "modelspec.architecture": f"{_arch(info.family)}{'-v' if v else ''}/controlnet",
         "modelspec.implementation": "diffusers", "modelspec.title": cfg.output_name,
         "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(info.finished_at or time.time())),

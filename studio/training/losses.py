@@ -34,11 +34,12 @@ def encode_text(components, captions: list[str], *, clip_skip: int = 1, text_enc
                 text_encoder_2=None, sizes: list[tuple[int, int]] | None = None) -> dict:
     """UNet conditioning for ``captions``: ``{"hidden": ..., "added": {...} or None}``.
 
-    SDXL: both encoders' penultimate layers concatenated, pooled output of the second and the size ids."""
+    Pooled families (SDXL): both encoders' penultimate layers concatenated, pooled output of the second and the
+    size ids."""
     c = components
     te = text_encoder or c.text_encoder
     device = next(te.parameters()).device
-    if not c.family.startswith("sdxl"):
+    if not c.spec.pooled:
         hidden, _ = _hidden(te, _ids(c.tokenizer, captions, device), clip_skip)
         return {"hidden": hidden, "added": None}
     te2 = text_encoder_2 or c.text_encoder_2

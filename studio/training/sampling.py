@@ -72,19 +72,11 @@ def make_pipeline(components, text_encoder=None, tokenizer=None, controlnet=None
     import diffusers
 
     c = components
-    sched = diffusers.DDIMScheduler.from_config(c.scheduler_config)
-    cn = {"controlnet": controlnet} if controlnet is not None else {}
-    if c.family.startswith("sdxl"):
-        cls = diffusers.StableDiffusionXLControlNetPipeline if cn else diffusers.StableDiffusionXLPipeline
-        pipe = cls(vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, tokenizer=c.tokenizer,
-                   tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=sched, **cn)
-    else:
-        cls = diffusers.StableDiffusionControlNetPipeline if cn else diffusers.StableDiffusionPipeline
-        pipe = cls(vae=c.vae, text_encoder=text_encoder or c.text_encoder, tokenizer=tokenizer or c.tokenizer,
-                   unet=c.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
-                   requires_safety_checker=False, **cn)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    modules = {**c.text_modules(), "vae": c.vae, "unet": c.unet,
+               "scheduler": diffusers.DDIMScheduler.from_config(c.scheduler_config)}
+    if text_encoder is not None:   # a TI run's encoder with the new vectors
+        modules.update(text_encoder=text_encoder, tokenizer=tokenizer or c.tokenizer)
+    return c.spec.make_pipeline("txt2img", modules, controlnet=controlnet)
 
 
 @torch.no_grad()

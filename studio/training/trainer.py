@@ -108,9 +108,9 @@ class Trainer:
             want = torch.float32 if name == "vae" else self.weight_dtype
             if next(m.parameters()).dtype != want:
                 m.to(want)
-        if cfg.is_ti and c.family.startswith("sdxl"):
-            raise StudioError("Textual Inversion for SDXL is not supported yet.", field="method.method",
-                              fix="train a LoRA for SDXL, or TI on an SD1/SD2 model")
+        if cfg.is_ti and not c.spec.trains_embeddings:
+            raise StudioError(f"Textual Inversion for {c.spec.label} is not supported yet.", field="method.method",
+                              fix=f"train a LoRA for {c.spec.label}, or TI on a model of another family")
         c.vae.requires_grad_(False)
         sched_cfg = {**c.scheduler_config, "prediction_type": c.prediction_type}
         self.noise_sched = DDPMScheduler.from_config(sched_cfg)

@@ -47,7 +47,7 @@ def _components(scale: int, seed: int):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from studio.loading.tokenizers import load_clip_tokenizer, pad_token_for
+    from studio.loading.tokenizers import load_clip_tokenizer
     from studio.loading.components import Components
     from studio.loading.ldm_config import scheduler_config
 
@@ -65,7 +65,7 @@ def _components(scale: int, seed: int):
                         block_out_channels=[c // scale for c in (128, 256, 512, 512)], sample_size=512,
                         scaling_factor=0.18215)
     return Components(family="sd1", unet=unet.half(), vae=vae.half(), text_encoder=te.half(),
-                      tokenizer=load_clip_tokenizer(pad_token_for("sd1")), scheduler_config=scheduler_config(),
+                      tokenizer=load_clip_tokenizer(), scheduler_config=scheduler_config(),
                       source=f"bench-sd15-{seed}")
 
 

@@ -1,0 +1,179 @@
+"""What the studio knows about one model family, in one object.
+
+Everything outside ``studio/families/`` asks a ``Family`` (``families.get(name)``) instead of comparing family
+names: which text encoders a checkpoint has and where their tensors sit, which diffusers pipeline serves a mode,
+how LoRA files name its layers, which metadata trainers write, the latent preview projection, the defaults.
+A family module builds one ``Family`` (or a subclass that overrides the loading methods).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from ..errors import ModelLoadError
+
+Shapes = Mapping[str, Sequence[int]]
+MODES = ("txt2img", "img2img", "inpaint")
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """One text encoder of a family, as files and LoRAs name it."""
+
+    attr: str                      # Components / pipeline attribute: "text_encoder", "text_encoder_2"
+    lora_id: str                   # component id in LoRA files: "te1", "te2"
+    ldm_prefix: str                # its tensors in a single-file checkpoint
+    kind: str                      # "clip" (HF-named CLIP tensors) or "open_clip" (OpenCLIP tensors)
+    pad_token: str                 # CLIP-L pads with <|endoftext|>, OpenCLIP with "!" (id 0)
+    kohya_prefix: str              # kohya LoRA key prefix: "lora_te_", "lora_te1_", "lora_te2_"
+    embedding_part: str = "single"  # its part in a textual-inversion file: "single", "clip_l", "clip_g"
+    with_projection: bool = False  # CLIPTextModelWithProjection (gives the pooled text embedding)
+    drop_last: bool = False        # conditions on the penultimate block, so diffusers' model ends there
+    tokenizer_folder: str = "tokenizer"   # its tokenizer's subfolder in a diffusers folder
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family. Data fields describe it; methods load it (overridden by families of other layouts)."""
+
+    name: str                                  # stable id, stored in metadata and caches: "sd1", "sdxl", ...
+    label: str                                 # in messages: "SD 1.x", "SDXL"
+    short: str                                 # on badges: "SD1", "SDXL"
+    text_encoders: tuple[TextEncoder, ...]
+    vae_scale: float                           # latent scaling factor of its VAE
+    latent_rgb: tuple[tuple[float, float, float], ...]   # cheap preview: latent channel -> RGB
+    kohya_version: str                         # ss_base_model_version kohya writes
+    modelspec_arch: str                        # modelspec.architecture stem
+    default_size: int                          # native resolution
+    kohya_v2: bool = False                     # kohya's ss_v2 flag (the SD 2.x text encoder)
+    real_cross_width: int | None = None        # cross-attention width of the released models (UNet-only files)
+    real_text_widths: tuple[int, ...] = ()     # hidden widths of the released text encoders, in encoder order
+    pooled: bool = False                       # UNet takes pooled text + size ids (SDXL "text_time")
+    size_ids: int = 6                          # SDXL: sizes + crop + target (6); refiner: + aesthetic score (5)
+    aesthetic_score: bool = False              # the refiner's conditioning
+    txt2img: bool = True                       # False: only refines an existing picture
+    controlnet: bool = True
+    trains_embeddings: bool = True             # the trainer can train textual-inversion embeddings for it
+    fixed_heads: int | None = None             # SD1: 8 heads at every level; else 64-wide heads
+    linear_projection: bool = False            # transformer blocks project in/out with Linear, not 1x1 convs
+    kohya_unet_ldm_names: bool = False         # kohya names its UNet layers in the LDM layout (SDXL)
+    v_prediction_variant: bool = False         # has v-prediction releases (SD2 768-v): "_v" in kohya's version
+    v_sample_size: int | None = None           # UNet sample size of the v-prediction releases
+    pipelines: Mapping[str, str] = field(default_factory=dict)             # mode -> diffusers class name
+    controlnet_pipelines: Mapping[str, str] = field(default_factory=dict)  # mode -> diffusers class name
+    aliases: tuple[str, ...] = ()              # other spellings in metadata ("sd_v1", "stable-diffusion-v1")
+
+    # ---- what other code asks --------------------------------------------------------------------------------
+    def encoder(self, attr: str) -> TextEncoder | None:
+        return next((t for t in self.text_encoders if t.attr == attr), None)
+
+    def encoder_by_lora_id(self, lora_id: str) -> TextEncoder | None:
+        return next((t for t in self.text_encoders if t.lora_id == lora_id), None)
+
+    def pipeline_class(self, mode: str, *, controlnet: bool = False) -> str:
+        table = self.controlnet_pipelines if controlnet else self.pipelines
+        return table[mode]
+
+    def make_pipeline(self, mode: str, modules: Mapping[str, Any], *, controlnet: Any = None) -> Any:
+        """A diffusers pipeline for ``mode`` over ``modules`` (vae, unet, text encoders, tokenizers, scheduler:
+        the SAME objects, nothing copied); with ``controlnet`` the ControlNet pipeline. Parts the class does
+        not take are left out; its optional ones (safety checker, image encoder) are switched off."""
+        import inspect
+
+        import diffusers
+        cls = getattr(diffusers, self.pipeline_class(mode, controlnet=controlnet is not None))
+        accepted = inspect.signature(cls.__init__).parameters
+        kwargs = {k: v for k, v in modules.items() if k in accepted and k != "controlnet"}
+        for name, value in (("safety_checker", None), ("feature_extractor", None), ("image_encoder", None),
+                            ("requires_safety_checker", False), ("requires_aesthetics_score", self.aesthetic_score)):
+            if name in accepted:
+                kwargs.setdefault(name, value)
+        if controlnet is not None:
+            kwargs["controlnet"] = controlnet
+        pipe = cls(**kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def unet_sample_size(self, prediction: str = "epsilon") -> int:
+        if prediction == "v_prediction" and self.v_sample_size:
+            return self.v_sample_size
+        return self.default_size // 8
+
+    def kohya_base_version(self, prediction: str = "epsilon") -> str:
+        return self.kohya_version + ("_v" if prediction == "v_prediction" and self.v_prediction_variant else "")
+
+    def kohya_te_prefix(self, attr_or_id: str) -> str:
+        """kohya's key prefix for a text encoder, by attribute ("text_encoder") or LoRA id ("te1")."""
+        te = self.encoder(attr_or_id) or self.encoder_by_lora_id(attr_or_id)
+        if te is None:
+            raise KeyError(f"{self.label} has no text encoder {attr_or_id!r}")
+        return te.kohya_prefix
+
+    def matches_version(self, text: str) -> bool:
+        """Whether a metadata value (kohya version, modelspec architecture) names this family."""
+        text = text.lower()
+        return any(text.startswith(a) for a in (self.kohya_version, self.modelspec_arch, *self.aliases))
+
+    def attention_heads(self, channels: Sequence[int]) -> int | list[int]:
+        """diffusers' ``attention_head_dim`` for these level widths (the family's head rule)."""
+        return self.fixed_heads or [max(1, int(c) // 64) for c in channels]
+
+    # ---- detection and loading (a family of another layout overrides these) ---------------------------------
+    def ldm_score(self, shapes: Shapes) -> int:
+        """How surely a single-file checkpoint with these tensors is of this family (0: not at all)."""
+        return 0
+
+    def folder_score(self, index: dict, configs: dict[str, dict]) -> int:
+        """The same for a diffusers folder (``model_index.json`` and the subfolders' configs)."""
+        return 0
+
+    def lora_score(self, encoders: set[str], cross_width: int | None, text_widths: Mapping[str, int]) -> int:
+        """How surely a LoRA is for this family: ``encoders`` the text-encoder ids it has layers for ("te1",
+        "te2"), ``cross_width`` its UNet cross-attention input width, ``text_widths`` id -> hidden width."""
+        own = [te.lora_id for te in self.text_encoders]
+        if not encoders <= set(own):
+            return 0
+        real = dict(zip(own, self.real_text_widths))
+        score = 3 if cross_width is not None and cross_width == self.real_cross_width else 0
+        if text_widths and all(real.get(k) == w for k, w in text_widths.items()):
+            score += 1
+        if encoders and encoders == set(own):
+            score += 2
+        return score
+
+    def embedding_score(self, parts: Mapping[str, int]) -> int:
+        """How surely a textual-inversion file with ``parts`` (part name -> vector width) is for this family."""
+        own = {te.embedding_part: w for te, w in zip(self.text_encoders, self.real_text_widths)}
+        if set(parts) != set(own):
+            return 0
+        if all(own[k] == w for k, w in parts.items()):
+            return 2
+        return 1 if len(parts) > 1 else 0   # named parts (clip_l / clip_g) tell the family at any width
+
+    def controlnet_score(self, config: Mapping) -> int:
+        """How surely a ControlNet with this diffusers config is made for this family (0: not at all)."""
+        return 0
+
+    def check_ldm(self, shapes: Shapes, path: str) -> None:
+        """Raise ModelLoadError when a file detected as this family is inconsistent (nothing to check here)."""
+
+    def why_not(self, shapes: Shapes, path: str) -> ModelLoadError | None:
+        """When no family claims a file: this family's explanation if the file is of its layout, else None."""
+        return None
+
+    def check_folder(self, configs: dict[str, dict], path: str) -> None:
+        """As ``check_ldm``, for a diffusers folder."""
+
+    def folder_why_not(self, configs: dict[str, dict], path: str) -> ModelLoadError | None:
+        return None
+
+    def load_single_file(self, path: str, sd: dict, shapes: Shapes, **kw) -> Any:
+        raise ModelLoadError(f"{self.label} checkpoints cannot be read from a single file by this studio.",
+                             path=path, fix=f"load the {self.label} model as a diffusers folder")
+
+    def load_folder(self, path: str, index: dict, configs: dict[str, dict], **kw) -> Any:
+        raise ModelLoadError(f"{self.label} diffusers folders cannot be read by this studio.", path=path,
+                             fix=f"load the {self.label} model as a single-file checkpoint")
+
+    def __str__(self) -> str:
+        return self.name
