@@ -50,6 +50,9 @@ def latents_to_preview(latents: Any, family: str | None = None, *, scale: int = 
     if coefs is not None:
         coefs = np.asarray(coefs, dtype=np.float32)
         rgb = np.tensordot(x, coefs, axes=(0, 0))          # h × w × 3, roughly in [-1, 1]
+        fam = families.get((family or "").lower())
+        if fam is not None and any(fam.latent_rgb_bias):
+            rgb += np.asarray(fam.latent_rgb_bias, dtype=np.float32)
         rgb += 1.0
         rgb *= 127.5
     else:

@@ -46,6 +46,10 @@ class Family:
     modelspec_arch: str                        # modelspec.architecture stem
     default_size: int                          # native resolution
     kohya_v2: bool = False                     # kohya's ss_v2 flag (the SD 2.x text encoder)
+    vae_shift: float | None = None             # latent shift of its VAE (Flux), None where there is none
+    denoiser: str = "unet"                     # the pipelines' name for Components.unet ("transformer" for DiTs)
+    latent_channels: int = 4
+    latent_rgb_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)   # added after the preview projection
     real_cross_width: int | None = None        # cross-attention width of the released models (UNet-only files)
     real_text_widths: tuple[int, ...] = ()     # hidden widths of the released text encoders, in encoder order
     pooled: bool = False                       # UNet takes pooled text + size ids (SDXL "text_time")
@@ -83,6 +87,8 @@ class Family:
         import diffusers
         cls = getattr(diffusers, self.pipeline_class(mode, controlnet=controlnet is not None))
         accepted = inspect.signature(cls.__init__).parameters
+        if "unet" in modules and self.denoiser != "unet":
+            modules = {**{k: v for k, v in modules.items() if k != "unet"}, self.denoiser: modules["unet"]}
         kwargs = {k: v for k, v in modules.items() if k in accepted and k != "controlnet"}
         for name, value in (("safety_checker", None), ("feature_extractor", None), ("image_encoder", None),
                             ("requires_safety_checker", False), ("requires_aesthetics_score", self.aesthetic_score)):

@@ -117,13 +117,14 @@ class UNetFamily(Family):
         from ..loading.ldm_config import scheduler_config
         return scheduler_config(prediction)
 
-    def load_single_file(self, path: str, sd: dict, shapes: Shapes, *, dtype, device, prediction: str,
+    def load_single_file(self, path: str, sd: dict, shapes: Shapes, *, dtype, device, prediction: str | None,
                          sidecar: dict, notes: list[str]):
         from ..loading.components import Components
         from ..loading.ldm_config import unet_config, vae_config, vae_prefix
-        from ..loading.single_file import load_clip, load_open_clip, load_unet, load_vae
+        from ..loading.single_file import load_clip, load_open_clip, load_unet, load_vae, prediction_type
         from ..loading.tokenizers import load_clip_tokenizer
 
+        prediction = prediction_type(prediction, sidecar, notes)
         kw = dict(path=path, dtype=dtype, device=device)
         parts: dict = {}
         proj_dim = None

@@ -188,6 +188,9 @@ def vae_config(shapes: Shapes, family: families.Family | None, prefix: str | Non
         "latent_channels": int(shapes[p + "encoder.conv_out.weight"][0]) // 2,  # mean and logvar
         "norm_num_groups": 32, "sample_size": family.default_size if family else 512,
         "scaling_factor": family.vae_scale if family else DEFAULT_VAE_SCALE,
+        "shift_factor": family.vae_shift if family else None,
+        # Flux's VAE has no 1x1 convs around the latent space
+        "use_quant_conv": p + "quant_conv.weight" in shapes, "use_post_quant_conv": p + "post_quant_conv.weight" in shapes,
     }
 
 

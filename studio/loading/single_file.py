@@ -134,7 +134,7 @@ def load_vae(sd: dict, cfg: dict, *, path: str, dtype, device, prefix: str = "")
                         dtype=dtype, device=device, config=cfg)
 
 
-def _prediction(explicit: str | None, sidecar: dict, notes: list[str]) -> str:
+def prediction_type(explicit: str | None, sidecar: dict, notes: list[str]) -> str:
     if explicit is not None:
         if explicit not in PREDICTIONS:
             raise ModelLoadError(f"Unknown prediction type {explicit!r}.", field="prediction",
@@ -157,11 +157,9 @@ def load_single_file(path, *, dtype=torch.float32, device="cpu", prediction: str
     sd = linear_text_projection(normalize_keys(read_state_dict(path)))
     shapes = shapes_of(sd)
     family = families.detect_ldm(shapes, path)
-    notes = [f"family {family.name} (text-encoder layout, confirmed by cross-attention width)"]
-    sidecar = read_sidecar_yaml(path)
-    pred = _prediction(prediction, sidecar, notes)
-    return family.load_single_file(path, sd, shapes, dtype=dtype, device=device, prediction=pred,
-                                   sidecar=sidecar, notes=notes)
+    notes = [f"family {family.label} (read off the tensor layout)"]
+    return family.load_single_file(path, sd, shapes, dtype=dtype, device=device, prediction=prediction,
+                                   sidecar=read_sidecar_yaml(path), notes=notes)
 
 
 def _diffusers_vae_config(shapes: dict, family: families.Family | None) -> dict:

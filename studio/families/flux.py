@@ -1,0 +1,145 @@
+"""FLUX.1 (dev and schnell, Fill): a flow-matching DiT with CLIP-L (pooled) + T5-XXL (sequence) text encoders.
+
+Files as users have them: BFL's own (transformer only, ``double_blocks.*``), ComfyUI's all-in-one
+(``model.diffusion_model.`` + ``text_encoders.clip_l.transformer.`` + ``text_encoders.t5xxl.transformer.`` +
+``vae.``) and diffusers folders. dev and schnell are one family (LoRAs are shared); the file tells them apart by
+its guidance embedder (dev is guidance-distilled: the guidance scale is an input, not a second pass).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import ModelLoadError
+from . import flux_keys
+from .base import Family, Shapes, TextEncoder
+
+CLIP_PREFIX = "text_encoders.clip_l.transformer.text_model."
+T5_PREFIX = "text_encoders.t5xxl.transformer."
+VAE_PREFIX = "vae."
+KEY = "double_blocks.0.img_attn.norm.key_norm.scale"
+# FlowMatchEulerDiscreteScheduler as BFL ships it: dev shifts the schedule by image size, schnell does not
+DEV_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                 "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+SCHNELL_SCHEDULER = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False}
+# least-squares fit of VAE decodes on the 16 latent channels (ComfyUI's latent_formats.Flux)
+FLUX_LATENT_RGB = (
+    (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
+    (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
+    (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
+    (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778),
+)
+FLUX_LATENT_RGB_BIAS = (-0.0329, -0.0718, -0.0851)
+
+
+def transformer_config(shapes: Shapes, path: str = "") -> dict:
+    """FluxTransformer2DModel config from BFL tensor shapes (prefix stripped)."""
+    layout = flux_keys.layout_of(shapes)
+    head = int(shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0])
+    if head != 128:
+        raise ModelLoadError(f"{os.path.basename(path)}: attention heads {head} wide; FLUX.1 uses 128 (its rotary "
+                             "axes are 16 + 56 + 56).", path=path, fix="use a FLUX.1 dev / schnell / Fill checkpoint")
+    return {"patch_size": 1, "in_channels": int(shapes["img_in.weight"][1]),
+            "out_channels": int(shapes["final_layer.linear.weight"][0]),
+            "num_layers": layout.double, "num_single_layers": layout.single, "attention_head_dim": head,
+            "num_attention_heads": layout.inner // head, "joint_attention_dim": int(shapes["txt_in.weight"][1]),
+            "pooled_projection_dim": int(shapes["vector_in.in_layer.weight"][1]),
+            "guidance_embeds": layout.guidance, "axes_dims_rope": (16, 56, 56)}
+
+
+@dataclass(frozen=True)
+class FluxFamily(Family):
+    """FLUX.1: BFL / ComfyUI single files and diffusers folders."""
+
+    def ldm_score(self, shapes: Shapes) -> int:
+        return 20 if KEY in shapes or flux_keys.PREFIX + KEY in shapes else 0
+
+    def folder_score(self, index: dict, configs: dict[str, dict]) -> int:
+        return 20 if configs.get("transformer", {}).get("_class_name") == "FluxTransformer2DModel" else 0
+
+    def scheduler_config(self, guidance: bool) -> dict:
+        return dict(DEV_SCHEDULER if guidance else SCHNELL_SCHEDULER)
+
+    def load_single_file(self, path: str, sd: dict, shapes: Shapes, *, dtype, device, prediction: str | None,
+                         sidecar: dict, notes: list[str]):
+        from diffusers import FluxTransformer2DModel
+
+        from ..loading.components import Components
+        from ..loading.ldm_config import vae_config
+        from ..loading.single_file import build_module, load_clip, load_vae
+        from ..loading.t5 import load_t5
+        from ..loading.tokenizers import load_clip_tokenizer, load_t5_tokenizer
+
+        name = os.path.basename(path)
+        missing = [what for what, prefix in (("the CLIP-L text encoder", CLIP_PREFIX), ("the T5-XXL text encoder",
+                                                                                       T5_PREFIX),
+                                             ("the VAE", VAE_PREFIX + "decoder.")) if not any(k.startswith(prefix)
+                                                                                            for k in shapes)]
+        if missing:
+            raise ModelLoadError(f"{name} holds the FLUX.1 transformer only; {', '.join(missing)} are not in it.",
+                                 path=path, fix="use an all-in-one FLUX.1 checkpoint (transformer, text encoders "
+                                                "and VAE in one file) or a diffusers folder")
+        kw = dict(path=path, dtype=dtype, device=device)
+        bfl = {k[len(flux_keys.PREFIX):]: v for k, v in sd.items() if k.startswith(flux_keys.PREFIX)} or \
+            {k: v for k, v in sd.items() if not k.startswith(("text_encoders.", VAE_PREFIX))}
+        cfg = transformer_config({k: tuple(v.shape) for k, v in bfl.items()}, path)
+        transformer = build_module(lambda: FluxTransformer2DModel.from_config(cfg), flux_keys.to_diffusers(bfl),
+                                   what="FLUX transformer", path=path, dtype=dtype, device=device, config=cfg)
+        variant = "dev (guidance-distilled)" if cfg["guidance_embeds"] else "schnell (no guidance input)"
+        notes.append(f"FLUX.1 {variant}" + (", Fill (inpainting)" if cfg["in_channels"] == 384 else ""))
+        te = load_clip(sd, CLIP_PREFIX, **kw)
+        t5 = load_t5(sd, T5_PREFIX, **kw)
+        vae = load_vae(sd, vae_config(shapes, self, VAE_PREFIX), prefix=VAE_PREFIX, **kw)
+        return Components(family=self.name, unet=transformer, vae=vae, text_encoder=te,
+                          tokenizer=load_clip_tokenizer(), text_encoder_2=t5, tokenizer_2=load_t5_tokenizer(),
+                          scheduler_config=self.scheduler_config(cfg["guidance_embeds"]), prediction_type="flow",
+                          in_channels=cfg["in_channels"], source=path, notes=notes)
+
+    def load_folder(self, path: str, index: dict, configs: dict[str, dict], *, dtype, device, notes: list[str]):
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+        from transformers import CLIPTextModel, T5EncoderModel
+
+        from ..loading.components import Components
+        from ..loading.diffusers_folder import from_pretrained, read_json, tokenizer_of
+        from ..loading.tokenizers import load_t5_tokenizer
+
+        for need in ("text_encoder", "text_encoder_2"):
+            if need not in configs:
+                raise ModelLoadError(f"{path} has no {need}/ subfolder (FLUX.1 needs CLIP-L and T5-XXL).", path=path,
+                                     fix="copy the whole diffusers folder")
+        transformer = from_pretrained(FluxTransformer2DModel.from_pretrained, path, "transformer", torch_dtype=dtype)
+        vae = from_pretrained(AutoencoderKL.from_pretrained, path, "vae", torch_dtype=dtype)
+        te = from_pretrained(CLIPTextModel.from_pretrained, path, "text_encoder", dtype=dtype)
+        t5 = from_pretrained(T5EncoderModel.from_pretrained, path, "text_encoder_2", dtype=dtype)
+        tok2_dir = os.path.join(path, "tokenizer_2")
+        if os.path.isdir(tok2_dir):
+            tok2 = load_t5_tokenizer(tok2_dir)
+        else:
+            notes.append("tokenizer_2: not in the folder, using the shipped T5 tokenizer")
+            tok2 = load_t5_tokenizer()
+        sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
+        guidance = bool(transformer.config.guidance_embeds)
+        sched = read_json(sched_path) if os.path.isfile(sched_path) else self.scheduler_config(guidance)
+        sched = {k: v for k, v in sched.items() if not k.startswith("_")}
+        return Components(family=self.name, unet=transformer.to(device).eval(), vae=vae.to(device).eval(),
+                          text_encoder=te.to(device).eval(), tokenizer=tokenizer_of(path, "tokenizer",
+                                                                                    "<|endoftext|>", notes),
+                          text_encoder_2=t5.to(device).eval(), tokenizer_2=tok2, scheduler_config=sched,
+                          prediction_type="flow", in_channels=transformer.config.in_channels, source=path,
+                          notes=notes)
+
+
+FAMILY = FluxFamily(
+    name="flux", label="FLUX.1", short="FLUX",
+    text_encoders=(
+        TextEncoder("text_encoder", "te1", CLIP_PREFIX, "clip", "<|endoftext|>", "lora_te1_"),
+        # kohya's flux LoRAs name the T5 encoder lora_te3 (as for SD3), not lora_te2
+        TextEncoder("text_encoder_2", "te3", T5_PREFIX, "t5", "<pad>", "lora_te3_", tokenizer_folder="tokenizer_2")),
+    vae_scale=0.3611, vae_shift=0.1159, latent_channels=16, latent_rgb=FLUX_LATENT_RGB,
+    latent_rgb_bias=FLUX_LATENT_RGB_BIAS,
+    kohya_version="flux1", modelspec_arch="flux-1-dev", default_size=1024, real_text_widths=(768, 4096),
+    controlnet=False, trains_embeddings=False, denoiser="transformer",
+    pipelines={"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline",
+               "fill": "FluxFillPipeline"},
+    aliases=("flux", "flux-1", "flux.1"),
+)
