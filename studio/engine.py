@@ -134,6 +134,7 @@ class Engine:
         if request.mode in ("img2img", "inpaint"):
             prepared = prepare(request, self.settings.max_width * self.settings.max_height * 4, result.warnings)
         with self.manager.acquire(request.checkpoint, request.vae) as loaded, contextlib.ExitStack() as held:
+            self._check_family(request, loaded)
             control = self._load_controlnets(request, loaded, held)
             result.model_name = loaded.info.model_name
             result.model_hash = loaded.info.short_hash or ""
@@ -187,6 +188,18 @@ class Engine:
                     self._save_detected_maps(run, result)
             result.interrupted = bool(ctx.interrupted) or getattr(ctx, "stopped_by_extension", False)
         return result
+
+    @staticmethod
+    def _check_family(request: GenerationRequest, loaded: Loaded) -> None:
+        """What the loaded model's family cannot take, refused before any work (sizes its latents cannot hold)."""
+        spec = loaded.components.spec
+        m = spec.size_multiple
+        sizes = [(request.width, request.height)] + ([request.hr_size] if request.enable_hr else [])
+        for w, h in sizes:
+            if w % m or h % m:
+                raise StudioError(f"{w}x{h} does not fit {spec.label} models: width and height must be multiples "
+                                  f"of {m}.", field="width",
+                                  fix=f"use {w // m * m or m}x{h // m * m or m} (or another multiple of {m})")
 
     def _load_controlnets(self, request: GenerationRequest, loaded: Loaded, held: contextlib.ExitStack) -> list:
         """Load (or reuse) each enabled unit's ControlNet, locked for the job: [(unit, module)]."""
@@ -257,7 +270,7 @@ class Engine:
         return patcher.te_key, self.loras.infotext_hashes(pairs) if pairs else ""
 
     def _embeddings(self, loaded: Loaded) -> dict:
-        if self.embeddings is None:
+        if self.embeddings is None or not loaded.components.spec.embeddings:
             return {}
         fitted, _skipped = self.embeddings.for_model(loaded.components)
         return fitted

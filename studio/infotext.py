@@ -26,7 +26,7 @@ RE_IMAGESIZE = re.compile(r"^(\d+)x(\d+)$")
 # create_infotext's fixed keys, in its order. Extra parameters whose key is one of these take its place (a dict
 # update keeps the position); other extras follow, then Version.
 KEY_ORDER = (
-    "Steps", "Sampler", "Schedule type", "CFG scale", "Image CFG scale", "Seed", "Face restoration", "Size",
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Distilled CFG Scale", "Image CFG scale", "Seed", "Face restoration", "Size",
     "Model hash", "Model", "FP8 weight", "Cache FP16 weight for LoRA", "VAE hash", "VAE", "Variation seed",
     "Variation seed strength", "Seed resize from", "Denoising strength", "Conditional mask weight", "Clip skip",
     "ENSD", "Token merging ratio", "Token merging ratio hr", "Init image hash", "RNG", "Tiling",
@@ -263,7 +263,8 @@ _INT_FIELDS = {"Steps": "steps", "Seed": "seed", "Size-1": "width", "Size-2": "h
                "Variation seed": "subseed", "Hires steps": "hr_second_pass_steps", "Hires resize-1": "hr_resize_x",
                "Hires resize-2": "hr_resize_y", "Mask blur": "mask_blur",
                "Masked area padding": "inpaint_full_res_padding"}
-_FLOAT_FIELDS = {"CFG scale": "cfg_scale", "Variation seed strength": "subseed_strength",
+_FLOAT_FIELDS = {"CFG scale": "cfg_scale", "Distilled CFG Scale": "distilled_cfg_scale",
+                 "Variation seed strength": "subseed_strength",
                  "Denoising strength": "denoising_strength", "Hires upscale": "hr_scale"}
 _TEXT_FIELDS = {"Prompt": "prompt", "Negative prompt": "negative_prompt", "Sampler": "sampler_name",
                 "Schedule type": "scheduler", "RNG": "rng"}

@@ -469,15 +469,15 @@ class PipelineManager:
         through its inpaint pipeline (the engine passes a full mask), as A1111 lets it.
         """
         c = loaded.components
-        if c.in_channels not in (4, 9):
+        spec = c.spec
+        if not spec.accepts_channels(c.in_channels):
             raise StudioError(f"{loaded.info.name} is an image-edit checkpoint ({c.in_channels} input channels), "
                               "which this studio cannot drive yet.", field="checkpoint",
                               fix="pick an ordinary or inpainting checkpoint")
-        spec = c.spec
         if not spec.txt2img and mode == "txt2img":
             raise StudioError(f"{loaded.info.name} is an {spec.label} checkpoint; it cannot make images from text "
                               "alone.", field="checkpoint", fix="use it in img2img, or pick a base checkpoint")
-        kind = "inpaint" if c.in_channels == 9 else mode
+        kind = spec.pipeline_mode(mode, c.in_channels)
         pipe = spec.make_pipeline(kind, {**c.text_modules(), "vae": loaded.vae, "unet": c.unet,
                                          "scheduler": scheduler})
         self._apply_device_options(pipe)
@@ -486,7 +486,7 @@ class PipelineManager:
     def _apply_device_options(self, pipe: Any) -> None:
         """xformers and offload hooks for a view: put on each shared module once, then reused by every view."""
         parts = pipe.components
-        chain = [parts.get(n) for n in ("text_encoder", "text_encoder_2", "unet", "vae")]
+        chain = [parts.get(n) for n in ("text_encoder", "text_encoder_2", "unet", "transformer", "vae")]
         net = parts.get("controlnet")
         # the per-job ControlNet set wraps the cached ControlNets: those carry the hooks
         nets = list(getattr(net, "nets", None) or ([net] if net is not None else []))

@@ -20,7 +20,6 @@ from .prompt_parser import extract_extra_networks
 from .preview import LivePreview
 from .prompts import Conditioning
 from .request import MASKED_CONTENT, GenerationRequest, GenerationResult
-from .samplers import make_scheduler
 
 
 class BatchRun:
@@ -35,24 +34,30 @@ class BatchRun:
         self.seeds, self.subseeds, self.first, self.total = seeds, subseeds, first_index, total
         self.result = result
         self.infotext: dict = dict(request.extra_infotext)
+        if loaded.components.spec.distilled_guidance and getattr(loaded.components.unet.config, "guidance_embeds",
+                                                                   False):
+            self.infotext["Distilled CFG Scale"] = request.distilled_cfg_scale   # as Forge writes it
         self.steps_done: dict[str, tuple[int, int]] = {}   # phase -> (steps run, steps the sampler meant to run)
 
     def _scheduler(self, sampler: str, schedule: str) -> Any:
-        scheduler, warns = make_scheduler(sampler, schedule, self.loaded.components.scheduler_config)
+        comps = self.loaded.components
+        scheduler, warns = comps.spec.make_scheduler(sampler, schedule, comps)
         self.result.warnings.extend(w for w in warns if w not in self.result.warnings)
         return scheduler
 
     def _call(self, pipe: Any, conds: Any, steps: int, phase: str = "", **kw: Any) -> torch.Tensor:
         """Run ``pipe`` with progress, live preview and interrupt/skip; returns latents."""
-        ctx, every, family = self.ctx, self.e.settings.preview_every, self.loaded.components.family
-        previews = LivePreview(ctx.set_preview, family)
+        ctx, every, comps = self.ctx, self.e.settings.preview_every, self.loaded.components
+        spec = comps.spec
+        previews = LivePreview(ctx.set_preview, comps.family)
+        height, width = self._size(kw, phase)
 
         def on_step_end(p: Any, step: int, timestep: Any, kwargs: dict) -> dict:
             n = getattr(p, "_num_timesteps", None) or steps
             self.steps_done[phase] = (step + 1, n)
             ctx.set_progress(step + 1, n, image_index=self.first, images=self.total, textinfo=phase or None)
             if every and (step + 1) % every == 0 and step + 1 < n:
-                previews.send(kwargs["latents"])
+                previews.send(spec.unpack_latents(kwargs["latents"], height, width))
             ext = self.e.extensions
             if ext is not None and ext.has("studio_on_step"):
                 from .extension_api import StepContext
@@ -72,24 +77,34 @@ class BatchRun:
         actual = max(1, int(steps * strength)) if "image" in kw and strength < 1 else steps
         cond: Conditioning = conds(actual)
         inputs = ["latents"]
-        if cond.scheduled:
-            inputs += ["prompt_embeds"] + (["add_text_embeds"] if cond.pooled else [])
+        if cond.scheduled:   # what this pipeline lets a step callback swap
+            inputs += [k for k in ("prompt_embeds", "add_text_embeds") if k in pipe._callback_tensor_inputs]
         if self.control:
             pipe, control_kw = self._with_control(pipe, kw, phase)
             kw = {**kw, **control_kw}
         ctx.set_progress(0, steps, image_index=self.first, images=self.total, textinfo=phase or None)
         self.steps_done[phase] = (0, actual)
-        call = dict(cond.kwargs(), num_inference_steps=steps, guidance_scale=self.r.cfg_scale,
+        call = dict(cond.kwargs(), num_inference_steps=steps, **spec.guidance_kwargs(self.r, comps),
                     num_images_per_prompt=self.r.batch_size, generator=self.e._generators(self.seeds, self.r),
                     output_type="latent", callback_on_step_end=on_step_end,
                     callback_on_step_end_tensor_inputs=inputs, **kw)
         with torch.inference_mode():
             try:
-                return pipe(**call).images
+                return spec.unpack_latents(pipe(**call).images, height, width)
             except torch.cuda.OutOfMemoryError as exc:
                 # the frames below hold the activations that filled the card: release them before anything else
                 oom.drop_frames(exc)
                 raise oom.OutOfMemory(oom.message(self.r)) from None
+
+    def _size(self, kw: dict, phase: str) -> tuple[int, int]:
+        """(height, width) in pixels of what this pass makes (packed latents are unpacked to it)."""
+        if phase == "Hires fix":
+            w, h = self.r.hr_size
+            return h, w
+        image = kw.get("image")
+        if isinstance(image, torch.Tensor) and "height" not in kw:
+            return image.shape[-2] * 8, image.shape[-1] * 8
+        return kw.get("height", self.r.height), kw.get("width", self.r.width)
 
     def _with_control(self, pipe: Any, kw: dict, phase: str) -> tuple[Any, dict]:
         """Swap in the ControlNet pipeline view for this pass and prepare the control images at its size."""
@@ -148,7 +163,8 @@ class BatchRun:
         pipe = self.e.manager.pipeline(self.loaded, "txt2img", self._scheduler(sampler, schedule))
         kw: dict[str, Any] = dict(width=r.width, height=r.height)
         if r.subseed_strength > 0:
-            kw["latents"] = self.e._variation_latents(r, self.loaded, self.seeds, self.subseeds)
+            kw["latents"] = self.loaded.components.spec.pack_latents(
+                self.e._variation_latents(r, self.loaded, self.seeds, self.subseeds))
         if self.loaded.components.is_inpaint:  # an inpainting model draws from nothing through a full mask
             # at strength 1 the pipeline never encodes this image: only the masked image's latents count
             kw.update(image=Image.new("RGB", (r.width, r.height), (127, 127, 127)),

@@ -235,6 +235,12 @@ class PromptEncoder:
     def _run_encoders(self, components: Any, cache_key: tuple, text: str, clip_skip: int, embeddings: dict,
                       check: Callable[[], None] | None,
                       max_chunks: int | None) -> tuple[torch.Tensor, torch.Tensor | None, frozenset]:
+        if components.spec.prompt_style == "t5":
+            out = self._run_t5(components, text)
+            self._cache[cache_key] = out
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+            return out
         pooled_family = components.spec.pooled
         per_model = []
         pooled = None
@@ -264,6 +270,38 @@ class PromptEncoder:
             self._cache.popitem(last=False)
         return z, pooled, frozenset(used)
 
+    def _run_t5(self, components: Any, text: str) -> tuple[torch.Tensor, torch.Tensor, frozenset]:
+        """T5 sequence (A1111 emphasis on its tokens) + CLIP-L pooled vector, as FLUX is conditioned.
+
+        The T5 sequence has the family's fixed length (no 75-token chunks: T5 reads up to 512 tokens at once);
+        ``BREAK`` is plain text there. CLIP gives only its pooled vector, of the text without weights (77 tokens,
+        as diffusers encodes it); emphasis on a pooled vector has no meaning."""
+        length = components.spec.max_sequence_length(components)
+        tok, t5 = components.tokenizer_2, components.text_encoder_2
+        parsed = [(t, w) for t, w in parse_attention(text) if not (t == "BREAK" and w == -1)]
+        tokens: list[int] = []
+        weights: list[float] = []
+        for ids, (_, weight) in zip(tok([t for t, _ in parsed], add_special_tokens=False).input_ids, parsed):
+            tokens += ids
+            weights += [weight] * len(ids)
+        tokens, weights = tokens[:length - 1] + [tok.eos_token_id], weights[:length - 1] + [1.0]
+        pad = length - len(tokens)
+        tokens, weights = tokens + [tok.pad_token_id] * pad, weights + [1.0] * pad
+        ids = torch.tensor([tokens], device=execution_device(t5, torch.device("cpu")))
+        z = t5(ids, output_hidden_states=False)[0]
+        w = torch.tensor(weights, device=z.device, dtype=z.dtype)
+        if (w != 1).any():  # A1111 emphasis: scale token vectors, then restore the original mean
+            mean = z.mean()
+            z = z * w.reshape(1, -1, 1)
+            z = z * (mean / z.mean())
+        plain = "".join(t for t, _ in parsed)
+        clip_ids = components.tokenizer(plain, padding="max_length", max_length=components.tokenizer.model_max_length,
+                                        truncation=True, return_tensors="pt").input_ids
+        clip = components.text_encoder
+        pooled = clip(clip_ids.to(execution_device(clip, torch.device("cpu"))), output_hidden_states=False).pooler_output
+        self.encoder_runs += 2
+        return z, pooled, frozenset()
+
     def encode(self, components: Any, prompt: str, negative: str, *, steps: int, clip_skip: int = 1,
                state_key: tuple = (), embeddings: dict | None = None, check: Callable[[], None] | None = None,
                max_chunks: int | None = None) -> Conditioning:
@@ -290,7 +328,8 @@ class PromptEncoder:
         if any(z.shape[1] != longest for side in sides for _, z, _ in side):
             empty = self._encode_text(components, key, "", clip_skip, embeddings)[0]
             sides = [[(end, _pad(z, longest, empty), p) for end, z, p in side] for side in sides]
-        return Conditioning(sides[0], sides[1], components.spec.pooled, used)
+        spec = components.spec   # T5-conditioned families take CLIP's pooled vector beside the sequence
+        return Conditioning(sides[0], sides[1], spec.pooled or spec.prompt_style == "t5", used)
 
     def clear(self) -> None:
         self._cache.clear()

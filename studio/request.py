@@ -28,6 +28,7 @@ class GenerationRequest:
     scheduler: str = "Automatic"
     steps: int = 20
     cfg_scale: float = 7.0
+    distilled_cfg_scale: float = 3.5  # Forge's name: the guidance input of guidance-distilled models (FLUX dev)
     width: int = 512
     height: int = 512
     batch_size: int = 1
@@ -163,7 +164,7 @@ class GenerationRequest:
             if not (64 <= w <= max_w and 64 <= h <= max_h):
                 raise StudioError(f"Hires fix would make a {w}x{h} image; the limit is {max_w}x{max_h}.",
                                   field="hr_scale", fix="lower the upscale factor or the hires size")
-        for name, lo, hi in (("cfg_scale", 0.0, 30.0), ("subseed_strength", 0.0, 1.0),
+        for name, lo, hi in (("cfg_scale", 0.0, 30.0), ("distilled_cfg_scale", 0.0, 30.0), ("subseed_strength", 0.0, 1.0),
                              ("denoising_strength", 0.0, 1.0), ("hr_denoising_strength", 0.0, 1.0),
                              ("hr_scale", 1.0, 8.0)):
             value = getattr(self, name)

@@ -287,3 +287,55 @@ def schedulers_api() -> list[dict]:
     """GET /sdapi/v1/schedulers: [{name, label, aliases, default_rho, need_inner_model}]."""
     return [{"name": s.name, "label": s.label, "aliases": list(s.aliases) if s.aliases else None,
              "default_rho": s.default_rho, "need_inner_model": s.need_inner_model} for s in _SCHEDULES]
+
+
+# ---- flow-matching models (FLUX, SD3) ----------------------------------------------------------------------------
+# A1111 / Forge names -> diffusers flow schedulers. Each takes the model's own shift (dynamic for FLUX dev).
+_FLOW_EULER = "FlowMatchEulerDiscreteScheduler"
+_FLOW_SPECS = {
+    "Euler": (_FLOW_EULER, {}),
+    # ancestral-style: fresh noise at every step (diffusers' stochastic flow sampling)
+    "Euler a": (_FLOW_EULER, {"stochastic_sampling": True}),
+    "DPM++ 2M": (_DPM_MS, {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
+                           "algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "UniPC": ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+}
+_FLOW_SCHEDULES = {"Automatic": {}, "Simple": {}, "Normal": {}, "Uniform": {}, "SGM Uniform": {},
+                   "Karras": {"use_karras_sigmas": True}, "Exponential": {"use_exponential_sigmas": True},
+                   "Beta": {"use_beta_sigmas": True}}
+FLOW_SAMPLERS: tuple[str, ...] = tuple(_FLOW_SPECS)
+
+
+def make_flow_scheduler(sampler_name: str, scheduler: str, base_config: dict) -> tuple[Any, list[str]]:
+    """A flow-matching scheduler for an A1111 sampler + schedule type (FLUX / SD3 models). Samplers diffusers
+    has no flow version of run as Euler, with a warning naming them."""
+    import diffusers
+
+    sampler, schedule = resolve_sampler(sampler_name, scheduler)
+    warnings: list[str] = []
+    if sampler not in _FLOW_SPECS:
+        warnings.append(f"Sampler {sampler!r} has no flow-matching version in diffusers; Euler was used "
+                        f"(flow models take {', '.join(FLOW_SAMPLERS)}).")
+        sampler = "Euler"
+    dynamic = bool(base_config.get("use_dynamic_shifting"))
+    if _FLOW_SPECS[sampler][0] != _FLOW_EULER and not dynamic:
+        # diffusers' FLUX pipelines always hand the scheduler a resolution shift (mu); the multistep solvers
+        # accept it only for a dynamically shifted model (dev), so a fixed-shift one (schnell) runs Euler
+        warnings.append(f"Sampler {sampler!r} needs a model with a resolution-dependent shift; this one has a "
+                        "fixed shift, so Euler was used.")
+        sampler = "Euler"
+    cls_name, overrides = _FLOW_SPECS[sampler]
+    cls = getattr(diffusers, cls_name)
+    config = {k: v for k, v in base_config.items() if not k.startswith("_")}
+    if cls_name != _FLOW_EULER:   # the multistep solvers read the model's shift as flow_shift (and get mu from
+        # the pipeline for a dynamically shifted model)
+        config = {"num_train_timesteps": config.get("num_train_timesteps", 1000),
+                  "flow_shift": config.get("shift", 1.0), "use_dynamic_shifting": dynamic}
+    extra = _FLOW_SCHEDULES.get(schedule)
+    if extra is None or (extra and cls_name != _FLOW_EULER):
+        if schedule != "Automatic":
+            warnings.append(f"Schedule type {schedule!r} is not available for {sampler} on a flow model; the "
+                            "model's own schedule was used.")
+        extra = {}
+    config = {k: v for k, v in {**config, **overrides, **extra}.items() if k in _init_params(cls)}
+    return cls.from_config(config), warnings

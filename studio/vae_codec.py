@@ -28,8 +28,12 @@ def _dtype_name(dtype: Any) -> str:
 
 
 def scale(vae: Any, z: torch.Tensor, decode: bool) -> torch.Tensor:
-    """Latents to the UNet's scale (encode) or back (decode), with SDXL-style mean/std where the VAE has them."""
+    """Latents to the UNet's scale (encode) or back (decode), with SDXL-style mean/std where the VAE has them
+    and FLUX's shift."""
     cfg = vae.config
+    shift = getattr(cfg, "shift_factor", None)
+    if shift is not None:
+        return z / cfg.scaling_factor + shift if decode else (z - shift) * cfg.scaling_factor
     mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
     if mean is not None and std is not None:
         mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(z)
@@ -88,7 +92,7 @@ def _decode_fitting(vae: Any, z: torch.Tensor, device: Any, warnings: list[str])
 def decode(pipe: Any, latents: torch.Tensor, warnings: list[str]) -> list[Image.Image]:
     """Latents -> PIL images the way the diffusers pipeline does it, retrying in fp32 on NaNs."""
     vae, device = pipe.vae, _device(pipe)
-    _check_latents(latents, pipe.unet.dtype)
+    _check_latents(latents, (getattr(pipe, "unet", None) or pipe.transformer).dtype)
     image = _decode_fitting(vae, latents, device, warnings)
     if torch.isnan(image).any() and vae.dtype != torch.float32:
         _to_fp32(vae, warnings)

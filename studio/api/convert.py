@@ -138,6 +138,7 @@ def common_fields(body: GenerationBody, studio: "Studio", options: "OptionsStore
         prompt=get("prompt"), negative_prompt=get("negative_prompt"),
         sampler_name=get("sampler_name") or value(body, "sampler_index") or "Euler",
         scheduler=get("scheduler") or "Automatic", steps=get("steps"), cfg_scale=get("cfg_scale"),
+        distilled_cfg_scale=get("distilled_cfg_scale"),
         width=get("width"), height=get("height"), batch_size=get("batch_size"), n_iter=get("n_iter"),
         seed=get("seed"), subseed=get("subseed"), subseed_strength=get("subseed_strength"), clip_skip=clip_skip,
         rng=rng,

@@ -38,6 +38,8 @@ class GenerationBody(_Body):
     n_iter: Optional[int] = Field(default=1, description="Batch count.")
     steps: Optional[int] = Field(default=50, description="Sampling steps (A1111's API default is 50).")
     cfg_scale: Optional[float] = Field(default=7.0, description="Classifier-free guidance scale.")
+    distilled_cfg_scale: Optional[float] = Field(default=3.5, description="Forge's distilled guidance: the "
+                                                 "guidance input of guidance-distilled models (FLUX.1 dev).")
     width: Optional[int] = Field(default=512, description="Width in pixels (multiple of 8).")
     height: Optional[int] = Field(default=512, description="Height in pixels (multiple of 8).")
     restore_faces: Optional[bool] = Field(default=None, description="Accepted, ignored (no face restoration).")

@@ -50,6 +50,10 @@ class Family:
     denoiser: str = "unet"                     # the pipelines' name for Components.unet ("transformer" for DiTs)
     latent_channels: int = 4
     latent_rgb_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)   # added after the preview projection
+    prompt_style: str = "clip"                 # "clip": A1111's chunked CLIP encoding; "t5": T5 sequence + CLIP pooled
+    embeddings: bool = True                    # takes textual-inversion embeddings
+    distilled_guidance: bool = False           # guidance is a model input (Forge's "Distilled CFG Scale")
+    size_multiple: int = 8                     # width and height must be multiples of this
     real_cross_width: int | None = None        # cross-attention width of the released models (UNet-only files)
     real_text_widths: tuple[int, ...] = ()     # hidden widths of the released text encoders, in encoder order
     pooled: bool = False                       # UNet takes pooled text + size ids (SDXL "text_time")
@@ -99,6 +103,35 @@ class Family:
         pipe = cls(**kwargs)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    # ---- what a generation asks ----------------------------------------------------------------------------
+    def accepts_channels(self, in_channels: int) -> bool:
+        """Whether the studio can drive a denoiser with this many input channels (SD: 4, inpainting 9)."""
+        return in_channels in (self.latent_channels, 2 * self.latent_channels + 1)
+
+    def pipeline_mode(self, mode: str, in_channels: int) -> str:
+        """The pipelines key serving ``mode`` for this denoiser: an inpainting model serves every mode."""
+        return "inpaint" if in_channels == 2 * self.latent_channels + 1 else mode
+
+    def is_inpaint_model(self, in_channels: int) -> bool:
+        return self.pipeline_mode("txt2img", in_channels) != "txt2img"
+
+    def guidance_kwargs(self, request: Any, components: Any) -> dict:
+        """Pipeline guidance arguments for a request (classifier-free guidance at ``cfg_scale``)."""
+        return {"guidance_scale": request.cfg_scale}
+
+    def make_scheduler(self, sampler: str, schedule: str, components: Any) -> tuple[Any, list[str]]:
+        """The diffusers scheduler for an A1111 sampler + schedule type, and warnings."""
+        from ..samplers import make_scheduler
+        return make_scheduler(sampler, schedule, components.scheduler_config)
+
+    def pack_latents(self, latents: Any) -> Any:
+        """Latents [B, C, h, w] as the pipeline takes them (unchanged for a UNet)."""
+        return latents
+
+    def unpack_latents(self, latents: Any, height: int, width: int) -> Any:
+        """What the pipeline returns (or hands a step callback) -> latents [B, C, h, w]."""
+        return latents
 
     def unet_sample_size(self, prediction: str = "epsilon") -> int:
         if prediction == "v_prediction" and self.v_sample_size:

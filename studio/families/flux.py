@@ -60,6 +60,38 @@ class FluxFamily(Family):
     def scheduler_config(self, guidance: bool) -> dict:
         return dict(DEV_SCHEDULER if guidance else SCHNELL_SCHEDULER)
 
+    # ---- generation ------------------------------------------------------------------------------------------
+    def accepts_channels(self, in_channels: int) -> bool:
+        return in_channels in (64, 384)          # 16 latent channels in 2x2 patches; Fill adds image + mask
+
+    def pipeline_mode(self, mode: str, in_channels: int) -> str:
+        return "fill" if in_channels == 384 else mode
+
+    def guidance_kwargs(self, request, components) -> dict:
+        """Forge's split: ``distilled_cfg_scale`` is the model's guidance input (dev; schnell has none),
+        ``cfg_scale`` above 1 runs real classifier-free guidance with the negative prompt (twice the cost)."""
+        return {"guidance_scale": request.distilled_cfg_scale, "true_cfg_scale": request.cfg_scale}
+
+    def make_scheduler(self, sampler: str, schedule: str, components):
+        from ..samplers import make_flow_scheduler
+        return make_flow_scheduler(sampler, schedule, components.scheduler_config)
+
+    def pack_latents(self, latents):
+        b, c, h, w = latents.shape
+        return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2),
+                                                                                            c * 4)
+
+    def unpack_latents(self, latents, height: int, width: int):
+        if latents.ndim == 4:
+            return latents
+        b, n, d = latents.shape
+        h, w = height // 16, width // 16          # 8x VAE, then 2x2 patches
+        return latents.view(b, h, w, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h * 2, w * 2)
+
+    def max_sequence_length(self, components) -> int:
+        """T5 tokens per prompt, as BFL samples them: 512 for dev, 256 for schnell."""
+        return 512 if getattr(components.unet.config, "guidance_embeds", True) else 256
+
     def load_single_file(self, path: str, sd: dict, shapes: Shapes, *, dtype, device, prediction: str | None,
                          sidecar: dict, notes: list[str]):
         from diffusers import FluxTransformer2DModel
@@ -138,7 +170,8 @@ FAMILY = FluxFamily(
     vae_scale=0.3611, vae_shift=0.1159, latent_channels=16, latent_rgb=FLUX_LATENT_RGB,
     latent_rgb_bias=FLUX_LATENT_RGB_BIAS,
     kohya_version="flux1", modelspec_arch="flux-1-dev", default_size=1024, real_text_widths=(768, 4096),
-    controlnet=False, trains_embeddings=False, denoiser="transformer",
+    controlnet=False, trains_embeddings=False, embeddings=False, denoiser="transformer", prompt_style="t5",
+    distilled_guidance=True, size_multiple=16,
     pipelines={"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline",
                "fill": "FluxFillPipeline"},
     aliases=("flux", "flux-1", "flux.1"),
