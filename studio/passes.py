@@ -211,6 +211,7 @@ class BatchRun:
         if self.loaded.components.is_inpaint:
             kw.update(mask_image=Image.new("L", (w, h), 255), width=w, height=h,
                       masked_image_latents=self._masked_latents(pipe, None, None, w, h))
+        self._sized(pipe, kw, w, h)
         latents = self._call(pipe, conds, steps, phase="Hires fix", **kw)
         return self.e.decode(pipe, latents, self.result.warnings)
 
@@ -244,11 +245,18 @@ class BatchRun:
             # 4-channel one gets the init latents, which it ignores, so that no pixels are masked as latents)
             kw["masked_image_latents"] = (self._masked_latents(pipe, prep.init, mask, r.width, r.height)
                                           if comps.is_inpaint else z)
+        self._sized(pipe, kw, r.width, r.height)
         kw["image"] = self._unet_dtype(kw["image"])
         if "masked_image_latents" in kw:
             kw["masked_image_latents"] = self._unet_dtype(kw["masked_image_latents"])
         latents = self._call(pipe, conds, r.steps, **kw)
         return [prep.finish(im) for im in self.e.decode(pipe, latents, self.result.warnings)]
+
+    @staticmethod
+    def _sized(pipe: Any, kw: dict, width: int, height: int) -> None:
+        """Pipelines that take a size with latents as the image (FLUX's default to 1024² otherwise) get it."""
+        if "height" not in kw and "height" in inspect.signature(pipe.__call__).parameters:
+            kw.update(height=height, width=width)
 
     def _unet_dtype(self, z: torch.Tensor) -> torch.Tensor:
         """Latents we encoded (VAE dtype) as the pipeline gets them: it never runs the VAE on them."""

@@ -102,3 +102,45 @@ def test_live_previews_are_drawn_from_packed_latents(flux_studio):
     while not shown and __import__("time").time() < deadline:
         __import__("time").sleep(0.05)
     assert shown and shown[0].size == (64, 64)
+
+
+def _init(seed=0):
+    from PIL import Image
+    g = np.random.default_rng(seed)
+    return Image.fromarray(g.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+
+
+def test_img2img_is_diffusers_flux_img2img(flux_studio):
+    from diffusers import FluxImg2ImgPipeline
+    init = _init()
+    ours = flux_studio.generate(req(mode="img2img", init_images=(init,), denoising_strength=0.6, steps=5,
+                                    resize_mode=0))
+    p = bare_pipeline(flux_studio, "flux1-dev-tiny.safetensors")
+    pipe = FluxImg2ImgPipeline(**p.components)
+    pipe.set_progress_bar_config(disable=True)
+    # the studio encodes the init image deterministically (the latent distribution's mode, as A1111 does);
+    # diffusers would sample it with the generator: hand it the same latents
+    from studio import vae_codec
+    z = vae_codec.encode(pipe, init, height=64, width=64)
+    bare = pipe(prompt=BASE["prompt"], image=z, height=64, width=64, strength=0.6, num_inference_steps=5,
+                guidance_scale=3.5, generator=torch.Generator().manual_seed(7)).images[0]
+    assert np.array_equal(px(ours.images[0]), px(bare))
+
+
+def test_inpaint_keeps_the_unmasked_pixels(flux_studio):
+    from PIL import Image
+    init = _init(1)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    res = flux_studio.generate(req(mode="inpaint", init_images=(init,), mask=mask, denoising_strength=0.9,
+                                   mask_blur=0, inpainting_fill=1))
+    out, src = px(res.images[0]), px(init)
+    assert np.abs(out[:8] - src[:8]).mean() < 12          # outside: the init image (through the VAE)
+    assert np.abs(out[24:40, 24:40] - src[24:40, 24:40]).mean() > 20   # inside: redrawn
+
+
+def test_hires_fix_makes_the_bigger_picture(flux_studio):
+    res = flux_studio.generate(req(enable_hr=True, hr_scale=2.0, hr_upscaler="Latent", hr_denoising_strength=0.5))
+    assert res.images[0].size == (128, 128) and px(res.images[0]).std() > 0
+    res = flux_studio.generate(req(enable_hr=True, hr_scale=1.5, hr_upscaler="Lanczos", hr_denoising_strength=0.5))
+    assert res.images[0].size == (96, 96)
