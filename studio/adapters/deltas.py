@@ -149,3 +149,35 @@ def _dora(w: torch.Tensor, delta: torch.Tensor, ds: torch.Tensor) -> torch.Tenso
     else:
         norm = merged.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, w.shape[1], *[1] * (w.ndim - 2))
     return merged * (ds.reshape(norm.shape) / norm.clamp_min(1e-12)) - w
+
+
+@dataclass
+class RowSliceDelta:
+    """Rows [start, end) of a delta made for a fused layer (FLUX's ``img_attn.qkv``, ``linear1``) whose parts
+    are separate modules in diffusers. A LoRA slices its up matrix (exact, no full product); other kinds
+    compute the fused delta and slice it. DoRA needs the fused weight's norms, so it is refused earlier."""
+
+    delta: LayerDelta
+    start: int
+    end: int
+
+    @property
+    def t(self) -> dict:
+        return {}                                 # no bias deltas on a fused layer's parts
+
+    def shape(self) -> tuple[int, ...] | None:
+        s = self.delta.shape()
+        return None if s is None else (self.end - self.start, *s[1:])
+
+    def weight_delta(self, weight: torch.Tensor) -> torch.Tensor | None:
+        d = self.delta
+        w = weight.detach().float()
+        if d.kind == "lora" and "mid" not in d.t:
+            up = d.t["up"].to(device=w.device, dtype=torch.float32).flatten(1)[self.start:self.end]
+            down = d.t["down"].to(device=w.device, dtype=torch.float32).flatten(1)
+            return (up @ down).reshape(w.shape) * d.scale()
+        full = d._raw(w.device).reshape(d.shape()[0], -1)[self.start:self.end]
+        return full.reshape(w.shape) * d.scale()
+
+    def bias_delta(self, bias: torch.Tensor | None) -> None:
+        return None

@@ -33,12 +33,16 @@ _SUFFIXES = sorted(SUFFIX_ROLE, key=len, reverse=True)
 # diffusers attention-processor LoRAs: "...attn1.processor.to_q_lora.down.weight"
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 # underscore-separated kohya prefixes; te1/te2 before te
-_KOHYA_PREFIX = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te1"))
+_KOHYA_PREFIX = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te3_", "te3"),
+                 ("lora_te_", "te1"), ("lora_transformer_", "unet"))
 # dotted prefixes of diffusers / peft files
-_DOTTED_PREFIX = (("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder.", "te1"),
-                  ("base_model.model.", "unet"))
+_DOTTED_PREFIX = (("unet.", "unet"), ("transformer.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder.", "te1"),
+                  ("base_model.model.", "unet"), ("diffusion_model.", "unet"))
+# top-level module names of denoisers (UNets in both namings, DiT transformers in diffusers' and BFL's)
 _UNET_TOP = ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks", "middle_block",
-             "conv_in", "conv_out", "time_embedding")
+             "conv_in", "conv_out", "time_embedding", "transformer_blocks", "single_transformer_blocks",
+             "double_blocks", "single_blocks", "x_embedder", "context_embedder", "proj_out", "norm_out",
+             "time_text_embed", "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer")
 
 
 def split_key(key: str) -> tuple[str, str, str, bool] | None:
@@ -79,25 +83,35 @@ def _weighted_modules(module) -> list[tuple[str, Any]]:
 
 
 def module_index(components) -> dict[str, dict[str, Any]]:
-    """component id -> {layer name: torch module} for every module with a weight, in both UNet namings."""
-    from ..loading.ldm_export import UNET_RESNET, UNET_TOP, _map_key, _unet_prefix_map
+    """component id -> {layer name: torch module} for every module with a weight: the denoiser in diffusers
+    naming plus the names the family's own files use (``Family.lora_layer_names``), each text encoder under the
+    id its family gives it."""
     out: dict[str, dict[str, Any]] = {}
     unet = getattr(components, "unet", None)
+    spec = components.spec
     if unet is not None:
-        prefixes = {**UNET_TOP, **_unet_prefix_map(unet.config)}
-        idx: dict[str, Any] = {}
-        for name, mod in _weighted_modules(unet):
-            idx[name.replace(".", "_")] = mod
-            try:
-                idx.setdefault(_map_key(name + ".", prefixes, UNET_RESNET)[:-1].replace(".", "_"), mod)
-            except KeyError:
-                pass  # modules with no LDM name (none in practice) keep their diffusers name only
+        idx: dict[str, Any] = {name.replace(".", "_"): mod for name, mod in _weighted_modules(unet)}
+        for name, target in spec.lora_layer_names(unet).items():
+            idx.setdefault(name, target)
         out["unet"] = idx
-    for comp in ("te1", "te2"):
-        te = getattr(components, COMPONENT_ATTR[comp], None)
+    for te_spec in spec.text_encoders:
+        te = getattr(components, te_spec.attr, None)
         if te is not None:
-            out[comp] = {n.removeprefix("text_model.").replace(".", "_"): m for n, m in _weighted_modules(te)}
+            out[te_spec.lora_id] = {n.removeprefix("text_model.").replace(".", "_"): m
+                                    for n, m in _weighted_modules(te)}
     return out
+
+
+class FusedLayer:
+    """A layer files name as one fused module (FLUX's ``img_attn.qkv``) that is several modules here:
+    ``parts`` [(module, first row, end row)]. ``weight.shape`` is the fused one, for the fit check."""
+
+    def __init__(self, parts: list[tuple[Any, int, int]]):
+        import torch
+        self.parts = parts
+        first = parts[0][0].weight
+        self.weight = torch.empty((parts[-1][2], *first.shape[1:]), device="meta")
+        self.bias = None
 
 
 # ---- family hints ----------------------------------------------------------------------------------------------
@@ -116,6 +130,8 @@ def family_from_shapes(shapes: dict[str, tuple]) -> str | None:
     """Family from tensor names and widths (header shapes are enough): which text encoders have layers, the
     UNet's cross-attention input width and the text encoders' widths (see ``Family.lora_score``)."""
     encoders: set[str] = set()
+    tops: set[str] = set()
+    all_tops = families.lora_tops()
     cross = None
     widths: dict[str, int] = {}
     for key, shape in shapes.items():
@@ -125,13 +141,17 @@ def family_from_shapes(shapes: dict[str, tuple]) -> str | None:
         comp, layer, role, _ = parsed
         if comp != "unet":
             encoders.add(comp)
+        else:
+            top = next((t for t in all_tops if layer.startswith(t)), None)
+            if top is not None:
+                tops.add(top)
         if role not in ("down", "w1b", "diff") or len(shape) < 2:
             continue
         if comp == "unet" and layer.endswith("attn2_to_k"):
             cross = int(shape[1])
         elif comp != "unet" and layer.endswith("mlp_fc1"):
             widths[comp] = int(shape[1])
-    fam = families.from_lora(encoders, cross, widths)
+    fam = families.from_lora(encoders, cross, widths, frozenset(tops))
     return fam.name if fam else None
 
 

@@ -23,8 +23,8 @@ from typing import Any
 from .. import families
 from ..lazy import torch
 from ..offload import live_tensor
-from .deltas import LayerDelta
-from .keys import COMPONENT_ATTR, module_index
+from .deltas import LayerDelta, RowSliceDelta
+from .keys import FusedLayer, module_index
 from .lora_files import LoraFile
 
 # a LoRA whose layers fit this model less than this is taken for another model and skipped whole
@@ -212,6 +212,15 @@ class AdapterPatcher:
             w = un if comp == "unet" else te
             if w == 0:
                 continue
+            if isinstance(module, FusedLayer):   # one file layer, several modules here: each takes its rows
+                if delta.dora_scale is not None:
+                    warnings.append(f"LoRA '{lf.name}': DoRA on a fused layer cannot be split – that layer was "
+                                    "skipped.")
+                    continue
+                for part, start, end in module.parts:
+                    targets.setdefault((id(part), "weight"), _Target(part)).entries.append(
+                        (RowSliceDelta(delta, start, end), w))
+                continue
             if delta.shape() is not None:
                 targets.setdefault((id(module), "weight"), _Target(module)).entries.append((delta, w))
             if "diff_b" in delta.t and getattr(module, "bias", None) is not None:
@@ -222,7 +231,8 @@ class AdapterPatcher:
         """SD2's diffusers text encoder lacks OpenCLIP's last block (SD2 conditions on the penultimate layer):
         LoRA layers for it have nothing to change and are not worth a warning."""
         m = _TE_LAYER.match(layer)
-        te = getattr(self.components, COMPONENT_ATTR.get(comp, ""), None)
+        spec = self.components.spec.encoder_by_lora_id(comp)
+        te = getattr(self.components, spec.attr, None) if spec is not None else None
         return bool(m and te is not None and int(m.group(1)) >= te.config.num_hidden_layers)
 
     def _compute(self, active) -> _PatchedSet:

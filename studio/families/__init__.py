@@ -75,10 +75,16 @@ def _unique_best(scored: list[tuple[int, Family]]) -> Family | None:
     return scored[0][1]
 
 
-def from_lora(encoders: set[str], cross_width: int | None = None,
-              text_widths: dict[str, int] | None = None) -> Family | None:
+def from_lora(encoders: set[str], cross_width: int | None = None, text_widths: dict[str, int] | None = None,
+              unet_layers: frozenset[str] = frozenset()) -> Family | None:
     """The family a LoRA file's layers say (see ``Family.lora_score``), or None when they do not tell."""
-    return _unique_best([(f.lora_score(set(encoders), cross_width, text_widths or {}), f) for f in all_families()])
+    return _unique_best([(f.lora_score(set(encoders), cross_width, text_widths or {}, frozenset(unet_layers)), f)
+                         for f in all_families()])
+
+
+def lora_tops() -> tuple[str, ...]:
+    """Every family's denoiser top-level module names, longest first (for matching underscored layer names)."""
+    return tuple(sorted({t for f in all_families() for t in f.lora_tops}, key=len, reverse=True))
 
 
 def from_embedding(parts: dict[str, int]) -> Family | None:

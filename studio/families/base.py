@@ -70,6 +70,8 @@ class Family:
     pipelines: Mapping[str, str] = field(default_factory=dict)             # mode -> diffusers class name
     controlnet_pipelines: Mapping[str, str] = field(default_factory=dict)  # mode -> diffusers class name
     aliases: tuple[str, ...] = ()              # other spellings in metadata ("sd_v1", "stable-diffusion-v1")
+    lora_tops: tuple[str, ...] = ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks",
+                                  "middle_block", "conv_in", "conv_out", "time_embedding")   # denoiser top modules
 
     # ---- what other code asks --------------------------------------------------------------------------------
     def encoder(self, attr: str) -> TextEncoder | None:
@@ -133,6 +135,12 @@ class Family:
         """What the pipeline returns (or hands a step callback) -> latents [B, C, h, w]."""
         return latents
 
+    # ---- adapters ------------------------------------------------------------------------------------------
+    def lora_layer_names(self, denoiser: Any) -> dict[str, Any]:
+        """Other names LoRA files give the denoiser's modules (underscored) -> the module, or a ``FusedLayer``
+        for a file layer that is several modules here. Diffusers' own names are always known."""
+        return {}
+
     def unet_sample_size(self, prediction: str = "epsilon") -> int:
         if prediction == "v_prediction" and self.v_sample_size:
             return self.v_sample_size
@@ -166,14 +174,21 @@ class Family:
         """The same for a diffusers folder (``model_index.json`` and the subfolders' configs)."""
         return 0
 
-    def lora_score(self, encoders: set[str], cross_width: int | None, text_widths: Mapping[str, int]) -> int:
+    def lora_score(self, encoders: set[str], cross_width: int | None, text_widths: Mapping[str, int],
+                   unet_layers: frozenset[str] = frozenset()) -> int:
         """How surely a LoRA is for this family: ``encoders`` the text-encoder ids it has layers for ("te1",
-        "te2"), ``cross_width`` its UNet cross-attention input width, ``text_widths`` id -> hidden width."""
+        "te2"), ``cross_width`` its UNet cross-attention input width, ``text_widths`` id -> hidden width,
+        ``unet_layers`` the first parts of its denoiser layer names ("down_blocks", "double_blocks"...)."""
+        if unet_layers and not unet_layers & set(self.lora_tops):
+            return 0
         own = [te.lora_id for te in self.text_encoders]
         if not encoders <= set(own):
             return 0
         real = dict(zip(own, self.real_text_widths))
         score = 3 if cross_width is not None and cross_width == self.real_cross_width else 0
+        if unet_layers:
+            score += 3          # the denoiser's layout (shared by the SD UNet families: it tells them apart
+            # from DiTs, not from each other)
         if text_widths and all(real.get(k) == w for k, w in text_widths.items()):
             score += 1
         if encoders and encoders == set(own):

@@ -88,6 +88,25 @@ class FluxFamily(Family):
         h, w = height // 16, width // 16          # 8x VAE, then 2x2 patches
         return latents.view(b, h, w, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h * 2, w * 2)
 
+    def lora_layer_names(self, denoiser) -> dict:
+        """BFL names (kohya's ``lora_unet_double_blocks_0_img_attn_qkv``): a fused q / k / v (+ MLP) layer is
+        a ``FusedLayer`` over diffusers' separate modules, split by rows."""
+        from ..adapters.keys import FusedLayer
+        cfg = denoiser.config
+        inner = cfg.num_attention_heads * cfg.attention_head_dim
+        single = denoiser.single_transformer_blocks
+        layout = flux_keys.Layout(cfg.num_layers, cfg.num_single_layers, inner,
+                                  single[0].proj_mlp.out_features if len(single) else 4 * inner, cfg.guidance_embeds)
+        modules = dict(denoiser.named_modules())
+        out = {}
+        for bfl, parts in flux_keys.module_rows(layout).items():
+            if bfl.endswith(("query_norm", "key_norm")) or not all(p in modules for p, _, _ in parts):
+                continue
+            name = bfl.replace(".", "_")
+            out[name] = modules[parts[0][0]] if len(parts) == 1 else \
+                FusedLayer([(modules[p], a, b) for p, a, b in parts])
+        return out
+
     def max_sequence_length(self, components) -> int:
         """T5 tokens per prompt, as BFL samples them: 512 for dev, 256 for schnell."""
         return 512 if getattr(components.unet.config, "guidance_embeds", True) else 256
@@ -175,4 +194,7 @@ FAMILY = FluxFamily(
     pipelines={"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline",
                "fill": "FluxFillPipeline"},
     aliases=("flux", "flux-1", "flux.1"),
+    lora_tops=("transformer_blocks", "single_transformer_blocks", "double_blocks", "single_blocks", "x_embedder",
+               "context_embedder", "time_text_embed", "norm_out", "proj_out", "img_in", "txt_in", "time_in",
+               "vector_in", "guidance_in", "final_layer"),
 )

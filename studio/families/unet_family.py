@@ -112,6 +112,23 @@ class UNetFamily(Family):
                               f"{configs['unet'].get('cross_attention_dim')}.", path=path,
                               fix="use a complete diffusers folder.")
 
+    # ---- adapters ----------------------------------------------------------------------------------------------
+    def lora_layer_names(self, denoiser) -> dict:
+        """The LDM names of the UNet's modules (``input_blocks_4_1_...``), as SDXL kohya files write them."""
+        import torch
+
+        from ..loading.ldm_export import UNET_RESNET, UNET_TOP, _map_key, _unet_prefix_map
+        prefixes = {**UNET_TOP, **_unet_prefix_map(denoiser.config)}
+        out = {}
+        for name, mod in denoiser.named_modules():
+            if not isinstance(getattr(mod, "weight", None), torch.nn.Parameter):
+                continue
+            try:
+                out[_map_key(name + ".", prefixes, UNET_RESNET)[:-1].replace(".", "_")] = mod
+            except KeyError:
+                pass  # modules with no LDM name (none in practice) keep their diffusers name only
+        return out
+
     # ---- loading -----------------------------------------------------------------------------------------------
     def scheduler_config(self, prediction: str = "epsilon") -> dict:
         from ..loading.ldm_config import scheduler_config
