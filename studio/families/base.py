@@ -135,6 +135,12 @@ class Family:
         """What the pipeline returns (or hands a step callback) -> latents [B, C, h, w]."""
         return latents
 
+    # ---- merging -------------------------------------------------------------------------------------------
+    def merges(self, key: str) -> bool:
+        """Whether a checkpoint merge interpolates this tensor (else model A's is kept): A1111's rule, every
+        key with "model" in its name (the UNet, text encoders and VAE of the LDM layout)."""
+        return "model" in key
+
     # ---- adapters ------------------------------------------------------------------------------------------
     def lora_layer_names(self, denoiser: Any) -> dict[str, Any]:
         """Other names LoRA files give the denoiser's modules (underscored) -> the module, or a ``FusedLayer``

@@ -107,6 +107,10 @@ class FluxFamily(Family):
                 FusedLayer([(modules[p], a, b) for p, a, b in parts])
         return out
 
+    def merges(self, key: str) -> bool:
+        """Every part of a FLUX file (ComfyUI's text-encoder keys have no "model" in their names)."""
+        return True
+
     def max_sequence_length(self, components) -> int:
         """T5 tokens per prompt, as BFL samples them: 512 for dev, 256 for schnell."""
         return 512 if getattr(components.unet.config, "guidance_embeds", True) else 256

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from .. import families
 from ..errors import StudioError
 from .blocks import multiplier_for, parse_block_weights
 from .sources import family_label, family_of, open_checkpoint, output_path, vae_tensors
@@ -111,7 +112,7 @@ def _out_dtype(dtype: torch.dtype, fp16: bool) -> torch.dtype:
     return torch.float16 if fp16 and dtype in (torch.float32, torch.float64) else dtype
 
 
-def _plan(spec, srcs, vae, weights, discard, report) -> dict[str, _Plan]:
+def _plan(spec, srcs, vae, weights, discard, report, family=None) -> dict[str, _Plan]:
     a, b, c = srcs
     plan: dict[str, _Plan] = {}
     interp = spec.method != "no_interpolation"
@@ -127,7 +128,7 @@ def _plan(spec, srcs, vae, weights, discard, report) -> dict[str, _Plan]:
             report.notes.append(f"VAE tensor {key} has another shape; kept model A's")
         out = _Plan("copy", TensorInfo(_out_dtype(ia.dtype, spec.fp16), ia.shape))
         plan[key] = out
-        if not interp or "model" not in key or key in SKIP_ON_MERGE or ia.dtype not in MERGEABLE:
+        if not interp or not family.merges(key) or key in SKIP_ON_MERGE or ia.dtype not in MERGEABLE:
             continue
         others = [s.infos.get(key) for s in (b, c) if s is not None]
         if any(o is None or o.dtype not in MERGEABLE for o in others):
@@ -274,7 +275,7 @@ def merge_checkpoints(spec: MergeSpec, registry, settings, progress: Progress | 
                                   f"{infos[0].name!r} is {family_label(fams[0])}; only models of one family merge.",
                                   field=label, fix=f"pick a {family_label(fams[0])} model")
         vae = vae_tensors(registry, spec.bake_vae) if spec.bake_vae and spec.bake_vae != "None" else None
-        plan = _plan(spec, srcs, vae, weights, discard, report)
+        plan = _plan(spec, srcs, vae, weights, discard, report, families.get(fams[0]))
         meta = _metadata(spec, infos, srcs, registry, weights, _custom_name(spec, dest), report)
         config = _config_yaml(spec, infos)
         inputs, vae_index = _inputs(srcs, vae, {k[18:] for k, p in plan.items() if p.action == "vae"},
