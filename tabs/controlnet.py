@@ -17,8 +17,8 @@ from webui.common import TokenCounter
 from webui.controlnet_ui import controlnet_units_ui
 from webui.sendto import image_size
 
-FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
-          "n_iter", "batch_size", "seed", "subseed", "subseed_strength", "clip_skip")
+FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "distilled_cfg_scale",
+          "width", "height", "n_iter", "batch_size", "seed", "subseed", "subseed_strength", "clip_skip")
 _SENT = tuple(n for n in FIELDS if n not in ("width", "height"))
 
 

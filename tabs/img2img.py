@@ -19,8 +19,8 @@ from webui.controlnet_ui import controlnet_units_ui
 from webui.extra_networks import extra_networks_panel
 from webui.sendto import image_size
 
-FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
-          "n_iter", "batch_size", "seed", "subseed", "subseed_strength", "clip_skip", "resize_mode",
+FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "distilled_cfg_scale",
+          "width", "height", "n_iter", "batch_size", "seed", "subseed", "subseed_strength", "clip_skip", "resize_mode",
           "denoising_strength")
 MODES = ("img2img", "Sketch", "Batch")
 BATCH_SHOWN = 32   # batch outputs shown in the gallery (all of them are in the output folder)

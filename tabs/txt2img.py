@@ -17,8 +17,8 @@ from webui.common import TokenCounter
 from webui.controlnet_ui import controlnet_units_ui
 from webui.extra_networks import extra_networks_panel
 
-FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
-          "n_iter", "batch_size", "seed", "subseed", "subseed_strength", "clip_skip",
+FIELDS = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "distilled_cfg_scale",
+          "width", "height", "n_iter", "batch_size", "seed", "subseed", "subseed_strength", "clip_skip",
           "enable_hr", "hr_upscaler", "hr_second_pass_steps", "hr_denoising_strength", "hr_scale", "hr_resize_x",
           "hr_resize_y", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
 

@@ -93,6 +93,10 @@ def sampling_options(prefix: str, studio: Any, f: dict, *, size: bool = True,
         f["batch_size"] = gr.Slider(1, s.max_batch_size, value=d.batch_size, step=1, label="Batch size",
                                     elem_id=f"{prefix}_batch_size")
     f["cfg_scale"] = gr.Slider(1, 30, value=d.cfg_scale, step=0.5, label="CFG Scale", elem_id=f"{prefix}_cfg")
+    # Forge's slider: the guidance input of guidance-distilled models (FLUX.1 dev); other models ignore it
+    f["distilled_cfg_scale"] = gr.Slider(0, 30, value=d.distilled_cfg_scale, step=0.5, label="Distilled CFG Scale",
+                                         elem_id=f"{prefix}_distilled_cfg",
+                                         info="FLUX.1 dev's guidance; set CFG Scale to 1 for it (no negative pass)")
     with gr.Row():
         f["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{prefix}_seed", scale=5)
         random_seed = icon_button("Random seed (-1)", "dice", elem_id=f"{prefix}_random_seed", scale=0,
