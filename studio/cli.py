@@ -24,6 +24,7 @@ _DIRECT = {
     "lora_dir": "lora_dir",
     "embeddings_dir": "embeddings_dir",
     "controlnet_dir": "controlnet_dir",
+    "text_encoder_dir": "text_encoder_dir",
     "data_dir": "data_dir",
     "outdir": "outdir",
     "device": "device",
@@ -143,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="textual-inversion embeddings folder (default: <models-dir>/embeddings)")
     g.add_argument("--controlnet-dir", type=_path, default=None, metavar="DIR",
                    help="ControlNet folder (default: <models-dir>/ControlNet)")
+    g.add_argument("--text-encoder-dir", type=_path, default=None, metavar="DIR",
+                   help="separate text-encoder files: clip_l, t5xxl (default: <models-dir>/text_encoder, "
+                        "then ComfyUI's text_encoders/ and clip/)")
     g.add_argument("--data-dir", type=_path, default=None, metavar="DIR",
                    help=f"where settings.json and caches live (default: {DEFAULT_DATA_DIR})")
     g.add_argument("--outdir", type=_path, default=None, metavar="DIR",

@@ -224,7 +224,12 @@ class PipelineManager:
         try:
             if info.kind == "file":
                 loader = self._loaders.get("file", single_file.load_single_file)
-                comps = loader(info.path, dtype=self.dtype, device="cpu", prediction=prediction)
+                extra = {}
+                if loader is single_file.load_single_file:   # parts kept apart (models/text_encoder, VAE)
+                    from .loading import companions
+                    folders = [*self.settings.companion_paths, self.settings.vae_path]
+                    extra["companions"] = lambda: companions.find(folders)   # read only if a file needs them
+                comps = loader(info.path, dtype=self.dtype, device="cpu", prediction=prediction, **extra)
             elif info.kind == "diffusers":
                 loader = self._loaders.get("diffusers", diffusers_folder.load_diffusers_folder)
                 comps = loader(info.path, dtype=self.dtype, device="cpu")

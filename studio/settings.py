@@ -32,6 +32,7 @@ class Settings:
     lycoris_dir: str = ""
     embeddings_dir: str = ""
     controlnet_dir: str = ""
+    text_encoder_dir: str = ""        # text-encoder files kept apart (clip_l, t5xxl: Forge's models/text_encoder)
     annotators_dir: str = ""
     data_dir: str = "data"
     outdir: str = "outputs"
@@ -106,6 +107,19 @@ class Settings:
     @property
     def controlnet_path(self) -> Path:
         return self._sub(self.controlnet_dir, "ControlNet")
+
+    @property
+    def text_encoder_path(self) -> Path:
+        return self._sub(self.text_encoder_dir, "text_encoder")
+
+    @property
+    def companion_paths(self) -> list[Path]:
+        """Where separate text-encoder files are looked for: Forge's ``text_encoder`` and ComfyUI's
+        ``text_encoders`` / ``clip`` beside the checkpoints' models folder."""
+        paths = [self.text_encoder_path]
+        if not self.text_encoder_dir:
+            paths += [Path(self.models_dir) / "text_encoders", Path(self.models_dir) / "clip"]
+        return paths
 
     @property
     def annotators_path(self) -> Path:

@@ -116,7 +116,7 @@ class FluxFamily(Family):
         return 512 if getattr(components.unet.config, "guidance_embeds", True) else 256
 
     def load_single_file(self, path: str, sd: dict, shapes: Shapes, *, dtype, device, prediction: str | None,
-                         sidecar: dict, notes: list[str]):
+                         sidecar: dict, notes: list[str], companions=None):
         from diffusers import FluxTransformer2DModel
 
         from ..loading.components import Components
@@ -126,14 +126,16 @@ class FluxFamily(Family):
         from ..loading.tokenizers import load_clip_tokenizer, load_t5_tokenizer
 
         name = os.path.basename(path)
-        missing = [what for what, prefix in (("the CLIP-L text encoder", CLIP_PREFIX), ("the T5-XXL text encoder",
-                                                                                       T5_PREFIX),
-                                             ("the VAE", VAE_PREFIX + "decoder.")) if not any(k.startswith(prefix)
-                                                                                            for k in shapes)]
+        if companions is not None and self._missing(shapes):
+            sd = self._add_companions(sd, shapes, companions, notes)
+            shapes = {k: tuple(v.shape) for k, v in sd.items()}
+        missing = self._missing(shapes)
         if missing:
-            raise ModelLoadError(f"{name} holds the FLUX.1 transformer only; {', '.join(missing)} are not in it.",
-                                 path=path, fix="use an all-in-one FLUX.1 checkpoint (transformer, text encoders "
-                                                "and VAE in one file) or a diffusers folder")
+            raise ModelLoadError(f"{name} holds the FLUX.1 transformer only; {', '.join(w for w, _ in missing)} "
+                                 "are not in it, and no separate file of the right width was found.", path=path,
+                                 fix="put " + " and ".join(f for _, f in missing) + " beside it (text encoders in "
+                                     "models/text_encoder, the VAE in models/VAE), or use an all-in-one FLUX.1 "
+                                     "checkpoint or a diffusers folder")
         kw = dict(path=path, dtype=dtype, device=device)
         bfl = {k[len(flux_keys.PREFIX):]: v for k, v in sd.items() if k.startswith(flux_keys.PREFIX)} or \
             {k: v for k, v in sd.items() if not k.startswith(("text_encoders.", VAE_PREFIX))}
@@ -149,6 +151,34 @@ class FluxFamily(Family):
                           tokenizer=load_clip_tokenizer(), text_encoder_2=t5, tokenizer_2=load_t5_tokenizer(),
                           scheduler_config=self.scheduler_config(cfg["guidance_embeds"]), prediction_type="flow",
                           in_channels=cfg["in_channels"], source=path, notes=notes)
+
+    @staticmethod
+    def _missing(shapes: Shapes) -> list[tuple[str, str]]:
+        """(part, the file users keep it in) for each part a transformer-only file lacks."""
+        parts = (("the CLIP-L text encoder", CLIP_PREFIX, "clip_l.safetensors"),
+                 ("the T5-XXL text encoder", T5_PREFIX, "t5xxl_fp16.safetensors"),
+                 ("the VAE", VAE_PREFIX + "decoder.", "ae.safetensors"))
+        return [(what, file) for what, prefix, file in parts if not any(k.startswith(prefix) for k in shapes)]
+
+    @staticmethod
+    def _add_companions(sd: dict, shapes: Shapes, found, notes: list[str]) -> dict:
+        """The missing parts from separate files (Forge's models/text_encoder, models/VAE), each chosen by the
+        width the transformer reads: CLIP-L's pooled width, T5's sequence width."""
+        from ..loading import companions
+        found = found() if callable(found) else found
+        bfl = flux_keys.strip(shapes)
+        want = (("clip", CLIP_PREFIX, int(bfl["vector_in.in_layer.weight"][1]), ("clip_l",)),
+                ("t5", T5_PREFIX, int(bfl["txt_in.weight"][1]), ("t5",)),
+                ("vae16", VAE_PREFIX, 0, ("ae", "flux")))
+        out = dict(sd)
+        for kind, prefix, width, hints in want:
+            if any(k.startswith(prefix) for k in shapes):
+                continue
+            c = companions.pick(found, kind, width, hints)
+            if c is not None:
+                out.update(companions.read(c, prefix))
+                notes.append(f"{kind} from {c.path.name}")
+        return out
 
     def load_folder(self, path: str, index: dict, configs: dict[str, dict], *, dtype, device, notes: list[str]):
         from diffusers import AutoencoderKL, FluxTransformer2DModel

@@ -135,7 +135,7 @@ class UNetFamily(Family):
         return scheduler_config(prediction)
 
     def load_single_file(self, path: str, sd: dict, shapes: Shapes, *, dtype, device, prediction: str | None,
-                         sidecar: dict, notes: list[str]):
+                         sidecar: dict, notes: list[str], companions=None):
         from ..loading.components import Components
         from ..loading.ldm_config import unet_config, vae_config, vae_prefix
         from ..loading.single_file import load_clip, load_open_clip, load_unet, load_vae, prediction_type

@@ -149,8 +149,11 @@ def prediction_type(explicit: str | None, sidecar: dict, notes: list[str]) -> st
     return "epsilon"
 
 
-def load_single_file(path, *, dtype=torch.float32, device="cpu", prediction: str | None = None) -> Components:
-    """A single-file checkpoint -> Components (no network); its family decides how its parts are built."""
+def load_single_file(path, *, dtype=torch.float32, device="cpu", prediction: str | None = None,
+                     companions: list | None = None) -> Components:
+    """A single-file checkpoint -> Components (no network); its family decides how its parts are built.
+    ``companions``: separate part files a transformer-only file may take (``loading.companions.find``'s list,
+    or a function giving it, called only when a file needs them)."""
     path = os.fspath(path)
     if path.lower().endswith(".safetensors"):  # decide from the header before reading gigabytes
         families.detect_ldm(linear_text_projection(normalize_keys(read_header_shapes(path))), path)
@@ -159,7 +162,7 @@ def load_single_file(path, *, dtype=torch.float32, device="cpu", prediction: str
     family = families.detect_ldm(shapes, path)
     notes = [f"family {family.label} (read off the tensor layout)"]
     return family.load_single_file(path, sd, shapes, dtype=dtype, device=device, prediction=prediction,
-                                   sidecar=read_sidecar_yaml(path), notes=notes)
+                                   sidecar=read_sidecar_yaml(path), notes=notes, companions=companions)
 
 
 def _diffusers_vae_config(shapes: dict, family: families.Family | None) -> dict:

@@ -144,3 +144,38 @@ def test_hires_fix_makes_the_bigger_picture(flux_studio):
     assert res.images[0].size == (128, 128) and px(res.images[0]).std() > 0
     res = flux_studio.generate(req(enable_hr=True, hr_scale=1.5, hr_upscaler="Lanczos", hr_denoising_strength=0.5))
     assert res.images[0].size == (96, 96)
+
+
+def test_bfl_transformer_only_file_takes_its_parts_from_models_text_encoder_and_vae(flux_studio, tmp_path):
+    """Forge's layout: flux1-dev.safetensors + models/text_encoder/{clip_l, t5xxl_fp16} + models/VAE/ae."""
+    from safetensors.torch import save_file
+
+    from studio.loading.ldm_export import vae_to_ldm
+    from tests.tinyflux import flux_state_dict
+    s = flux_studio.settings
+    with flux_studio.manager.acquire("flux1-dev-tiny.safetensors", "Automatic") as loaded:
+        c = loaded.components
+    save_file({k: v.contiguous() for k, v in flux_state_dict(c, all_in_one=False).items()},
+              str(s.ckpt_path / "flux1-dev-bare.safetensors"))
+    te_dir = s.text_encoder_path
+    te_dir.mkdir(parents=True)
+    save_file({"text_model." + k.removeprefix("text_model."): v.contiguous()
+               for k, v in c.text_encoder.state_dict().items() if not k.endswith("position_ids")},
+              str(te_dir / "clip_l.safetensors"))
+    save_file({k: v.contiguous() for k, v in c.text_encoder_2.state_dict().items()
+               if k != "encoder.embed_tokens.weight"}, str(te_dir / "t5xxl_fp16.safetensors"))
+    save_file({k: v.contiguous() for k, v in vae_to_ldm(c.vae.state_dict(), prefix="").items()},
+              str(s.vae_path / "ae.safetensors") if s.vae_path.is_dir() else str(_mk(s.vae_path) / "ae.safetensors"))
+    flux_studio.registry.refresh()
+    a = flux_studio.generate(req())
+    b = flux_studio.generate(req(checkpoint="flux1-dev-bare.safetensors"))
+    assert np.array_equal(px(a.images[0]), px(b.images[0]))
+    with flux_studio.manager.acquire("flux1-dev-bare.safetensors", "Automatic") as loaded:
+        notes = " ".join(loaded.components.notes)
+    assert "clip from clip_l.safetensors" in notes and "t5 from t5xxl_fp16.safetensors" in notes and \
+        "vae16 from ae.safetensors" in notes
+
+
+def _mk(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
