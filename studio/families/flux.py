@@ -47,6 +47,16 @@ def transformer_config(shapes: Shapes, path: str = "") -> dict:
             "guidance_embeds": layout.guidance, "axes_dims_rope": (16, 56, 56)}
 
 
+def _fp8_dtype(sd: dict):
+    """The fp8 dtype most of a state dict's weight matrices are stored in (e4m3fn / e5m2), or None."""
+    import torch
+    kinds = [v.dtype for k, v in sd.items() if k.endswith(".weight") and getattr(v, "ndim", 0) == 2]
+    for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+        if kinds and kinds.count(fp8) * 2 > len(kinds):
+            return fp8
+    return None
+
+
 @dataclass(frozen=True)
 class FluxFamily(Family):
     """FLUX.1: BFL / ComfyUI single files and diffusers folders."""
@@ -140,8 +150,23 @@ class FluxFamily(Family):
         bfl = {k[len(flux_keys.PREFIX):]: v for k, v in sd.items() if k.startswith(flux_keys.PREFIX)} or \
             {k: v for k, v in sd.items() if not k.startswith(("text_encoders.", VAE_PREFIX))}
         cfg = transformer_config({k: tuple(v.shape) for k, v in bfl.items()}, path)
-        transformer = build_module(lambda: FluxTransformer2DModel.from_config(cfg), flux_keys.to_diffusers(bfl),
+        state = flux_keys.to_diffusers(bfl)
+        transformer = build_module(lambda: FluxTransformer2DModel.from_config(cfg), state,
                                    what="FLUX transformer", path=path, dtype=dtype, device=device, config=cfg)
+        fp8 = _fp8_dtype(bfl)
+        if fp8 is not None and dtype != fp8:
+            # fp8 files stay fp8 in memory (half of bf16), each layer cast up to ``dtype`` as it runs (diffusers'
+            # layerwise casting). Exactly the layers the file stores in fp8 are kept so (its defaults would also
+            # keep the modulation linears, a quarter of FLUX, at full width); fp8 -> dtype -> fp8 is exact
+            import re
+
+            from diffusers.hooks import apply_layerwise_casting
+            wide = tuple(f"^{re.escape(k[:-len('.weight')])}$" for k, v in state.items()
+                         if k.endswith(".weight") and v.dtype != fp8)
+            apply_layerwise_casting(transformer, storage_dtype=fp8, compute_dtype=dtype,
+                                    skip_modules_pattern=wide or ("^$",))
+            notes.append(f"FLUX transformer weights kept in {str(fp8).replace('torch.', '')} as stored, computed "
+                         f"in {str(dtype).replace('torch.', '')}")
         variant = "dev (guidance-distilled)" if cfg["guidance_embeds"] else "schnell (no guidance input)"
         notes.append(f"FLUX.1 {variant}" + (", Fill (inpainting)" if cfg["in_channels"] == 384 else ""))
         te = load_clip(sd, CLIP_PREFIX, **kw)
