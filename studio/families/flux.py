@@ -151,13 +151,15 @@ class FluxFamily(Family):
             {k: v for k, v in sd.items() if not k.startswith(("text_encoders.", VAE_PREFIX))}
         cfg = transformer_config({k: tuple(v.shape) for k, v in bfl.items()}, path)
         state = flux_keys.to_diffusers(bfl)
-        transformer = build_module(lambda: FluxTransformer2DModel.from_config(cfg), state,
-                                   what="FLUX transformer", path=path, dtype=dtype, device=device, config=cfg)
         fp8 = _fp8_dtype(bfl)
-        if fp8 is not None and dtype != fp8:
-            # fp8 files stay fp8 in memory (half of bf16), each layer cast up to ``dtype`` as it runs (diffusers'
-            # layerwise casting). Exactly the layers the file stores in fp8 are kept so (its defaults would also
-            # keep the modulation linears, a quarter of FLUX, at full width); fp8 -> dtype -> fp8 is exact
+        keep = (fp8,) if fp8 is not None and dtype != fp8 else ()
+        transformer = build_module(lambda: FluxTransformer2DModel.from_config(cfg), state, what="FLUX transformer",
+                                   path=path, dtype=dtype, device=device, config=cfg, keep_dtypes=keep)
+        if keep:
+            # fp8 files stay fp8 in memory (half of bf16; never widened while loading), each layer cast up to
+            # ``dtype`` as it runs (diffusers' layerwise casting). Exactly the layers whose weights the file stores
+            # in fp8 are kept so (diffusers' defaults would widen the modulation linears, a quarter of FLUX); the
+            # hook stores a layer whole, so those layers' biases are held in fp8 too
             import re
 
             from diffusers.hooks import apply_layerwise_casting

@@ -113,9 +113,8 @@ def to_diffusers(sd: Mapping) -> dict:
             if key not in sd:
                 continue
             t = _swap(sd[key]) if rule.swap else sd[key]
-            # split pieces are copied: views into the fused tensor would keep all of it alive, and an offset
-            # view can take other (not bit-identical) matmul kernels than a tensor of its own
-            pieces = [p.clone() for p in torch.split(t, list(rule.sizes), dim=0)] if rule.sizes else (t,)
+            # row views of the fused tensor: together they are all of it, so nothing is held twice or copied
+            pieces = torch.split(t, list(rule.sizes), dim=0) if rule.sizes else (t,)
             for part, piece in zip(rule.parts, pieces):
                 out[f"{part}.{dst}"] = piece
     return out

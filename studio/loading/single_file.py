@@ -38,8 +38,10 @@ def unsupported_layout(path: str, what: str, cfg: dict | None, exc: BaseExceptio
             "or a diffusers folder with its config files.")
 
 
-def build_module(cls_or_factory, state: dict, *, what: str, path: str, dtype, device, config: dict | None = None):
-    """Create a module with empty weights and assign ``state`` into it, strictly (names and shapes)."""
+def build_module(cls_or_factory, state: dict, *, what: str, path: str, dtype, device, config: dict | None = None,
+                 keep_dtypes: tuple = ()):
+    """Create a module with empty weights and assign ``state`` into it, strictly (names and shapes).
+    Tensors of ``keep_dtypes`` (fp8 storage) are assigned as stored, the others cast to ``dtype``."""
     from accelerate import init_empty_weights
 
     try:
@@ -57,7 +59,7 @@ def build_module(cls_or_factory, state: dict, *, what: str, path: str, dtype, de
             f"(missing {missing[:4]}{'…' if len(missing) > 4 else ''}, unexpected "
             f"{unexpected[:4]}{'…' if len(unexpected) > 4 else ''}, wrong shape {wrong[:4]}).", path=path,
             fix="the file is damaged or an unsupported variant; re-download it or use a diffusers folder.")
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.to(dtype) if v.is_floating_point() and v.dtype not in keep_dtypes else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval()
 
