@@ -235,8 +235,15 @@ class PromptEncoder:
     def _run_encoders(self, components: Any, cache_key: tuple, text: str, clip_skip: int, embeddings: dict,
                       check: Callable[[], None] | None,
                       max_chunks: int | None) -> tuple[torch.Tensor, torch.Tensor | None, frozenset]:
-        if components.spec.prompt_style == "t5":
-            out = self._run_t5(components, text)
+        style = components.spec.prompt_style
+        if style in ("t5", "diffusers"):
+            if style == "t5":
+                out = self._run_t5(components, text)
+            else:   # the family's own (diffusers') encoding, of the text without A1111's weight syntax
+                z, pooled = components.spec.encode_text(components, "".join(
+                    t for t, w in parse_attention(text) if not (t == "BREAK" and w == -1)))
+                self.encoder_runs += 1
+                out = (z, pooled, frozenset())
             self._cache[cache_key] = out
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
@@ -329,7 +336,7 @@ class PromptEncoder:
             empty = self._encode_text(components, key, "", clip_skip, embeddings)[0]
             sides = [[(end, _pad(z, longest, empty), p) for end, z, p in side] for side in sides]
         spec = components.spec   # T5-conditioned families take CLIP's pooled vector beside the sequence
-        return Conditioning(sides[0], sides[1], spec.pooled or spec.prompt_style == "t5", used)
+        return Conditioning(sides[0], sides[1], spec.pooled or spec.prompt_style in ("t5", "diffusers"), used)
 
     def clear(self) -> None:
         self._cache.clear()

@@ -135,6 +135,12 @@ class Family:
         """What the pipeline returns (or hands a step callback) -> latents [B, C, h, w]."""
         return latents
 
+    def encode_text(self, components: Any, text: str) -> tuple[Any, Any]:
+        """(sequence embeddings, pooled) for one prompt text, for families whose ``prompt_style`` is
+        "diffusers" (the pipeline's own encoding; A1111 emphasis is not applied)."""
+        raise ModelLoadError(f"{self.label} models have no prompt encoder in this studio.",
+                             fix="use a model of another family")
+
     # ---- merging -------------------------------------------------------------------------------------------
     def merges(self, key: str) -> bool:
         """Whether a checkpoint merge interpolates this tensor (else model A's is kept): A1111's rule, every
@@ -185,7 +191,7 @@ class Family:
         """How surely a LoRA is for this family: ``encoders`` the text-encoder ids it has layers for ("te1",
         "te2"), ``cross_width`` its UNet cross-attention input width, ``text_widths`` id -> hidden width,
         ``unet_layers`` the first parts of its denoiser layer names ("down_blocks", "double_blocks"...)."""
-        if unet_layers and not unet_layers & set(self.lora_tops):
+        if unet_layers and not unet_layers <= set(self.lora_tops):   # a top module this family lacks
             return 0
         own = [te.lora_id for te in self.text_encoders]
         if not encoders <= set(own):

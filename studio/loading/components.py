@@ -18,7 +18,9 @@ class Components:
     scheduler_config: dict             # diffusers scheduler config (betas, prediction_type, ...)
     text_encoder_2: Any | None = None  # the second one, where the family has two
     tokenizer_2: Any | None = None
-    prediction_type: str = "epsilon"   # "epsilon" or "v_prediction"
+    text_encoder_3: Any | None = None  # a third one (SD3's T5)
+    tokenizer_3: Any | None = None
+    prediction_type: str = "epsilon"   # "epsilon", "v_prediction" or "flow"
     in_channels: int = 4               # 9: inpainting, 8: instruct-pix2pix, 5: depth
     source: str = ""                   # file or folder it came from
     notes: list[str] = field(default_factory=list)   # what the loader decided and why (shown to users)
@@ -39,8 +41,11 @@ class Components:
 
     def text_modules(self) -> dict[str, Any]:
         """Text encoders and tokenizers by pipeline argument name (None where the family has none)."""
-        return {"text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
-                "text_encoder_2": self.text_encoder_2, "tokenizer_2": self.tokenizer_2}
+        out = {"text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
+               "text_encoder_2": self.text_encoder_2, "tokenizer_2": self.tokenizer_2}
+        if self.text_encoder_3 is not None:
+            out.update(text_encoder_3=self.text_encoder_3, tokenizer_3=self.tokenizer_3)
+        return out
 
     def modules(self) -> dict[str, Any]:
         """The torch modules, by diffusers component name."""
@@ -49,6 +54,8 @@ class Components:
             out["text_encoder"] = self.text_encoder
         if self.text_encoder_2 is not None:
             out["text_encoder_2"] = self.text_encoder_2
+        if self.text_encoder_3 is not None:
+            out["text_encoder_3"] = self.text_encoder_3
         return out
 
     def nbytes(self) -> int:

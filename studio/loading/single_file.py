@@ -88,6 +88,20 @@ def load_clip(sd: dict, prefix: str, *, path: str, dtype, device):
                         what="text encoder", path=path, dtype=dtype, device=device, config=cfg)
 
 
+def load_clip_projection(sd: dict, prefix: str, *, path: str, dtype, device, hidden_act: str | None = None):
+    """HF-named CLIP text encoder with its projection under ``prefix`` (``text_model.*`` + ``text_projection``;
+    SD3's clip_l / clip_g) -> CLIPTextModelWithProjection. The activation cannot be read off the weights:
+    OpenCLIP-G (1280 wide) uses gelu, CLIP-L quick_gelu, unless ``hidden_act`` says."""
+    from transformers import CLIPTextModelWithProjection
+    state = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and not k.endswith("position_ids")}
+    shapes = shapes_of(state)
+    cfg = clip_config(shapes, "text_model.")
+    cfg["projection_dim"] = int(shapes["text_projection.weight"][0])
+    cfg["hidden_act"] = hidden_act or ("gelu" if cfg["hidden_size"] == 1280 else "quick_gelu")
+    return build_module(_clip_model(CLIPTextModelWithProjection, cfg), state, what="CLIP text encoder", path=path,
+                        dtype=dtype, device=device, config=cfg)
+
+
 def load_open_clip(sd: dict, prefix: str, *, path: str, dtype, device, with_projection: bool,
                    drop_last: bool = False):
     """OpenCLIP text encoder -> CLIPTextModel or CLIPTextModelWithProjection; ``drop_last``: the model ends at the
