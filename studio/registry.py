@@ -14,7 +14,7 @@ from .folders import FolderWatch
 from .hashes import BackgroundHasher, HashCache, short_hash
 from .settings import Settings
 
-CKPT_EXTS = (".safetensors", ".ckpt")
+CKPT_EXTS = (".safetensors", ".ckpt", ".gguf")   # GGUF: quantised DiT transformers (city96)
 VAE_EXTS = (".safetensors", ".ckpt", ".pt", ".bin")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -88,3 +88,22 @@ def write_flux_folder(c: Components, path) -> str:
         "scheduler": FlowMatchEulerDiscreteScheduler.from_config(c.scheduler_config)})
     pipe.save_pretrained(os.fspath(path), safe_serialization=True)
     return os.fspath(path)
+
+
+def write_flux_gguf(c: Components, path, quant: str = "Q8_0") -> str:
+    """The transformer alone as city96's GGUF files hold it: BFL names, 2-D weights quantised, the rest F32."""
+    import gguf
+    qtype = getattr(gguf.GGMLQuantizationType, quant)
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    w = gguf.GGUFWriter(os.fspath(path), arch="flux")
+    for name, t in flux_keys.to_bfl(c.unet.state_dict()).items():
+        a = t.detach().float().numpy()
+        if a.ndim == 2 and a.shape[1] % block == 0:
+            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return os.fspath(path)

@@ -130,7 +130,7 @@ class FluxFamily(Family):
         from diffusers import FluxTransformer2DModel
 
         from ..loading.components import Components
-        from ..loading.ldm_config import vae_config
+        from ..loading.ldm_config import shapes_of, vae_config
         from ..loading.single_file import build_module, load_clip, load_vae
         from ..loading.t5 import load_t5
         from ..loading.tokenizers import load_clip_tokenizer, load_t5_tokenizer
@@ -138,7 +138,7 @@ class FluxFamily(Family):
         name = os.path.basename(path)
         if companions is not None and self._missing(shapes):
             sd = self._add_companions(sd, shapes, companions, notes)
-            shapes = {k: tuple(v.shape) for k, v in sd.items()}
+            shapes = shapes_of(sd)
         missing = self._missing(shapes)
         if missing:
             raise ModelLoadError(f"{name} holds the FLUX.1 transformer only; {', '.join(w for w, _ in missing)} "
@@ -149,7 +149,12 @@ class FluxFamily(Family):
         kw = dict(path=path, dtype=dtype, device=device)
         bfl = {k[len(flux_keys.PREFIX):]: v for k, v in sd.items() if k.startswith(flux_keys.PREFIX)} or \
             {k: v for k, v in sd.items() if not k.startswith(("text_encoders.", VAE_PREFIX))}
-        cfg = transformer_config({k: tuple(v.shape) for k, v in bfl.items()}, path)
+        cfg = transformer_config(shapes_of(bfl), path)
+        if any(hasattr(v, "quant_type") for v in bfl.values()):
+            kinds = sorted({getattr(v.quant_type, "name", str(v.quant_type)) for v in bfl.values()
+                            if hasattr(v, "quant_type")})
+            notes.append(f"GGUF transformer ({', '.join(kinds)}): kept quantised, dequantised layer by layer as it "
+                         "runs (LoRAs are not applied to its quantised layers)")
         state = flux_keys.to_diffusers(bfl)
         fp8 = _fp8_dtype(bfl)
         keep = (fp8,) if fp8 is not None and dtype != fp8 else ()

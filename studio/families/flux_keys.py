@@ -107,7 +107,7 @@ def to_diffusers(sd: Mapping) -> dict:
     import torch
     sd = strip(sd)
     out = {}
-    for rule in rules(layout_of({k: tuple(v.shape) for k, v in sd.items()})):
+    for rule in rules(layout_of({k: tuple(getattr(v, "quant_shape", None) or v.shape) for k, v in sd.items()})):
         for src, dst in _suffixes(rule):
             key = f"{rule.bfl}.{src}"
             if key not in sd:

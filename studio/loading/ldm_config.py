@@ -21,7 +21,9 @@ Shapes = Mapping[str, Sequence[int]]
 
 def shapes_of(sd: Mapping) -> dict[str, tuple[int, ...]]:
     """Name -> shape for a state dict (tensors) or pass shapes through."""
-    return {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in sd.items()}
+    # a quantised GGUF tensor's shape is its bytes': quant_shape is the logical one
+    return {k: tuple(getattr(v, "quant_shape", None) or v.shape) if hasattr(v, "shape") else tuple(v)
+            for k, v in sd.items()}
 
 
 def normalize_keys(sd: dict) -> dict:

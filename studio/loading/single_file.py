@@ -49,18 +49,27 @@ def build_module(cls_or_factory, state: dict, *, what: str, path: str, dtype, de
             model = cls_or_factory()
     except (ValueError, TypeError, KeyError, IndexError, AssertionError, ZeroDivisionError, RuntimeError) as e:
         raise unsupported_layout(path, what, config, e) from e
+    quantised = {k: v for k, v in state.items() if hasattr(v, "quant_type")}
+    if quantised:   # GGUF: the linears with quantised weights become diffusers' GGUFLinear (dequantised per call)
+        from diffusers.quantizers.gguf.utils import _replace_with_gguf_linear
+        _replace_with_gguf_linear(model, dtype, state)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    wrong = [k for k in expected if k in state and
+             tuple(getattr(state[k], "quant_shape", None) or state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or wrong:
         raise ModelLoadError(
             f"{os.path.basename(path)}: the {what} weights do not fit the architecture read from the file "
             f"(missing {missing[:4]}{'…' if len(missing) > 4 else ''}, unexpected "
             f"{unexpected[:4]}{'…' if len(unexpected) > 4 else ''}, wrong shape {wrong[:4]}).", path=path,
             fix="the file is damaged or an unsupported variant; re-download it or use a diffusers folder.")
-    state = {k: v.to(dtype) if v.is_floating_point() and v.dtype not in keep_dtypes else v for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    state = {k: v.to(dtype) if v.is_floating_point() and v.dtype not in keep_dtypes else v for k, v in state.items()
+             if k not in quantised}
+    model.load_state_dict(state, strict=not quantised, assign=True)
+    for key, param in quantised.items():   # set as they are: load_state_dict would compare byte shapes
+        owner, _, name = key.rpartition(".")
+        model.get_submodule(owner)._parameters[name] = param
     return model.to(device).eval()
 
 

@@ -67,6 +67,21 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
                              fix="the file is truncated or corrupt; download it again.") from e
 
 
+def _read_gguf(path: str) -> dict[str, torch.Tensor]:
+    """A GGUF file (llama.cpp's format, as ComfyUI-GGUF / city96 publish DiTs): quantised tensors stay quantised
+    (diffusers' GGUFParameter: their ``quant_shape`` is the logical shape), F16 / F32 ones are plain tensors."""
+    try:
+        from diffusers.models.model_loading_utils import load_gguf_checkpoint
+        return load_gguf_checkpoint(path, return_tensors=True)
+    except ImportError as e:
+        raise ModelLoadError(f"{os.path.basename(path)} is a GGUF file and the gguf package is missing.", path=path,
+                             fix="run python launch.py once more (it installs gguf from requirements.txt)") from e
+    except (ValueError, OSError, KeyError) as e:
+        raise ModelLoadError(f"{path} could not be read as GGUF ({str(e)[:300]}).", path=path,
+                             fix="the file is truncated, damaged, or uses a quantisation diffusers cannot read; "
+                                 "download it again or pick a Q8_0 / Q4_K / Q5_K file") from e
+
+
 def _read_pickle(path: str) -> dict:
     mmap = zipfile.is_zipfile(path)  # mmap only works for the zip-based torch format
     try:
@@ -104,6 +119,8 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     _check_file(path)
     if path.lower().endswith(".safetensors"):
         sd = _read_safetensors(path)
+    elif path.lower().endswith(".gguf"):
+        sd = _read_gguf(path)
     elif path.lower().endswith(PICKLE_SUFFIXES):
         sd = _flatten(_read_pickle(path), path)
     else:
