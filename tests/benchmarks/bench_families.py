@@ -3,10 +3,10 @@
     python -m tests.benchmarks.bench_families [--runs 5]
 
 1. Per family: studio txt2img time / the bare diffusers pipeline built over the very same modules (same
-   weights, prompt, sampler, steps, size, seed): SD 1.x and SDXL tiny models, and a FLUX.1 dev model of 4 heads,
+   weights, prompt, sampler, steps, size, seed): SD 1.x, SDXL and SD3.5 tiny models, and a FLUX.1 dev model of 4 heads,
    2 + 2 blocks (so the transformer dominates). Target <= 1.05.
-2. FLUX fp8: resident set of a process that loaded the fp8 (e4m3fn) file / one that loaded the same weights in
-   bf16, each in a fresh process; and the bytes the manager counts for each. Target <= 0.6.
+2. FLUX fp8 (e4m3fn) and GGUF Q8_0: resident set of a process that loaded the file / one that loaded the same
+   weights in bf16, each in a fresh process; and the transformer bytes the manager counts. Target <= 0.6.
 """
 from __future__ import annotations
 
@@ -46,12 +46,24 @@ def _store(root: Path) -> None:
     ckpt.mkdir(parents=True)
     tinymodels.write_single_file(tinymodels.make_tiny("sd1", seed=0), ckpt / "sd1.safetensors")
     tinymodels.write_single_file(tinymodels.make_tiny("sdxl", seed=0), ckpt / "sdxl.safetensors")
+    from tests.tinysd3 import make_tiny_sd3, write_sd3_single_file
+    write_sd3_single_file(make_tiny_sd3(seed=0), ckpt / "sd35.safetensors")
     flux = _flux()
     write_flux_single_file(flux, ckpt / "flux.safetensors")
     from safetensors.torch import save_file
 
     from tests.tinyflux import flux_state_dict
     sd = flux_state_dict(flux)
+    from studio.loading.ldm_export import vae_to_ldm
+    from tests.tinyflux import write_flux_gguf
+    write_flux_gguf(flux, root / "flux-Q8_0.gguf")
+    (root / "parts").mkdir()
+    save_file({k: v.contiguous() for k, v in flux.text_encoder.state_dict().items() if not k.endswith("position_ids")},
+              str(root / "parts" / "clip_l.safetensors"))
+    save_file({k: v.contiguous() for k, v in flux.text_encoder_2.state_dict().items()
+               if k != "encoder.embed_tokens.weight"}, str(root / "parts" / "t5xxl.safetensors"))
+    save_file({k: v.contiguous() for k, v in vae_to_ldm(flux.vae.state_dict(), prefix="").items()},
+              str(root / "parts" / "ae.safetensors"))
     for name, cast in (("flux-bf16", lambda v: v.to(torch.bfloat16)),
                        ("flux-fp8", lambda v: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v.to(torch.bfloat16))):
         save_file({k: (cast(v) if k.startswith("model.diffusion_model.") else v).contiguous() for k, v in sd.items()},
@@ -110,13 +122,17 @@ from diffusers.hooks import apply_layerwise_casting
 from studio.loading.tokenizers import load_clip_tokenizer, load_t5_tokenizer
 load_clip_tokenizer(), load_t5_tokenizer()          # so are the tokenizers (not weights; the same for both)
 before = psutil.Process().memory_info().rss
-c = load_single_file(sys.argv[1], dtype=torch.bfloat16)
+from pathlib import Path
+from studio.loading import companions
+parts = companions.find([Path(sys.argv[1]).parent / "parts"])
+c = load_single_file(sys.argv[1], dtype=torch.bfloat16, companions=parts)
 held = sum(p.numel() * p.element_size() for p in c.unet.parameters())
 import ctypes, gc
 with torch.no_grad():                               # fault in every page (mapped file pages count once read)
     for m in c.modules().values():
         for p in m.parameters():
-            p.detach().contiguous().view(torch.uint8).max()   # a reduction: no weight-sized temporary
+            t = p.as_tensor() if hasattr(p, "as_tensor") else p.detach()      # GGUF: its raw bytes
+            t.contiguous().view(torch.uint8).max()   # a reduction: no weight-sized temporary
 gc.collect()
 ctypes.CDLL("libc.so.6").malloc_trim(0)             # what the allocator still keeps from reading the file
 print(json.dumps({"rss": psutil.Process().memory_info().rss - before, "held": held, "all": c.nbytes()}))
@@ -125,12 +141,13 @@ print(json.dumps({"rss": psutil.Process().memory_info().rss - before, "held": he
 
 def bench_fp8(root: Path) -> dict:
     out = {}
-    for name in ("flux-bf16", "flux-fp8"):
-        res = subprocess.run([sys.executable, "-c", _PROBE, str(root / f"{name}.safetensors")], capture_output=True,
+    for name in ("flux-bf16.safetensors", "flux-fp8.safetensors", "flux-Q8_0.gguf"):
+        res = subprocess.run([sys.executable, "-c", _PROBE, str(root / name)], capture_output=True,
                              text=True, check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
-        out[name] = json.loads(res.stdout.strip().splitlines()[-1])
-    bf, f8 = out["flux-bf16"], out["flux-fp8"]
+        out[name.split(".")[0]] = json.loads(res.stdout.strip().splitlines()[-1])
+    bf, f8, q8 = out["flux-bf16"], out["flux-fp8"], out["flux-Q8_0"]
     return {"transformer_bytes_ratio": f8["held"] / bf["held"], "model_rss_ratio": f8["rss"] / bf["rss"],
+            "q8_bytes_ratio": q8["held"] / bf["held"], "q8_rss_ratio": q8["rss"] / bf["rss"],
             "bf16": bf, "fp8": f8}
 
 
@@ -148,6 +165,7 @@ def main() -> None:
         try:
             rows = {"sd1 (64 px, 20 steps)": bench_family(studio, "sd1.safetensors", 64, 20, args.runs, False),
                     "sdxl (64 px, 20 steps)": bench_family(studio, "sdxl.safetensors", 64, 20, args.runs, False),
+                    "sd3.5 (64 px, 20 steps)": bench_family(studio, "sd35.safetensors", 64, 20, args.runs, False),
                     "flux dev (128 px, 8 steps)": bench_family(studio, "flux.safetensors", 128, 8, args.runs, True)}
         finally:
             studio.close()
@@ -159,6 +177,8 @@ def main() -> None:
     print(f"FLUX fp8 / bf16: transformer bytes {fp8['transformer_bytes_ratio']:.3f}; process RSS after load "
           f"{fp8['model_rss_ratio']:.3f} (bf16 {bf['rss'] >> 20} MiB for {bf['all'] >> 20} MiB of weights, fp8 "
           f"{f8['rss'] >> 20} MiB for {f8['all'] >> 20} MiB; both hold the same bf16 text encoders and VAE)")
+    print(f"FLUX GGUF Q8_0 / bf16: transformer bytes {fp8['q8_bytes_ratio']:.3f}; process RSS after load "
+          f"{fp8['q8_rss_ratio']:.3f}")
 
 
 if __name__ == "__main__":
