@@ -18,21 +18,23 @@ from studio.families import flux_keys  # noqa: E402
 from studio.families.flux import CLIP_PREFIX, T5_PREFIX, VAE_PREFIX  # noqa: E402
 from studio.loading.components import Components  # noqa: E402
 from studio.loading.tokenizers import load_clip_tokenizer, load_t5_tokenizer  # noqa: E402
+from tests.tinymodels import _jitter  # noqa: E402,F401 - tinysd3 takes it from here too
 
 WIDTH = 64          # CLIP-L and T5 widths (one 64-wide head each)
 
 
-def _jitter(module, seed: int):
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    return module.eval()
+def vae16(scale: float, shift: float):
+    """A 4-level, 16-latent-channel VAE without quant convs (FLUX's and SD3's layout)."""
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                         up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(32, 32, 64, 64),
+                         layers_per_block=1, latent_channels=16, norm_num_groups=32, sample_size=64,
+                         scaling_factor=scale, shift_factor=shift, use_quant_conv=False, use_post_quant_conv=False)
 
 
 def make_tiny_flux(seed: int = 0, guidance: bool = True, in_channels: int = 64) -> Components:
     """A tiny FLUX.1 dev (``guidance``) or schnell model; ``in_channels`` 384 makes a Fill model."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -47,10 +49,7 @@ def make_tiny_flux(seed: int = 0, guidance: bool = True, in_channels: int = 64) 
     t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=WIDTH, d_kv=64, d_ff=128, num_layers=2, num_heads=1,
                                  feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
                                  dropout_rate=0.0))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(32, 32, 64, 64),
-                        layers_per_block=1, latent_channels=16, norm_num_groups=32, sample_size=64,
-                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    vae = vae16(0.3611, 0.1159)
     fam = families.get("flux")
     return Components(family="flux", unet=_jitter(transformer, seed), vae=_jitter(vae, seed + 30),
                       text_encoder=_jitter(clip, seed + 10), tokenizer=load_clip_tokenizer(),

@@ -13,11 +13,11 @@ import torch  # noqa: E402
 from studio.families.sd3 import CLIP_G, CLIP_L, T5, UNET, VAE  # noqa: E402
 from studio.loading.components import Components  # noqa: E402
 from studio.loading.tokenizers import load_clip_tokenizer, load_t5_tokenizer  # noqa: E402
-from tests.tinyflux import _jitter  # noqa: E402
+from tests.tinyflux import _jitter, vae16  # noqa: E402
 
 
 def make_tiny_sd3(seed: int = 0) -> Components:
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from diffusers import SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -34,10 +34,7 @@ def make_tiny_sd3(seed: int = 0) -> Components:
     t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=256, d_kv=64, d_ff=512, num_layers=1, num_heads=4,
                                  feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
                                  dropout_rate=0.0))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(32, 32, 64, 64),
-                        layers_per_block=1, latent_channels=16, norm_num_groups=32, sample_size=64,
-                        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    vae = vae16(1.5305, 0.0609)
     return Components(family="sd3", unet=_jitter(transformer, seed), vae=_jitter(vae, seed + 30),
                       text_encoder=_jitter(clip(64, "quick_gelu", 49407), seed + 10), tokenizer=load_clip_tokenizer(),
                       text_encoder_2=_jitter(clip(128, "gelu", 0), seed + 11), tokenizer_2=load_clip_tokenizer("!"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from studio.loading.sizes import module_bytes
 from tests.tinyflux import flux_state_dict
 
 
