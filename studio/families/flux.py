@@ -72,7 +72,9 @@ class FluxFamily(Family):
 
     # ---- generation ------------------------------------------------------------------------------------------
     def accepts_channels(self, in_channels: int) -> bool:
-        return in_channels in (64, 384)          # 16 latent channels in 2x2 patches; Fill adds image + mask
+        # 16 latent channels in 2x2 patches. Fill models (384: + masked image and mask) load, but the studio does
+        # not drive FluxFillPipeline yet, so they are refused at generation with the manager's message
+        return in_channels == 64
 
     def pipeline_mode(self, mode: str, in_channels: int) -> str:
         return "fill" if in_channels == 384 else mode
