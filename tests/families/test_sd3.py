@@ -77,3 +77,14 @@ def test_lora_families_are_told_apart():
     assert families.from_lora(set(), unet_layers=frozenset({"joint_blocks"})).name == "sd3"
     assert families.from_lora(set(), unet_layers=frozenset({"double_blocks"})).name == "flux"
     assert families.from_version("sd3.5_medium").name == "sd3"
+
+
+def test_hires_fix_and_merge(sd3_studio):
+    from studio.loading.single_file import load_single_file
+    from studio.merge import MergeSpec, merge_checkpoints
+    res = sd3_studio.generate(GenerationRequest(**BASE, enable_hr=True, hr_scale=2.0, hr_upscaler="Latent",
+                                                hr_denoising_strength=0.5))
+    assert res.images[0].size == (128, 128) and px(res.images[0]).std() > 0
+    out = merge_checkpoints(MergeSpec(a="sd3.5_medium_tiny", b="sd3.5_medium_tiny", multiplier=0.5,
+                                      output_name="sd3-merge"), sd3_studio.registry, sd3_studio.settings)
+    assert load_single_file(out).family == "sd3"
