@@ -12,8 +12,6 @@ from typing import Any
 
 from .. import families
 
-# component ids inside a LoRA file; the model attribute each one patches
-COMPONENT_ATTR = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
 
 # tensor-name suffix -> role; the longest match wins (so "lora_down.weight" is not read as "weight")
 SUFFIX_ROLE = {
