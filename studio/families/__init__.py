@@ -44,6 +44,11 @@ def get(name: str | Family | None) -> Family | None:
     return next((f for f in all_families() if f.name == name), None)
 
 
+def open_clip_prefixes() -> tuple[str, ...]:
+    """Where the families' OpenCLIP text encoders sit in single files (their projections get renamed there)."""
+    return tuple(sorted({te.ldm_prefix for f in all_families() for te in f.text_encoders if te.kind == "open_clip"}))
+
+
 def label(name: str | Family | None) -> str:
     """"SD 1.x", "SDXL", ... for messages ("unknown" when nothing is known)."""
     fam = get(name)

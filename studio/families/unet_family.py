@@ -15,21 +15,14 @@ import os
 from dataclasses import dataclass
 
 from ..errors import ModelLoadError
+from ..loading.ldm_config import UNET, cross_width
 from .base import Family, Shapes, TextEncoder
 
-UNET = "model.diffusion_model."
 FOLDER_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 def token_embedding_key(te: TextEncoder) -> str:
     return te.ldm_prefix + ("embeddings.token_embedding.weight" if te.kind == "clip" else "token_embedding.weight")
-
-
-def cross_width(shapes: Shapes) -> int | None:
-    for k, s in shapes.items():
-        if k.startswith(UNET) and k.endswith("attn2.to_k.weight"):
-            return int(s[1])
-    return None
 
 
 @dataclass(frozen=True)

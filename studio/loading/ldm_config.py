@@ -8,10 +8,14 @@ from __future__ import annotations
 import os
 import re
 from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable
 
-from .. import families
 from ..errors import ModelLoadError
-from ..families.unet_family import UNET, cross_width
+
+if TYPE_CHECKING:   # the families ask this module, never the other way round
+    from ..families.base import Family
+
+UNET = "model.diffusion_model."
 
 VAE_PREFIXES = ("first_stage_model.", "vae.")
 DEFAULT_VAE_SCALE = 0.18215   # SD 1/2's, for a VAE whose family nothing tells
@@ -35,13 +39,20 @@ def normalize_keys(sd: dict) -> dict:
     return sd
 
 
-def linear_text_projection(sd: dict) -> dict:
+def cross_width(shapes: Mapping) -> int | None:
+    """The UNet's cross-attention input width (the text features it reads), or None without cross-attention."""
+    for k, s in shapes.items():
+        if k.startswith(UNET) and k.endswith("attn2.to_k.weight"):
+            return int(s[1])
+    return None
+
+
+def linear_text_projection(sd: dict, prefixes: Iterable[str]) -> dict:
     """diffusers' ``convert_diffusers_to_original_sdxl.py`` writes the OpenCLIP projection as
     ``…model.text_projection.weight`` (nn.Linear layout, [proj, width]); Stability's files (and the loader) use
     ``…model.text_projection`` ([width, proj], used as ``x @ P``). Rename and transpose; works on tensors and on
-    header shapes alike."""
+    header shapes alike. ``prefixes``: where OpenCLIP encoders sit (``families.open_clip_prefixes()``)."""
     out = sd
-    prefixes = {te.ldm_prefix for f in families.all_families() for te in f.text_encoders if te.kind == "open_clip"}
     for prefix in sorted(prefixes):
         linear, ldm = prefix + "text_projection.weight", prefix + "text_projection"
         if linear in sd and ldm not in sd:
@@ -124,7 +135,7 @@ def encoder_levels(shapes: Shapes, prefix: str) -> list[dict]:
     return levels
 
 
-def unet_config(shapes: Shapes, family: families.Family, *, sidecar: dict | None = None,
+def unet_config(shapes: Shapes, family: Family, *, sidecar: dict | None = None,
                 text_proj_dim: int | None = None, prediction: str = "epsilon") -> dict:
     """UNet2DConditionModel config from the ``model.diffusion_model.`` tensors."""
     p, sidecar = UNET, sidecar or {}
@@ -175,7 +186,7 @@ def vae_prefix(shapes: Shapes) -> str:
     raise ModelLoadError("No VAE found (encoder.conv_in missing).", fix="use a complete checkpoint or VAE file.")
 
 
-def vae_config(shapes: Shapes, family: families.Family | None, prefix: str | None = None) -> dict:
+def vae_config(shapes: Shapes, family: Family | None, prefix: str | None = None) -> dict:
     """AutoencoderKL config from LDM VAE tensors (``encoder.down.N.block.M``...); ``family`` gives the
     native size and latent scale (None: SD 1/2's)."""
     p = vae_prefix(shapes) if prefix is None else prefix

@@ -181,8 +181,9 @@ def load_single_file(path, *, dtype=torch.float32, device="cpu", prediction: str
     or a function giving it, called only when a file needs them)."""
     path = os.fspath(path)
     if path.lower().endswith(".safetensors"):  # decide from the header before reading gigabytes
-        families.detect_ldm(linear_text_projection(normalize_keys(read_header_shapes(path))), path)
-    sd = linear_text_projection(normalize_keys(read_state_dict(path)))
+        families.detect_ldm(linear_text_projection(normalize_keys(read_header_shapes(path)),
+                                                   families.open_clip_prefixes()), path)
+    sd = linear_text_projection(normalize_keys(read_state_dict(path)), families.open_clip_prefixes())
     shapes = shapes_of(sd)
     family = families.detect_ldm(shapes, path)
     notes = [f"family {family.label} (read off the tensor layout)"]
