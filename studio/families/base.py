@@ -72,6 +72,9 @@ class Family:
     aliases: tuple[str, ...] = ()              # other spellings in metadata ("sd_v1", "stable-diffusion-v1")
     lora_tops: tuple[str, ...] = ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks",
                                   "middle_block", "conv_in", "conv_out", "time_embedding")   # denoiser top modules
+    # what the UI sets on choosing a checkpoint of this family (as Forge's presets): steps, cfg_scale,
+    # distilled_cfg_scale, sampler_name, scheduler; width / height come from default_size
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
     # ---- what other code asks --------------------------------------------------------------------------------
     def encoder(self, attr: str) -> TextEncoder | None:
@@ -105,6 +108,12 @@ class Family:
         pipe = cls(**kwargs)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def generation_defaults(self, components: Any = None) -> dict:
+        """The UI's values for a checkpoint of this family (``components``: the loaded model, where a variant
+        changes them, e.g. FLUX schnell's 4 steps)."""
+        return {"steps": 20, "cfg_scale": 7.0, "sampler_name": "DPM++ 2M", "scheduler": "Automatic",
+                "width": self.default_size, "height": self.default_size, **self.defaults}
 
     # ---- what a generation asks ----------------------------------------------------------------------------
     def accepts_channels(self, in_channels: int) -> bool:

@@ -61,6 +61,12 @@ def _fp8_dtype(sd: dict):
 class FluxFamily(Family):
     """FLUX.1: BFL / ComfyUI single files and diffusers folders."""
 
+    def generation_defaults(self, components=None) -> dict:
+        out = super().generation_defaults(components)
+        if components is not None and not getattr(components.unet.config, "guidance_embeds", True):
+            out["steps"] = 4      # schnell: timestep-distilled to 1-4 steps (BFL's model card)
+        return out
+
     def ldm_score(self, shapes: Shapes) -> int:
         return 20 if KEY in shapes or flux_keys.PREFIX + KEY in shapes else 0
 
@@ -262,6 +268,9 @@ FAMILY = FluxFamily(
     pipelines={"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline",
                "fill": "FluxFillPipeline"},
     aliases=("flux", "flux-1", "flux.1"),
+    # Forge's "flux" preset: no real CFG (1), distilled guidance 3.5, Euler / Simple
+    defaults={"steps": 20, "cfg_scale": 1.0, "distilled_cfg_scale": 3.5, "sampler_name": "Euler",
+              "scheduler": "Simple"},
     lora_tops=("transformer_blocks", "single_transformer_blocks", "double_blocks", "single_blocks", "x_embedder",
                "context_embedder", "time_text_embed", "norm_out", "proj_out", "img_in", "txt_in", "time_in",
                "vector_in", "guidance_in", "final_layer"),

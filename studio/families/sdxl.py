@@ -29,6 +29,7 @@ FAMILY = UNetFamily(
     kohya_unet_ldm_names=True, linear_projection=True, pipelines=XL_PIPELINES,
     controlnet_pipelines=XL_CONTROLNET_PIPELINES,
     aliases=("sdxl", "sd_xl", "stable-diffusion-xl"),
+    defaults={"cfg_scale": 5.0},     # Forge's "xl" preset
 )
 
 REFINER = UNetFamily(
