@@ -14,7 +14,7 @@ import gradio as gr
 
 from studio.errors import StudioError
 from studio.training.config import (CACHE_MODES, CHECKPOINTING, OPTIMIZERS, PRECISIONS, PREDICTIONS, SCHEDULERS,
-                                    SECTION_OF, UNET_TARGETS, TrainConfig)
+                                    SECTION_OF, TIMESTEP_SAMPLINGS, UNET_TARGETS, TrainConfig)
 from webui.common import checkpoint_titles, current_checkpoint_title
 from webui.model_lists import model_list
 from webui.generation import HIDDEN
@@ -155,6 +155,12 @@ def training_section(studio: Any, f: dict) -> None:
             _num("weight_decay", "Weight decay", f)
             _num("max_grad_norm", "Max grad norm", f)
             _num("lr_num_cycles", "LR cycles (cosine with restarts)", f)
+    with gr.Accordion("Flow-matching models (kohya's options; other models ignore them)", open=False,
+                      elem_id="train_flow"):
+        with gr.Row():
+            _drop("timestep_sampling", "Timestep sampling", TIMESTEP_SAMPLINGS, f)
+            _num("discrete_flow_shift", "Discrete flow shift", f, info="kohya's FLUX value: 3.1582")
+            _num("guidance_scale", "Guidance input", f, info="the distilled-guidance value trained at (1.0)")
     _text("sample_prompts", "Sample prompts (kohya format, one per line; or a prompt file path)", f, lines=3,
           placeholder=SAMPLE_HELP)
     with gr.Row():

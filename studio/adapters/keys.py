@@ -30,6 +30,9 @@ SUFFIX_ROLE = {
 _SUFFIXES = sorted(SUFFIX_ROLE, key=len, reverse=True)
 # diffusers attention-processor LoRAs: "...attn1.processor.to_q_lora.down.weight"
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+# processor LoRAs that name no module of ours (XLabs-AI's "double_blocks.0.processor.qkv_lora1.down.weight"): the
+# layer keeps the processor's name and the family resolves it (``Family.lora_layer_names``)
+_NAMED_PROCESSOR = re.compile(r"\.processor\.((?:qkv|proj)_lora\d?)\.(down|up)\.weight$")
 # underscore-separated kohya prefixes; te1/te2 before te
 _KOHYA_PREFIX = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te3_", "te3"),
                  ("lora_te_", "te1"), ("lora_transformer_", "unet"))
@@ -45,10 +48,11 @@ _UNET_TOP = ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_bl
 
 def split_key(key: str) -> tuple[str, str, str, bool] | None:
     """``(component, layer, role, dotted)`` for one tensor name, or None if it is not a known LoRA tensor."""
-    m = _PROCESSOR.search(key)
-    if m:
+    if m := _PROCESSOR.search(key):
         target = "to_out.0" if m.group(1) == "to_out" else m.group(1)
         base, role = key[:m.start()] + "." + target, m.group(2)
+    elif m := _NAMED_PROCESSOR.search(key):
+        base, role = key[:m.end(1)], m.group(2)
     else:
         suffix = next((s for s in _SUFFIXES if key.endswith("." + s)), None)
         if suffix is None:

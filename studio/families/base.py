@@ -51,6 +51,7 @@ class Family:
     latent_channels: int = 4
     latent_rgb_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)   # added after the preview projection
     prompt_style: str = "clip"                 # "clip": A1111's chunked CLIP encoding; "t5": T5 sequence + CLIP pooled
+    ragged_text: bool = False                  # each prompt's embeddings keep their own length (never padded)
     embeddings: bool = True                    # takes textual-inversion embeddings
     distilled_guidance: bool = False           # guidance is a model input (Forge's "Distilled CFG Scale")
     size_multiple: int = 8                     # width and height must be multiples of this
@@ -62,6 +63,8 @@ class Family:
     txt2img: bool = True                       # False: only refines an existing picture
     controlnet: bool = True
     trains_embeddings: bool = True             # the trainer can train textual-inversion embeddings for it
+    trains_lora: bool = True                   # the trainer can train LoRAs for it
+    kohya_network_module: str = "networks.lora"   # ss_network_module of kohya's LoRAs for it
     fixed_heads: int | None = None             # SD1: 8 heads at every level; else 64-wide heads
     linear_projection: bool = False            # transformer blocks project in/out with Linear, not 1x1 convs
     kohya_unet_ldm_names: bool = False         # kohya names its UNet layers in the LDM layout (SDXL)
@@ -149,6 +152,31 @@ class Family:
         "diffusers" (the pipeline's own encoding; A1111 emphasis is not applied)."""
         raise ModelLoadError(f"{self.label} models have no prompt encoder in this studio.",
                              fix="use a model of another family")
+
+    # ---- training ------------------------------------------------------------------------------------------
+    def lora_train_targets(self, denoiser: Any, which: str) -> list[str] | None:
+        """The denoiser modules a LoRA run trains (None: the SD UNet rule of ``training.networks``)."""
+        return None
+
+    def kohya_lora_layers(self, layers: Mapping[str, dict], denoiser: Any) -> dict[str, dict] | None:
+        """Trained denoiser layers (diffusers module -> kohya tensors) as kohya's files name them, for families
+        whose file layers are not one per module (None: one per module, named by ``training.export``)."""
+        return None
+
+    def training_condition(self, components: Any, captions: list[str], modules: Mapping[str, Any]) -> dict:
+        """The denoiser's text inputs for a training batch (flow families; the UNet ones use
+        ``training.losses.encode_text``)."""
+        raise ModelLoadError(f"LoRA training for {self.label} is not supported yet.",
+                             fix="train on a model of another family")
+
+    def flow_prediction(self, denoiser: Any, noisy: Any, sigmas: Any, cond: dict, guidance: float) -> Any:
+        """A flow-matching denoiser's velocity for latents [B, C, h, w] at flow times ``sigmas``."""
+        raise ModelLoadError(f"LoRA training for {self.label} is not supported yet.",
+                             fix="train on a model of another family")
+
+    def text_kwargs(self, kwargs: dict) -> dict:
+        """``Conditioning.kwargs()`` (prompt / negative / pooled embeddings) as this family's pipelines take them."""
+        return kwargs
 
     # ---- merging -------------------------------------------------------------------------------------------
     def merges(self, key: str) -> bool:

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import ModelLoadError
-from . import flux_keys
+from . import flux_keys, flux_training
 from .base import Family, Shapes, TextEncoder
 
 CLIP_PREFIX = "text_encoders.clip_l.transformer.text_model."
@@ -107,8 +107,9 @@ class FluxFamily(Family):
         return latents.view(b, h, w, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h * 2, w * 2)
 
     def lora_layer_names(self, denoiser) -> dict:
-        """BFL names (kohya's ``lora_unet_double_blocks_0_img_attn_qkv``): a fused q / k / v (+ MLP) layer is
-        a ``FusedLayer`` over diffusers' separate modules, split by rows."""
+        """BFL names (kohya's ``lora_unet_double_blocks_0_img_attn_qkv``) and XLabs' processor names
+        (``double_blocks_0_processor_qkv_lora1``): a fused q / k / v (+ MLP) layer is a ``FusedLayer`` over
+        diffusers' separate modules, split by rows."""
         from ..adapters.keys import FusedLayer
         cfg = denoiser.config
         inner = cfg.num_attention_heads * cfg.attention_head_dim
@@ -117,7 +118,7 @@ class FluxFamily(Family):
                                   single[0].proj_mlp.out_features if len(single) else 4 * inner, cfg.guidance_embeds)
         modules = dict(denoiser.named_modules())
         out = {}
-        for bfl, parts in flux_keys.module_rows(layout).items():
+        for bfl, parts in {**flux_keys.module_rows(layout), **flux_keys.xlabs_rows(layout)}.items():
             if bfl.endswith(("query_norm", "key_norm")) or not all(p in modules for p, _, _ in parts):
                 continue
             name = bfl.replace(".", "_")
@@ -128,6 +129,18 @@ class FluxFamily(Family):
     def merges(self, key: str) -> bool:
         """Every part of a FLUX file (ComfyUI's text-encoder keys have no "model" in their names)."""
         return True
+
+    def lora_train_targets(self, denoiser, which: str):
+        return flux_training.train_targets(denoiser)
+
+    def kohya_lora_layers(self, layers, denoiser):
+        return flux_training.kohya_layers(layers, denoiser)
+
+    def training_condition(self, components, captions, modules):
+        return flux_training.condition(self, components, captions, modules)
+
+    def flow_prediction(self, denoiser, noisy, sigmas, cond, guidance):
+        return flux_training.prediction(self, denoiser, noisy, sigmas, cond, guidance)
 
     def max_sequence_length(self, components) -> int:
         """T5 tokens per prompt, as BFL samples them: 512 for dev, 256 for schnell."""
@@ -264,6 +277,7 @@ FAMILY = FluxFamily(
     latent_rgb_bias=FLUX_LATENT_RGB_BIAS,
     kohya_version="flux1", modelspec_arch="flux-1-dev", default_size=1024, real_text_widths=(768, 4096),
     controlnet=False, trains_embeddings=False, embeddings=False, denoiser="transformer", prompt_style="t5",
+    kohya_network_module="networks.lora_flux",
     distilled_guidance=True, size_multiple=16,
     pipelines={"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline",
                "fill": "FluxFillPipeline"},

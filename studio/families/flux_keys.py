@@ -150,3 +150,24 @@ def module_rows(layout: Layout) -> dict[str, list[tuple[str, int, int]]]:
             start += n or 0
         out[rule.bfl] = parts
     return out
+
+
+# XLabs-AI's LoRA processors (x-flux, XLabs-AI/flux-lora-collection): lora1 is the image stream, lora2 the text
+# stream. A processor's fused q / k / v LoRA is split by rows with the down matrix shared, as diffusers'
+# ``_convert_xlabs_flux_lora_to_diffusers`` reads it; in a single block it covers linear1's q / k / v rows only
+# (not its MLP rows). The files store no alpha: scale 1.
+XLABS_DOUBLE = {"qkv_lora1": "img_attn.qkv", "proj_lora1": "img_attn.proj", "qkv_lora2": "txt_attn.qkv",
+                "proj_lora2": "txt_attn.proj"}
+
+
+def xlabs_rows(layout: Layout) -> dict[str, list[tuple[str, int, int]]]:
+    """XLabs processor LoRA (``double_blocks.0.processor.qkv_lora1``) -> rows, as ``module_rows`` gives them."""
+    rows = module_rows(layout)
+    out = {}
+    for i in range(layout.double):
+        for name, bfl in XLABS_DOUBLE.items():
+            out[f"double_blocks.{i}.processor.{name}"] = rows[f"double_blocks.{i}.{bfl}"]
+    for i in range(layout.single):
+        out[f"single_blocks.{i}.processor.qkv_lora"] = rows[f"single_blocks.{i}.linear1"][:3]
+        out[f"single_blocks.{i}.processor.proj_lora"] = rows[f"single_blocks.{i}.linear2"]
+    return out

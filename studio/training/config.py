@@ -24,6 +24,7 @@ CHECKPOINTING = ("auto", "on", "off")
 CACHE_MODES = ("none", "ram", "disk")
 PREDICTIONS = ("auto", "epsilon", "v_prediction")
 UNET_TARGETS = ("transformer", "attention")
+TIMESTEP_SAMPLINGS = ("shift", "sigmoid", "uniform")
 
 
 @dataclass
@@ -105,6 +106,10 @@ class TrainConfig:
     # [controlnet]
     conditioning: str = "canny"           # a preprocessor's name, or "folder": pairs in conditioning/ beside images
     controlnet_init: str = ""             # a ControlNet to go on training ("" = a copy of the base UNet's encoder)
+    # [flow] flow-matching families (FLUX): kohya sd-scripts' options and its recommended values
+    timestep_sampling: str = "shift"      # shift: sigmoid of a normal draw, shifted; sigmoid: unshifted; uniform
+    discrete_flow_shift: float = 3.1582   # the shift of "shift" sampling
+    guidance_scale: float = 1.0           # the distilled-guidance input while training (FLUX dev)
 
     def __post_init__(self):
         if isinstance(self.gradient_checkpointing, bool):     # the option was a bool before "auto"
@@ -170,7 +175,8 @@ class TrainConfig:
 
         choices = {"method": METHODS, "optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS,
                    "mixed_precision": PRECISIONS, "gradient_checkpointing": CHECKPOINTING, "cache_latents": CACHE_MODES,
-                   "prediction": PREDICTIONS, "unet_targets": UNET_TARGETS}
+                   "prediction": PREDICTIONS, "unet_targets": UNET_TARGETS,
+                   "timestep_sampling": TIMESTEP_SAMPLINGS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"{name} is {getattr(self, name)!r}.", f"use one of {', '.join(allowed)}")
@@ -181,10 +187,14 @@ class TrainConfig:
                 raise bad(name, f"{name} must be at least 1 (got {getattr(self, name)}).", "set a positive number")
         for name in ("max_steps", "sample_every", "save_every", "conv_rank", "lr_warmup_steps", "keep_tokens",
                      "min_snr_gamma", "noise_offset", "num_class_images", "weight_decay", "max_grad_norm",
-                     "min_image_side", "alpha", "conv_alpha", "unet_lr", "text_encoder_lr", "prior_loss_weight"):
+                     "min_image_side", "alpha", "conv_alpha", "unet_lr", "text_encoder_lr", "prior_loss_weight",
+                     "guidance_scale"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0 or math.isnan(value):
                 raise bad(name, f"{name} must be 0 or more (got {value!r}).", "set 0 or a positive number")
+        if not self.discrete_flow_shift > 0:
+            raise bad("discrete_flow_shift", f"discrete_flow_shift must be above 0 (got {self.discrete_flow_shift}).",
+                      "e.g. 3.1582 (kohya's FLUX value); 1 is no shift")
         if not self.learning_rate > 0:
             raise bad("learning_rate", f"learning_rate must be above 0 (got {self.learning_rate}).", "e.g. 1e-4")
         if not 0 <= self.caption_dropout < 1:
@@ -312,6 +322,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "dreambooth": ("instance_prompt", "class_prompt", "class_images_dir", "num_class_images", "prior_loss_weight"),
     "textual_inversion": ("token", "init_word", "num_vectors"),
     "controlnet": ("conditioning", "controlnet_init"),
+    "flow": ("timestep_sampling", "discrete_flow_shift", "guidance_scale"),
 }
 # fields naming a file or folder: made absolute by ``resolved``, confined to the studio's folders for requests
 PATH_FIELDS = ("base_model", "models_dir", "output_dir", "run_dir", "dataset_dir", "class_images_dir",

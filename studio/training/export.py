@@ -102,24 +102,30 @@ def network_state_dict(modules: dict[str, Any], family: str, adapter: str = "def
 
     out: dict[str, torch.Tensor] = {}
     for part, model in modules.items():
+        layers = {}
         for name, module in model.named_modules():
             if not isinstance(module, BaseTunerLayer):
                 continue
             t = tensors_of(module, adapter)
             if not t:
                 continue
-            key = layer_key(name, part, family, model)
             scaling = float(module.scaling[adapter])
             rank = file_rank(t)
             if "lora_A" in t:
-                out[f"{key}.lora_down.weight"] = t["lora_A"]
-                out[f"{key}.lora_up.weight"] = t["lora_B"]
+                layer = {"lora_down.weight": t["lora_A"], "lora_up.weight": t["lora_B"]}
             else:
                 if rank is None:
                     t["lokr_w2"] = t["lokr_w2"] * scaling
                     rank, scaling = 1, 1.0
-                out.update({f"{key}.{k}": v for k, v in t.items()})
-            out[f"{key}.alpha"] = torch.tensor(scaling * rank, dtype=torch.float32)
+                layer = dict(t)
+            layer["alpha"] = torch.tensor(scaling * rank, dtype=torch.float32)
+            layers[name] = layer
+        fam = families.get(family)
+        named = fam.kohya_lora_layers(layers, model) if part == "unet" and fam else None
+        if named is None:
+            named = {layer_key(name, part, family, model): layer for name, layer in layers.items()}
+        for key, layer in named.items():
+            out.update({f"{key}.{k}": v for k, v in layer.items()})
     return out
 
 
@@ -160,6 +166,13 @@ def bucket_info(items, plan) -> dict:
             "mean_img_ar_error": sum(errors) / len(errors) if errors else 0}
 
 
+def _network_module(cfg, family: str) -> str:
+    fam = families.get(family)
+    if cfg.network_module == "networks.lora" and fam:
+        return fam.kohya_network_module      # kohya's LoRA module of that family (FLUX: networks.lora_flux)
+    return cfg.network_module
+
+
 def _arch(family: str) -> str:
     fam = families.get(family)
     return fam.modelspec_arch if fam else family
@@ -176,7 +189,7 @@ def lora_metadata(cfg: TrainConfig, info: RunInfo) -> dict[str, str]:
     base = fam.kohya_base_version(info.prediction) if fam else info.family
     kind = "textual-inversion" if cfg.is_ti else "lora"
     meta = {
-        "ss_output_name": cfg.output_name, "ss_network_module": cfg.network_module,
+        "ss_output_name": cfg.output_name, "ss_network_module": _network_module(cfg, info.family),
         "ss_network_dim": str(cfg.rank), "ss_network_alpha": str(cfg.alpha),
         "ss_base_model_version": base, "ss_v2": str(bool(fam and fam.kohya_v2)),
         "ss_resolution": f"({cfg.resolution}, {cfg.resolution})", "ss_learning_rate": str(cfg.learning_rate),
@@ -215,6 +228,10 @@ def lora_metadata(cfg: TrainConfig, info: RunInfo) -> dict[str, str]:
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(info.finished_at or time.time())),
         "modelspec.prediction_type": "v" if v else "epsilon",
     }
+    if info.prediction == "flow":    # what kohya's flux_train_network records of its flow options
+        meta.update({"ss_timestep_sampling": cfg.timestep_sampling, "ss_discrete_flow_shift": str(cfg.discrete_flow_shift),
+                     "ss_guidance_scale": str(cfg.guidance_scale), "ss_model_prediction_type": "raw",
+                     "ss_sigmoid_scale": "1.0", "modelspec.prediction_type": "flow"})
     if cfg.network_weights:
         meta["studio.refined_from"] = Path(cfg.network_weights).name
         meta["ss_training_comment"] += f", refined from {Path(cfg.network_weights).name}"

@@ -37,6 +37,9 @@ def encode_text(components, captions: list[str], *, clip_skip: int = 1, text_enc
     Pooled families (SDXL): both encoders' penultimate layers concatenated, pooled output of the second and the
     size ids."""
     c = components
+    if c.spec.prompt_style != "clip":        # flow families encode through their pipeline's own encoder
+        trained = {k: v for k, v in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)) if v}
+        return c.spec.training_condition(c, captions, trained)
     te = text_encoder or c.text_encoder
     device = next(te.parameters()).device
     if not c.spec.pooled:
@@ -85,3 +88,30 @@ def diffusion_loss(unet, scheduler, latents: torch.Tensor, cond: dict, gen: torc
         w = torch.clamp(s, max=min_snr_gamma) / (s + 1 if v_pred else s)
         loss = loss * w
     return loss
+
+
+def flow_sigmas(b: int, gen: torch.Generator, *, sampling: str = "shift", shift: float = 3.1582) -> torch.Tensor:
+    """Flow times in (0, 1) for a batch, as kohya sd-scripts draws them (``--timestep_sampling``): "shift" the
+    sigmoid of a normal draw pushed toward noise by ``shift`` (its FLUX recommendation), "sigmoid" unshifted,
+    "uniform" uniform."""
+    if sampling == "uniform":
+        return torch.rand((b,), generator=gen)
+    u = torch.sigmoid(torch.randn((b,), generator=gen))
+    return u * shift / (1 + (shift - 1) * u) if sampling == "shift" else u
+
+
+def flow_loss(spec, denoiser, latents: torch.Tensor, cond: dict, gen: torch.Generator, *, sampling: str = "shift",
+              shift: float = 3.1582, guidance: float = 1.0, noise_offset: float = 0.0,
+              weight_dtype=None) -> torch.Tensor:
+    """Per-sample rectified-flow loss [B]: the latents moved toward noise along a straight line,
+    x_s = (1 - s) x0 + s n, and the velocity n - x0 as the target (kohya's ``model_prediction_type raw``)."""
+    b, ch = latents.shape[:2]
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=gen).to(device)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((b, ch, 1, 1), generator=gen).to(device)
+    sigmas = flow_sigmas(b, gen, sampling=sampling, shift=shift).to(device)
+    s = sigmas.view(b, 1, 1, 1)
+    noisy = (1 - s) * latents + s * noise
+    pred = spec.flow_prediction(denoiser, noisy.to(weight_dtype or latents.dtype), sigmas, cond, guidance)
+    return F.mse_loss(pred.float(), (noise - latents).float(), reduction="none").mean(dim=(1, 2, 3))

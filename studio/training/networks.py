@@ -105,18 +105,27 @@ def build_network(cfg: TrainConfig, components) -> Network:
     from peft import inject_adapter_in_model
 
     net = Network(cfg.method, {})
+    spec = components.spec
     if cfg.train_unet:
         unet = components.unet
-        convs = conv_targets(unet) if cfg.method == "locon" or (cfg.conv_rank and cfg.method != "lora"
-                                                               and cfg.method != "dreambooth_lora") else []
-        inject_adapter_in_model(peft_config(cfg, _attn_targets(unet, cfg.unet_targets), convs), unet, adapter_name=ADAPTER)
+        targets = spec.lora_train_targets(unet, cfg.unet_targets)
+        if targets is None:
+            targets = _attn_targets(unet, cfg.unet_targets)
+            convs = conv_targets(unet) if cfg.method == "locon" or (
+                cfg.conv_rank and cfg.method not in ("lora", "dreambooth_lora")) else []
+        else:
+            convs = []    # a DiT has no convolutions in its blocks
+        inject_adapter_in_model(peft_config(cfg, targets, convs), unet, adapter_name=ADAPTER)
         net.modules["unet"] = unet
     if cfg.train_text_encoder:
-        tes = [components.text_encoder] + ([components.text_encoder_2] if components.text_encoder_2 else [])
-        for i, te in enumerate(tes):
+        # the CLIP encoders (kohya trains T5 only on request, and its layers have other names)
+        for te_spec in spec.text_encoders:
+            te = getattr(components, te_spec.attr, None)
+            if te is None or te_spec.kind not in ("clip", "open_clip"):
+                continue
             targets = [n for n, _ in te.named_modules() if n.endswith(tuple("." + t for t in TE_TARGETS))]
             inject_adapter_in_model(peft_config(cfg, targets, []), te, adapter_name=ADAPTER)
-            net.modules["text_encoder" if i == 0 else "text_encoder_2"] = te
+            net.modules[te_spec.attr] = te
     for part, model in net.modules.items():
         # inject marks only the adapter tensors trainable; keep everything else frozen explicitly
         net.params[part] = [p for n, p in model.named_parameters() if p.requires_grad]

@@ -1,7 +1,8 @@
 """Sample images during training from a kohya-style prompt list, with the weights being trained.
 
 The pipeline is a view over the training modules (no reload, no copy). Line format:
-``a photo of sks dog --n blurry --w 512 --h 512 --d 1 --l 7.5 --s 20`` (negative, width, height, seed, CFG, steps);
+``a photo of sks dog --n blurry --w 512 --h 512 --d 1 --l 7.5 --s 20`` (negative, width, height, seed, CFG, steps;
+``--g 3.5``: distilled guidance);
 ControlNet runs also read ``--cn path/to/condition.png`` (else the dataset's conditions are used in turn), and
 save the condition beside each sample.
 """
@@ -23,7 +24,8 @@ class SamplePrompt:
     width: int = 512
     height: int = 512
     seed: int = 0
-    cfg: float = 7.0
+    cfg: float | None = None   # --l; None: 7, or 1 for guidance-distilled models
+    guidance: float = 3.5      # --g: distilled guidance (FLUX dev), as kohya's flux sample prompts
     steps: int = 20
     control: str = ""          # --cn: a ControlNet condition image
 
@@ -48,6 +50,8 @@ def parse_prompt_line(line: str, *, width: int = 512, height: int = 512, steps: 
                 sp.seed = int(value)
             elif key == "l":
                 sp.cfg = float(value)
+            elif key == "g":
+                sp.guidance = float(value)
             elif key == "s":
                 sp.steps = int(value)
             elif key == "cn":
@@ -72,8 +76,9 @@ def make_pipeline(components, text_encoder=None, tokenizer=None, controlnet=None
     import diffusers
 
     c = components
-    modules = {**c.text_modules(), "vae": c.vae, "unet": c.unet,
-               "scheduler": diffusers.DDIMScheduler.from_config(c.scheduler_config)}
+    # kohya samples with DDIM by default; flow-matching models with their own Euler
+    sched = diffusers.FlowMatchEulerDiscreteScheduler if c.prediction_type == "flow" else diffusers.DDIMScheduler
+    modules = {**c.text_modules(), "vae": c.vae, "unet": c.unet, "scheduler": sched.from_config(c.scheduler_config)}
     if text_encoder is not None:   # a TI run's encoder with the new vectors
         modules.update(text_encoder=text_encoder, tokenizer=tokenizer or c.tokenizer)
     return c.spec.make_pipeline("txt2img", modules, controlnet=controlnet)
@@ -93,7 +98,13 @@ def render_samples(components, prompts: list[SamplePrompt], folder: Path, step: 
 
     from .atomic import save_image
 
+    import inspect
+    from types import SimpleNamespace
+
     pipe = make_pipeline(components, controlnet=controlnet)
+    spec = components.spec
+    takes = inspect.signature(pipe.__call__).parameters
+    grid = spec.size_multiple
     modes = {m: m.training for m in [*components.modules().values(), *([controlnet] if controlnet else [])]}
     for m in modes:
         m.eval()
@@ -104,21 +115,26 @@ def render_samples(components, prompts: list[SamplePrompt], folder: Path, step: 
                 break
             prompt = prompt_filter(sp.prompt) if prompt_filter else sp.prompt
             gen = torch.Generator("cpu").manual_seed(sp.seed)
-            kw = {"clip_skip": clip_skip - 1} if clip_skip > 1 else {}
+            kw = {"clip_skip": clip_skip - 1} if clip_skip > 1 and "clip_skip" in takes else {}
+            # no --l: 7 as before, 1 (no real CFG) for a guidance-distilled model (kohya's FLUX samples)
+            cfg = sp.cfg if sp.cfg is not None else 1.0 if spec.distilled_guidance else 7.0
+            # the family's guidance arguments: FLUX takes --g as its distilled guidance and --l as real CFG
+            kw.update(spec.guidance_kwargs(SimpleNamespace(cfg_scale=cfg, distilled_cfg_scale=sp.guidance),
+                                           components))
+            width, height = max(grid, sp.width // grid * grid), max(grid, sp.height // grid * grid)
             if stop is not None:
                 kw["callback_on_step_end"] = _interrupt_on(stop)
             control = None
             if controlnet is not None:
                 control = _condition(sp.control or (conditions[i % len(conditions)] if conditions else ""),
-                                     sp.width, sp.height)
+                                     width, height)
                 kw["image"] = control
             with autocast() if autocast else contextlib.nullcontext():
-                latents = pipe(prompt, negative_prompt=sp.negative or None, width=sp.width, height=sp.height,
-                               num_inference_steps=sp.steps, guidance_scale=sp.cfg, generator=gen,
-                               output_type="latent", **kw).images
+                latents = pipe(prompt, negative_prompt=sp.negative or None, width=width, height=height,
+                               num_inference_steps=sp.steps, generator=gen, output_type="latent", **kw).images
             if stop is not None and stop():
                 break
-            image = decode(pipe, latents)
+            image = decode(pipe, spec.unpack_latents(latents, height, width))
             if control is not None:
                 image = _beside(control, image)
             path = save_image(folder / f"step{step:06d}_{i:02d}.png", image)

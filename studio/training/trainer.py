@@ -32,7 +32,7 @@ from .captions import tag_frequency, training_caption
 from .config import TrainConfig
 from .dataset import scan_dataset
 from .lifetime import OWNER_ENV, RunLock, start_time
-from .losses import diffusion_loss, encode_text, step_generator
+from .losses import diffusion_loss, encode_text, flow_loss, step_generator
 from .networks import build_network, with_ti_tokens
 from .optim import make_optimizer, make_scheduler
 from .progress import SAMPLES_DIR, STATE_DIR, ProgressWriter, StopRequest
@@ -57,12 +57,17 @@ def load_base(cfg: TrainConfig, dtype=torch.float32, device="cpu"):
     from ..loading.diffusers_folder import load_diffusers_folder
     from ..loading.single_file import load_single_file
     pred = None if cfg.prediction == "auto" else cfg.prediction
+    from ..loading import companions
+    from ..settings import Settings
+    # separate text-encoder / VAE files of a transformer-only checkpoint: the folders the studio reads them from
+    s = Settings(models_dir=cfg.models_dir or str(Path(cfg.base_model).resolve().parent.parent))
+    parts = companions.find([*s.companion_paths, s.vae_path])
     if Path(cfg.base_model).is_dir():
         c = load_diffusers_folder(cfg.base_model, dtype=dtype, device=device)
         if pred:
             c.prediction_type = pred
         return c
-    return load_single_file(cfg.base_model, dtype=dtype, device=device, prediction=pred)
+    return load_single_file(cfg.base_model, dtype=dtype, device=device, prediction=pred, companions=parts)
 
 
 class Trainer:
@@ -111,9 +116,11 @@ class Trainer:
         if cfg.is_ti and not c.spec.trains_embeddings:
             raise StudioError(f"Textual Inversion for {c.spec.label} is not supported yet.", field="method.method",
                               fix=f"train a LoRA for {c.spec.label}, or TI on a model of another family")
+        self._check_family(c)
         c.vae.requires_grad_(False)
-        sched_cfg = {**c.scheduler_config, "prediction_type": c.prediction_type}
-        self.noise_sched = DDPMScheduler.from_config(sched_cfg)
+        self.noise_sched = None        # flow-matching families: flow_loss draws its own times
+        if c.prediction_type != "flow":
+            self.noise_sched = DDPMScheduler.from_config({**c.scheduler_config, "prediction_type": c.prediction_type})
         self.net = build_network(cfg, c)
         for ps in self.net.params.values():
             for p in ps:
@@ -148,6 +155,27 @@ class Trainer:
         self.opt, self.lr_sched = prepared[len(parts):]
         self.acc.register_save_state_pre_hook(self._save_hook)
         self.acc.register_load_state_pre_hook(self._load_hook)
+
+    def _check_family(self, c) -> None:
+        """What this family's runs cannot do, refused before any work with the setting to change."""
+        cfg, spec = self.cfg, c.spec
+        if not cfg.is_ti and not cfg.is_controlnet and not spec.trains_lora:
+            raise StudioError(f"LoRA training for {spec.label} is not supported yet.", field="model.base_model",
+                              fix="train on a model of another family")
+        if cfg.is_controlnet and not spec.controlnet:
+            raise StudioError(f"ControlNet training for {spec.label} is not supported.", field="method.method",
+                              fix="train a LoRA, or a ControlNet on a model of another family")
+        if c.prediction_type != "flow":
+            return
+        if cfg.method not in ("lora", "dreambooth_lora"):
+            raise StudioError(f"{cfg.method} for {spec.label} is not supported: kohya's {spec.label} files "
+                              "hold plain LoRA layers.", field="method.method", fix="choose the LoRA method")
+        if cfg.min_snr_gamma:
+            raise StudioError(f"Min-SNR weighting is for noise-prediction models, not {spec.label}'s flow matching.",
+                              field="training.min_snr_gamma", fix="set min_snr_gamma to 0")
+        if cfg.network_weights:
+            raise StudioError(f"Refining a {spec.label} LoRA is not supported yet.", field="network.network_weights",
+                              fix="leave network_weights empty to train a new LoRA")
 
     def _data(self):
         cfg, c = self.cfg, self.c
@@ -283,9 +311,16 @@ class Trainer:
             if self.conditions:
                 control = {"controlnet": self.models["controlnet"],
                            "control": torch.stack([self._control(it.path, size, f) for it, f in zip(items, flips)])}
-            loss = diffusion_loss(self.models.get("unet", self.c.unet), self.noise_sched, lat, cond,
-                                  step_generator(cfg.seed, micro), noise_offset=cfg.noise_offset,
-                                  min_snr_gamma=cfg.min_snr_gamma, weight_dtype=self.weight_dtype, **control)
+            denoiser = self.models.get("unet", self.c.unet)
+            if self.noise_sched is None:
+                loss = flow_loss(self.c.spec, denoiser, lat, cond, step_generator(cfg.seed, micro),
+                                 sampling=cfg.timestep_sampling, shift=cfg.discrete_flow_shift,
+                                 guidance=cfg.guidance_scale, noise_offset=cfg.noise_offset,
+                                 weight_dtype=self.weight_dtype)
+            else:
+                loss = diffusion_loss(denoiser, self.noise_sched, lat, cond, step_generator(cfg.seed, micro),
+                                      noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma,
+                                      weight_dtype=self.weight_dtype, **control)
         if not self.class_items:
             return loss.mean(), None
         n = len(items)
