@@ -84,10 +84,18 @@ class BatchRun:
             kw = {**kw, **control_kw}
         ctx.set_progress(0, steps, image_index=self.first, images=self.total, textinfo=phase or None)
         self.steps_done[phase] = (0, actual)
-        call = dict(cond.kwargs(), num_inference_steps=steps, **spec.guidance_kwargs(self.r, comps),
+        call = dict(spec.text_kwargs(cond.kwargs()), num_inference_steps=steps,
+                    **spec.guidance_kwargs(self.r, comps),
                     num_images_per_prompt=self.r.batch_size, generator=self.e._generators(self.seeds, self.r),
                     output_type="latent", callback_on_step_end=on_step_end,
                     callback_on_step_end_tensor_inputs=inputs, **kw)
+        accepted = inspect.signature(pipe.__call__).parameters
+        if "negative_prompt_embeds" not in accepted:
+            # a pipeline without a negative prompt (FLUX Fill): no real CFG either
+            if self.r.cfg_scale > 1 and "true_cfg_scale" in call:
+                self._warn("This checkpoint's pipeline takes no negative prompt: CFG Scale above 1 and the negative "
+                           "prompt are ignored.")
+            call = {k: v for k, v in call.items() if k in accepted}
         with torch.inference_mode():
             try:
                 return spec.unpack_latents(pipe(**call).images, height, width)
@@ -168,8 +176,9 @@ class BatchRun:
         if self.loaded.components.is_inpaint:  # an inpainting model draws from nothing through a full mask
             # at strength 1 the pipeline never encodes this image: only the masked image's latents count
             kw.update(image=Image.new("RGB", (r.width, r.height), (127, 127, 127)),
-                      mask_image=Image.new("L", (r.width, r.height), 255), strength=1.0,
-                      masked_image_latents=self._masked_latents(pipe, None, None, r.width, r.height))
+                      mask_image=Image.new("L", (r.width, r.height), 255), strength=1.0)
+            if not self._pixel_inpaint:
+                kw["masked_image_latents"] = self._masked_latents(pipe, None, None, r.width, r.height)
         latents = self._call(pipe, conds, r.steps, **kw)
         self.pipe = pipe
         if r.enable_hr:
@@ -205,6 +214,13 @@ class BatchRun:
         if r.hr_denoising_strength <= 0 or steps * r.hr_denoising_strength < 1:
             return image if isinstance(image, list) else self.e.decode(self.pipe, image, self.result.warnings)
         pipe = self.e.manager.pipeline(self.loaded, "img2img", self._scheduler(*hr_sampler))
+        if self._pixel_inpaint:       # the pipeline encodes the upscaled picture itself
+            if isinstance(image, torch.Tensor):
+                image = self.e.decode(self.pipe, image, self.result.warnings)
+            kw = dict(image=image, mask_image=Image.new("L", (w, h), 255), width=w, height=h,
+                      strength=r.hr_denoising_strength)
+            latents = self._call(pipe, conds, steps, phase="Hires fix", **kw)
+            return self.e.decode(pipe, latents, self.result.warnings)
         self.pixels = None if isinstance(image, torch.Tensor) else image
         z = image if isinstance(image, torch.Tensor) else self.e.encode(pipe, image, self.result.warnings)
         kw: dict[str, Any] = dict(image=self._unet_dtype(z), strength=r.hr_denoising_strength)
@@ -223,12 +239,22 @@ class BatchRun:
         inpaint = mode == "inpaint" or comps.is_inpaint
         self.pixels = prep.init
         size = dict(height=r.height, width=r.width) if inpaint else {}  # as the inpaint pipeline resizes
+        denoises = r.denoising_strength > 0 and r.steps * r.denoising_strength >= 1
+        if self._pixel_inpaint and denoises:
+            # the pipeline masks and encodes the init picture itself
+            if mode == "inpaint" and MASKED_CONTENT[r.inpainting_fill] in ("latent noise", "latent nothing"):
+                self._warn(f"Masked content '{MASKED_CONTENT[r.inpainting_fill]}' does not apply to this inpainting "
+                           "checkpoint (it sees the masked picture itself): used 'original'.")
+            mask = prep.mask if prep.mask is not None else Image.new("L", (r.width, r.height), 255)
+            kw = dict(image=prep.init, strength=r.denoising_strength, width=r.width, height=r.height, mask_image=mask)
+            latents = self._call(pipe, conds, r.steps, **kw)
+            return [prep.finish(im) for im in self.e.decode(pipe, latents, self.result.warnings)]
         if prep.latent_source is not None:
             latents = self.e.encode(pipe, prep.latent_source, self.result.warnings)
             z = torch.nn.functional.interpolate(latents, size=(r.height // 8, r.width // 8), mode="bilinear")
         else:
             z = vae_codec.encode(pipe, prep.init, self.result.warnings, **size)
-        if r.denoising_strength <= 0 or r.steps * r.denoising_strength < 1:
+        if not denoises:
             # nothing to denoise: the init image goes through the VAE and back, as a 0-step sampler would
             images = self.e.decode(pipe, z.repeat(r.batch_size, 1, 1, 1), self.result.warnings)
             return [prep.finish(im) for im in images]
@@ -251,6 +277,15 @@ class BatchRun:
             kw["masked_image_latents"] = self._unet_dtype(kw["masked_image_latents"])
         latents = self._call(pipe, conds, r.steps, **kw)
         return [prep.finish(im) for im in self.e.decode(pipe, latents, self.result.warnings)]
+
+    @property
+    def _pixel_inpaint(self) -> bool:
+        comps = self.loaded.components
+        return comps.spec.inpaint_from_pixels(comps.in_channels)
+
+    def _warn(self, text: str) -> None:
+        if text not in self.result.warnings:
+            self.result.warnings.append(text)
 
     @staticmethod
     def _sized(pipe: Any, kw: dict, width: int, height: int) -> None:

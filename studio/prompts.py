@@ -192,6 +192,10 @@ class Conditioning:
         z, pooled = self._at(self.positive, step)
         nz, npooled = self._at(self.negative, step)
         current = callback_kwargs["prompt_embeds"]
+        if isinstance(current, list):   # pipelines taking one tensor per image (ragged lengths) keep them apart
+            like = current[0]
+            return {"prompt_embeds": [z[0].to(like.device, like.dtype)] * len(current),
+                    "negative_prompt_embeds": [nz[0].to(like.device, like.dtype)] * len(current)}
         pos, neg = z.repeat(batch, 1, 1), nz.repeat(batch, 1, 1)
         out = {"prompt_embeds": torch.cat([neg, pos]) if current.shape[0] == 2 * batch else pos}
         if self.pooled and "add_text_embeds" in callback_kwargs:
@@ -330,9 +334,10 @@ class PromptEncoder:
                 used |= names
                 side.append((end, z, pooled))
             sides.append(side)
-        # every tensor must have the same length for CFG batching: pad with the empty prompt's chunk
+        # every tensor must have the same length for CFG batching: pad with the empty prompt's chunk (unless the
+        # family's pipelines take each prompt at its own length)
         longest = max(z.shape[1] for side in sides for _, z, _ in side)
-        if any(z.shape[1] != longest for side in sides for _, z, _ in side):
+        if not components.spec.ragged_text and any(z.shape[1] != longest for side in sides for _, z, _ in side):
             empty = self._encode_text(components, key, "", clip_skip, embeddings)[0]
             sides = [[(end, _pad(z, longest, empty), p) for end, z, p in side] for side in sides]
         spec = components.spec   # T5-conditioned families take CLIP's pooled vector beside the sequence

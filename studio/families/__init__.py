@@ -21,8 +21,8 @@ def all_families() -> tuple[Family, ...]:
     """Built-in families, then plug-ins (read once per process: installing one needs a restart)."""
     from importlib.metadata import entry_points
 
-    from . import flux, sd1, sd2, sd3, sdxl
-    found = [sd1.FAMILY, sd2.FAMILY, sdxl.FAMILY, sdxl.REFINER, sd3.FAMILY, flux.FAMILY]
+    from . import flux, sd1, sd2, sd3, sdxl, zimage
+    found = [sd1.FAMILY, sd2.FAMILY, sdxl.FAMILY, sdxl.REFINER, sd3.FAMILY, flux.FAMILY, zimage.FAMILY]
     names = {f.name for f in found}
     for ep in entry_points(group="studio.families"):
         try:

@@ -130,6 +130,11 @@ class Family:
     def is_inpaint_model(self, in_channels: int) -> bool:
         return self.pipeline_mode("txt2img", in_channels) != "txt2img"
 
+    def inpaint_from_pixels(self, in_channels: int) -> bool:
+        """Whether this inpainting model's pipeline masks and encodes the picture itself (it takes the image and
+        mask as pixels and no latents of ours); SD's 9-channel pipelines take our latents."""
+        return False
+
     def guidance_kwargs(self, request: Any, components: Any) -> dict:
         """Pipeline guidance arguments for a request (classifier-free guidance at ``cfg_scale``)."""
         return {"guidance_scale": request.cfg_scale}

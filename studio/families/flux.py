@@ -65,6 +65,8 @@ class FluxFamily(Family):
         out = super().generation_defaults(components)
         if components is not None and not getattr(components.unet.config, "guidance_embeds", True):
             out["steps"] = 4      # schnell: timestep-distilled to 1-4 steps (BFL's model card)
+        if components is not None and components.in_channels == 384:
+            out["distilled_cfg_scale"] = 30.0   # FLUX.1 Fill dev's guidance (BFL's and diffusers' examples)
         return out
 
     def ldm_score(self, shapes: Shapes) -> int:
@@ -78,9 +80,13 @@ class FluxFamily(Family):
 
     # ---- generation ------------------------------------------------------------------------------------------
     def accepts_channels(self, in_channels: int) -> bool:
-        # 16 latent channels in 2x2 patches. Fill models (384: + masked image and mask) load, but the studio does
-        # not drive FluxFillPipeline yet, so they are refused at generation with the manager's message
-        return in_channels == 64
+        # 16 latent channels in 2x2 patches; Fill models add the masked image's (64) and the 8x8 mask's (256)
+        return in_channels in (64, 384)
+
+    def inpaint_from_pixels(self, in_channels: int) -> bool:
+        # FluxFillPipeline takes either the image or masked latents, never both: with an image (strength < 1)
+        # it masks and encodes the pixels itself, so it gets pixels at every strength
+        return in_channels == 384
 
     def pipeline_mode(self, mode: str, in_channels: int) -> str:
         return "fill" if in_channels == 384 else mode

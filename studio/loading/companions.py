@@ -1,5 +1,5 @@
 """Parts kept in files of their own, as Forge and ComfyUI users keep them: text encoders (``clip_l``,
-``t5xxl_fp16``) in models/text_encoder and a DiT family's VAE (``ae.safetensors``) in models/VAE.
+``t5xxl_fp16``, ``qwen_3_4b``) in models/text_encoder and a DiT family's VAE (``ae.safetensors``) in models/VAE.
 
 A file's kind is read off its header (tensor names and shapes), never guessed from its name; the name only
 breaks ties between files of the same kind (the one whose name says it, e.g. ``clip_l``, first).
@@ -13,15 +13,17 @@ from ..errors import ModelLoadError
 from .state_dict import read_header_shapes
 
 EXTS = (".safetensors",)
-WRAPPERS = ("text_encoders.clip_l.transformer.", "text_encoders.t5xxl.transformer.", "vae.", "first_stage_model.")
+WRAPPERS = ("text_encoders.clip_l.transformer.", "text_encoders.t5xxl.transformer.",
+            "text_encoders.qwen3_4b.transformer.", "vae.", "first_stage_model.")
 
 
 @dataclass(frozen=True)
 class Companion:
-    kind: str            # "clip" | "t5" | "vae16"
+    kind: str            # "clip" | "t5" | "qwen3" | "vae16"
     path: Path
     prefix: str          # the wrapper its tensor names carry ("" for a bare file)
-    width: int = 0       # hidden width of a text encoder (CLIP-L 768, T5-XXL 4096): what a model asks for
+    width: int = 0       # hidden width of a text encoder (CLIP-L 768, T5-XXL 4096, Qwen3-4B 2560): what a model
+    # asks for
 
 
 def _strip(shapes: dict) -> tuple[dict, str]:
@@ -32,8 +34,13 @@ def _strip(shapes: dict) -> tuple[dict, str]:
 
 
 def kind_of(shapes: dict) -> tuple[str | None, str, int]:
-    """(kind "clip" / "t5" / "vae16" or None, wrapper prefix, text width) for a file's header shapes."""
+    """(kind "clip" / "t5" / "qwen3" / "vae16" or None, wrapper prefix, text width) for a file's header shapes."""
     inner, prefix = _strip(shapes)
+    # Qwen3 (HF names; ComfyUI's and causal-LM files wrap them in ``model.``): its per-head q / k norms tell it
+    # from Qwen2 / Llama, which have the same names otherwise
+    lm = {k.removeprefix("model."): v for k, v in inner.items()}
+    if "embed_tokens.weight" in lm and "layers.0.self_attn.q_norm.weight" in lm:
+        return "qwen3", prefix, int(lm["embed_tokens.weight"][1])
     if "shared.weight" in inner and any(".SelfAttention.q.weight" in k for k in inner):
         return "t5", prefix, int(inner["shared.weight"][1])
     flat = {k.removeprefix("text_model."): v for k, v in inner.items()}

@@ -37,7 +37,10 @@ class Components:
 
     @property
     def is_inpaint(self) -> bool:
-        return self.in_channels == 9
+        """An inpainting model (SD's 9-channel UNets, FLUX Fill): it serves every mode through a mask."""
+        from .. import families
+        fam = families.get(self.family)
+        return fam.is_inpaint_model(self.in_channels) if fam else self.in_channels == 9
 
     def text_modules(self) -> dict[str, Any]:
         """Text encoders and tokenizers by pipeline argument name (None where the family has none)."""
