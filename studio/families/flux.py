@@ -224,20 +224,11 @@ class FluxFamily(Family):
         """The missing parts from separate files (Forge's models/text_encoder, models/VAE), each chosen by the
         width the transformer reads: CLIP-L's pooled width, T5's sequence width."""
         from ..loading import companions
-        found = found() if callable(found) else found
         bfl = flux_keys.strip(shapes)
         want = (("clip", CLIP_PREFIX, int(bfl["vector_in.in_layer.weight"][1]), ("clip_l",)),
                 ("t5", T5_PREFIX, int(bfl["txt_in.weight"][1]), ("t5",)),
                 ("vae16", VAE_PREFIX, 0, ("ae", "flux")))
-        out = dict(sd)
-        for kind, prefix, width, hints in want:
-            if any(k.startswith(prefix) for k in shapes):
-                continue
-            c = companions.pick(found, kind, width, hints)
-            if c is not None:
-                out.update(companions.read(c, prefix))
-                notes.append(f"{kind} from {c.path.name}")
-        return out
+        return companions.fill(sd, shapes, found, want, notes)
 
     def load_folder(self, path: str, index: dict, configs: dict[str, dict], *, dtype, device, notes: list[str]):
         from diffusers import AutoencoderKL, FluxTransformer2DModel

@@ -179,17 +179,8 @@ class ZImageFamily(Family):
     def _add_companions(sd: dict, shapes: Shapes, width: int, found, notes: list[str]) -> dict:
         """The missing parts from separate files, the text encoder chosen by the width the transformer reads."""
         from ..loading import companions
-        found = found() if callable(found) else found
-        out = dict(sd)
-        for kind, prefix, want, hints in (("qwen3", TE_PREFIX, width, ("qwen",)), ("vae16", VAE_PREFIX, 0,
-                                                                                   ("ae", "flux"))):
-            if any(k.startswith(prefix) for k in shapes):
-                continue
-            c = companions.pick(found, kind, want, hints)
-            if c is not None:
-                out.update(companions.read(c, prefix))
-                notes.append(f"{kind} from {c.path.name}")
-        return out
+        return companions.fill(sd, shapes, found, (("qwen3", TE_PREFIX, width, ("qwen",)),
+                                                   ("vae16", VAE_PREFIX, 0, ("ae", "flux"))), notes)
 
     def load_folder(self, path: str, index: dict, configs: dict[str, dict], *, dtype, device, notes: list[str]):
         from diffusers import AutoencoderKL, ZImageTransformer2DModel

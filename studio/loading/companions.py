@@ -78,6 +78,23 @@ def pick(found: list[Companion], kind: str, width: int = 0, hints: tuple[str, ..
     return cands[0] if cands else None
 
 
+def fill(sd: dict, shapes, found, wants, notes: list[str]) -> dict:
+    """``sd`` with the parts it lacks read from companion files: ``wants`` holds (kind, prefix in the all-in-one
+    layout, text width or 0, file-name hints); ``found`` is ``find``'s list or a callable giving it (read only
+    when a part is missing). Each part taken is noted."""
+    missing = [w for w in wants if not any(k.startswith(w[1]) for k in shapes)]
+    if not missing:
+        return sd
+    found = found() if callable(found) else found
+    out = dict(sd)
+    for kind, prefix, width, hints in missing:
+        c = pick(found, kind, width, hints)
+        if c is not None:
+            out.update(read(c, prefix))
+            notes.append(f"{kind} from {c.path.name}")
+    return out
+
+
 def read(companion: Companion, prefix: str) -> dict:
     """The companion's tensors under ``prefix`` (the all-in-one file's name for that part); a CLIP file's
     ``text_model.`` wrapper, present or not, is dropped."""
