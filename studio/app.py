@@ -134,6 +134,32 @@ class Studio:
         """Load a checkpoint through the queue and make it current; returns its title."""
         return self.run_exclusive(lambda: self.manager.load(name).title, kind="load")
 
+    def generation_defaults(self, checkpoint: str) -> dict | None:
+        """The generation values (steps, CFG, sampler, size...) a checkpoint's family starts from, its variant's
+        where the file tells (FLUX schnell: 4 steps) and its declared native size; never loads it. None when the
+        family cannot be told before loading (a pickle, an unknown name)."""
+        from . import families
+        from .loading.peek import checkpoint_family
+        try:
+            info = self.registry.find_checkpoint(checkpoint)
+        except StudioError:
+            return None
+        comps = self.manager.cached_components(info)
+        if comps is not None:
+            out = comps.spec.generation_defaults(comps)
+        else:
+            peeked = checkpoint_family(info.path, info.kind)
+            if peeked is None:
+                fam = families.get(info.family)     # known once it was loaded in this process
+                if fam is None:
+                    return None
+                peeked = (fam, None)
+            out = peeked[0].generation_defaults(shapes=peeked[1])
+        native = info.native_size
+        if native:
+            out["width"], out["height"] = native
+        return out
+
     def close(self) -> None:
         training = getattr(self, "training", None)
         if training is not None:

@@ -116,13 +116,15 @@ def test_size_sliders_follow_the_declared_native_size(tmp_path):
     demo.install_demo_model(s)
     _with_metadata(s.ckpt_path / "plain.safetensors", {})
 
-    class FakeStudio:
-        registry = Registry(s)
-    studio = FakeStudio()
-    show, moved, now = follow(studio, demo.TRAINED_NAME, None, [(512, 512), (96, 512)])
-    assert show and moved == [[64, 64], None] and now == [64, 64]
-    show, moved, now = follow(studio, "plain.safetensors", now, [(64, 64), (96, 512), (80, 80)])
-    assert not show and moved == [[512, 512], None, None] and now == [512, 512]
+    from studio.app import Studio
+    studio = Studio(s, load_extensions=False)
+    try:
+        show, moved, now = follow(studio, demo.TRAINED_NAME, None, [(512, 512), (96, 512)])
+        assert show and moved == [[64, 64], None] and now == [64, 64]
+        show, moved, now = follow(studio, "plain.safetensors", now, [(64, 64), (96, 512), (80, 80)])
+        assert not show and moved == [[512, 512], None, None] and now == [512, 512]
+    finally:
+        studio.close()
 
 
 def _free_port() -> int:

@@ -1,6 +1,7 @@
 """First run and the demo model in the page: the one-click install in the "No checkpoint yet" help, the note that
 says what the demo knows (shown while it is the selected checkpoint), and the size sliders following the
-selected checkpoint's declared native size (``CheckpointInfo.native_size``; any model that declares one)."""
+selected checkpoint's declared native size (``CheckpointInfo.native_size``; any model that declares one), else its
+family's (SDXL, FLUX.1: 1024)."""
 from __future__ import annotations
 
 import logging
@@ -65,12 +66,13 @@ def native_size(studio: Any, name: str | None) -> tuple[int, int] | None:
 def follow(studio: Any, name: str | None, previous: Any, sizes: list) -> tuple[bool, list, list]:
     """(show the demo note, the size each slider pair gets or None to keep it, the size now expected).
 
-    A pair moves to the new model's size (its declared one, else the default) only while it still holds the
-    previous model's size or the default: a size the user chose is theirs."""
+    A pair moves to the new model's size (its declared one, else its family's, else the default) only while it
+    still holds the previous model's size or the default: a size the user chose is theirs."""
     from studio.demo import is_demo_checkpoint
     d = GenerationRequest()
     default = [d.width, d.height]
-    target = list(native_size(studio, name) or default)
+    family = studio.generation_defaults(name) if name else None
+    target = [family["width"], family["height"]] if family else list(native_size(studio, name) or default)
     before = list(previous) if previous else default
     moved = [target if [int(w or 0), int(h or 0)] in (before, default) else None for w, h in sizes]
     return is_demo_checkpoint(name), moved, target

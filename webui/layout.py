@@ -8,7 +8,7 @@ import gradio as gr
 
 import tabs
 from studio.errors import StudioError
-from webui import demo_ui, sendto
+from webui import demo_ui, family_defaults, sendto
 from webui.extension_tabs import build_extension_tabs
 from webui.icons import TITLES_JS, icon_button, icons_css
 from webui.model_lists import ModelLists, model_list, refresh_button
@@ -91,6 +91,7 @@ def build_blocks(studio: Any) -> gr.Blocks:
         loaded = lists.connect(blocks, every_tab, extra=(helps, lambda: _help_updates(studio)))
         synced = demo_ui.connect(studio, ui, loaded, note, helps, installs, statuses,
                                  lambda name: _switch(studio, name))
+        synced = family_defaults.connect(studio, ui, synced)
         synced.then(None, None, None, js=READY_JS, queue=False, api_visibility="private")
     return blocks
 

@@ -64,6 +64,7 @@ class Family:
     controlnet: bool = True
     trains_embeddings: bool = True             # the trainer can train textual-inversion embeddings for it
     trains_lora: bool = True                   # the trainer can train LoRAs for it
+    keeps_fp8: bool = False                    # fp8 weights of a file stay fp8 in memory (cast up as they run)
     kohya_network_module: str = "networks.lora"   # ss_network_module of kohya's LoRAs for it
     fixed_heads: int | None = None             # SD1: 8 heads at every level; else 64-wide heads
     linear_projection: bool = False            # transformer blocks project in/out with Linear, not 1x1 convs
@@ -112,9 +113,9 @@ class Family:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def generation_defaults(self, components: Any = None) -> dict:
-        """The UI's values for a checkpoint of this family (``components``: the loaded model, where a variant
-        changes them, e.g. FLUX schnell's 4 steps)."""
+    def generation_defaults(self, components: Any = None, shapes: Shapes | None = None) -> dict:
+        """The UI's values for a checkpoint of this family. A variant may change them (FLUX schnell's 4 steps):
+        told by ``components`` (the loaded model) or, before loading, by ``shapes`` (its file header's)."""
         return {"steps": 20, "cfg_scale": 7.0, "sampler_name": "DPM++ 2M", "scheduler": "Automatic",
                 "width": self.default_size, "height": self.default_size, **self.defaults}
 

@@ -61,11 +61,19 @@ def _fp8_dtype(sd: dict):
 class FluxFamily(Family):
     """FLUX.1: BFL / ComfyUI single files and diffusers folders."""
 
-    def generation_defaults(self, components=None) -> dict:
-        out = super().generation_defaults(components)
-        if components is not None and not getattr(components.unet.config, "guidance_embeds", True):
+    def generation_defaults(self, components=None, shapes: Shapes | None = None) -> dict:
+        out = super().generation_defaults(components, shapes)
+        guidance, channels = True, 64
+        if components is not None:
+            guidance = getattr(components.unet.config, "guidance_embeds", True)
+            channels = components.in_channels
+        elif shapes:
+            names = [k.removeprefix(flux_keys.PREFIX) for k in shapes]
+            guidance = any(k.startswith("guidance_in.") for k in names)
+            channels = next((int(shapes[k][1]) for k in shapes if k.endswith("img_in.weight")), channels)
+        if not guidance:
             out["steps"] = 4      # schnell: timestep-distilled to 1-4 steps (BFL's model card)
-        if components is not None and components.in_channels == 384:
+        if channels == 384:
             out["distilled_cfg_scale"] = 30.0   # FLUX.1 Fill dev's guidance (BFL's and diffusers' examples)
         return out
 
@@ -274,7 +282,7 @@ FAMILY = FluxFamily(
     latent_rgb_bias=FLUX_LATENT_RGB_BIAS,
     kohya_version="flux1", modelspec_arch="flux-1-dev", default_size=1024, real_text_widths=(768, 4096),
     controlnet=False, trains_embeddings=False, embeddings=False, denoiser="transformer", prompt_style="t5",
-    kohya_network_module="networks.lora_flux",
+    kohya_network_module="networks.lora_flux", keeps_fp8=True,
     distilled_guidance=True, size_multiple=16,
     pipelines={"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline",
                "fill": "FluxFillPipeline"},

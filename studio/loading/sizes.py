@@ -15,26 +15,43 @@ from .state_dict import read_header
 
 # the parts of an LDM single file the loader builds modules from (EMA copies, optimizer state, schedule buffers
 # and the like are left on disk)
-_TEXT_PREFIXES = ("cond_stage_model.", "conditioner.")
+_TEXT_PREFIXES = ("cond_stage_model.", "conditioner.", "text_encoders.")   # the last: ComfyUI all-in-one DiT files
 _FLOATS = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 _BYTES = {**_FLOATS, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
-def _tensor_bytes(entry: dict, float_size: int) -> int:
-    """Loaded size: floating tensors are cast to the target dtype, others keep their own."""
+def _tensor_bytes(entry: dict, float_size: int, keep_fp8: bool = False) -> int:
+    """Loaded size: floating tensors are cast to the target dtype, others keep their own (and fp8 ones theirs
+    where the family keeps fp8 weights as stored)."""
     code = entry.get("dtype", "F32")
-    size = float_size if code in _FLOATS else _BYTES.get(code, 4)
+    if keep_fp8 and code.startswith("F8_"):
+        size = 1
+    else:
+        size = float_size if code in _FLOATS else _BYTES.get(code, 4)
     return math.prod(entry.get("shape") or [1]) * size
+
+
+def _keeps_fp8(header: dict) -> bool:
+    """Whether the family this header's tensors say keeps fp8 weights as stored (a guess is enough here: the
+    manager corrects its count after loading)."""
+    from .. import families
+    try:
+        return families.detect_ldm({k: v.get("shape", ()) for k, v in header.items()}).keeps_fp8
+    except ModelLoadError:
+        return False
 
 
 def _safetensors_bytes(path: str, float_size: int, vae_float_size: int, prefixes: tuple[str, ...] | None) -> int:
     header, _meta = read_header(path)
+    if prefixes is not None and not any(k.startswith(prefixes) for k in header):
+        prefixes = None      # a denoiser-only file (FLUX / Z-Image transformers as ComfyUI publishes them)
+    keep_fp8 = any(e.get("dtype", "").startswith("F8_") for e in header.values()) and _keeps_fp8(header)
     total = 0
     for key, entry in header.items():
         if prefixes is not None and not key.startswith(prefixes):
             continue
-        total += _tensor_bytes(entry, vae_float_size if key.startswith(VAE_PREFIXES) else float_size)
+        total += _tensor_bytes(entry, vae_float_size if key.startswith(VAE_PREFIXES) else float_size, keep_fp8)
     return total
 
 

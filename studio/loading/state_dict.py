@@ -61,7 +61,7 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
     read_header(path)  # clear messages for truncated/corrupt files before safetensors' own errors
     from safetensors.torch import load_file
     try:
-        return load_file(path, device="cpu")
+        return load_file(path, device="cpu", backend="pread")
     except Exception as e:  # safetensors raises its own error types for bad files
         raise ModelLoadError(f"{path} could not be read as .safetensors ({e}).", path=path,
                              fix="the file is truncated or corrupt; download it again.") from e

@@ -37,5 +37,9 @@ def load_t5(sd: dict, prefix: str, *, path: str, dtype, device):
     cfg = t5_config(shapes_of(state))
     if "encoder.embed_tokens.weight" not in state and "shared.weight" in state:
         state["encoder.embed_tokens.weight"] = state["shared.weight"]
-    return build_module(lambda: T5EncoderModel(T5Config(**cfg)), state, what="T5 text encoder", path=path,
-                        dtype=dtype, device=device, config=cfg)
+    model = build_module(lambda: T5EncoderModel(T5Config(**cfg)), state, what="T5 text encoder", path=path,
+                         dtype=dtype, device=device, config=cfg)
+    # assigned one by one the two names get two Parameters (two copies once cast): tie them as transformers does,
+    # or T5-XXL's 32k x 4096 embedding is held (and counted against the budget) twice
+    model.encoder.embed_tokens.weight = model.shared.weight
+    return model
