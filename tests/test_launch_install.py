@@ -173,3 +173,12 @@ def test_stdlib_helpers_load_by_path_before_the_venv_exists(launch):
     registered, as an import would) and asks it for GPUs."""
     module = launch._load_by_path("nvidia")
     assert isinstance(module.nvidia_gpus(), list) and module.NvidiaGpu.__module__ == "_studio_nvidia"
+
+
+def test_the_suite_runs_on_two_workers_unless_the_caller_chooses(launch, monkeypatch):
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 2)
+    assert launch.test_workers([]) == ["-n", "2", "--dist", "loadfile"]
+    assert launch.test_workers(["-k", "cli"]) == ["-n", "2", "--dist", "loadfile"]
+    assert launch.test_workers(["-n", "4"]) == [] and launch.test_workers(["-p", "no:xdist"]) == []
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 1)
+    assert launch.test_workers([]) == []

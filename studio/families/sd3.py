@@ -80,6 +80,53 @@ class SD3Family(Family):
                                              max_sequence_length=256, device=components.text_encoder.device)
         return z, pooled
 
+    def lora_layer_names(self, denoiser) -> dict:
+        """Stability's MMDiT names, as kohya sd-scripts' ``sd3_train_network`` writes them
+        (``lora_unet_joint_blocks_0_x_block_attn_qkv``): a fused q / k / v is a ``FusedLayer`` over diffusers'
+        separate modules, split by rows. diffusers 0.42 reads only its own names for SD3 LoRAs. Left out: the
+        two modulations whose halves diffusers stores swapped (the final layer's and the last block's context
+        one); a file's layers there are reported as unknown."""
+        from ..adapters.keys import FusedLayer
+        modules = dict(denoiser.named_modules())
+        out = {}
+
+        def add(name: str, *parts: str) -> None:
+            if not all(p in modules for p in parts):
+                return
+            if len(parts) == 1:
+                out[name.replace(".", "_")] = modules[parts[0]]
+                return
+            rows, start = [], 0
+            for p in parts:
+                n = modules[p].weight.shape[0]
+                rows.append((modules[p], start, start + n))
+                start += n
+            out[name.replace(".", "_")] = FusedLayer(rows)
+
+        for ours, theirs in (("pos_embed.proj", "x_embedder.proj"), ("context_embedder", "context_embedder"),
+                             ("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
+                             ("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2"),
+                             ("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0"),
+                             ("time_text_embed.text_embedder.linear_2", "y_embedder.mlp.2"),
+                             ("proj_out", "final_layer.linear")):
+            add(theirs, ours)
+        last = len(denoiser.transformer_blocks) - 1
+        for i in range(len(denoiser.transformer_blocks)):
+            t, b = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+            add(b + "x_block.attn.qkv", *(t + f"attn.to_{q}" for q in "qkv"))
+            add(b + "context_block.attn.qkv", *(t + f"attn.add_{q}_proj" for q in "qkv"))
+            add(b + "x_block.attn2.qkv", *(t + f"attn2.to_{q}" for q in "qkv"))
+            for theirs, ours in (("x_block.attn.proj", "attn.to_out.0"), ("x_block.attn2.proj", "attn2.to_out.0"),
+                                 ("context_block.attn.proj", "attn.to_add_out"),
+                                 ("x_block.mlp.fc1", "ff.net.0.proj"), ("x_block.mlp.fc2", "ff.net.2"),
+                                 ("context_block.mlp.fc1", "ff_context.net.0.proj"),
+                                 ("context_block.mlp.fc2", "ff_context.net.2"),
+                                 ("x_block.adaLN_modulation.1", "norm1.linear")):
+                add(b + theirs, t + ours)
+            if i != last:
+                add(b + "context_block.adaLN_modulation.1", t + "norm1_context.linear")
+        return out
+
     def load_single_file(self, path: str, sd: dict, shapes: Shapes, *, dtype, device, prediction: str | None,
                          sidecar: dict, notes: list[str], companions=None):
         from diffusers import SD3Transformer2DModel

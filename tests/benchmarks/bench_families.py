@@ -50,6 +50,8 @@ def _store(root: Path) -> None:
     write_sd3_single_file(make_tiny_sd3(seed=0), ckpt / "sd35.safetensors")
     flux = _flux()
     write_flux_single_file(flux, ckpt / "flux.safetensors")
+    from tests.tinyzimage import make_tiny_zimage, write_zimage_single_file
+    write_zimage_single_file(make_tiny_zimage(seed=0), ckpt / "zimage.safetensors", all_in_one=True)
     from safetensors.torch import save_file
 
     from tests.tinyflux import flux_state_dict
@@ -83,14 +85,20 @@ def _bare(studio, checkpoint: str):
                                           "scheduler": sched}), cls
 
 
-def bench_family(studio, checkpoint: str, size: int, steps: int, runs: int, flux: bool) -> dict:
+def bench_family(studio, checkpoint: str, size: int, steps: int, runs: int, guidance: str) -> dict:
+    """``guidance``: "cfg" (CFG 7 with a negative prompt), "distilled" (FLUX dev: CFG 1, distilled 3.5) or
+    "none" (a turbo model's CFG 1)."""
     from studio.request import GenerationRequest
-    req = GenerationRequest(prompt="a red circle on a blue square", negative_prompt="" if flux else "blurry",
+    cfg = guidance == "cfg"
+    req = GenerationRequest(prompt="a red circle on a blue square", negative_prompt="blurry" if cfg else "",
                             steps=steps, width=size, height=size, sampler_name="Euler", seed=1, save_images=False,
-                            cfg_scale=1.0 if flux else 7.0, checkpoint=checkpoint)
+                            cfg_scale=7.0 if cfg else 1.0, checkpoint=checkpoint)
     pipe, _ = _bare(studio, checkpoint)
     kw = dict(prompt=req.prompt, num_inference_steps=steps, width=size, height=size, output_type="pil")
-    kw.update(guidance_scale=3.5) if flux else kw.update(guidance_scale=7.0, negative_prompt=req.negative_prompt)
+    if cfg:
+        kw["negative_prompt"] = req.negative_prompt
+    with studio.manager.acquire(checkpoint, "Automatic") as loaded:   # the guidance arguments the studio passes
+        kw.update(loaded.components.spec.guidance_kwargs(req, loaded.components))
 
     def bare():
         pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config)
@@ -161,6 +169,8 @@ def bench_fp8(root: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--only", default="", help="rows whose name contains this (e.g. flux); the memory probe "
+                                               "runs only without it")
     args = ap.parse_args()
     from studio.app import Studio
     from studio.settings import Settings
@@ -170,16 +180,21 @@ def main() -> None:
         studio = Studio(Settings(models_dir=str(root), data_dir=str(root / "data"), outdir=str(root / "out"),
                                  default_checkpoint="sd1.safetensors", preview_every=0), load_extensions=False)
         try:
-            rows = {"sd1 (64 px, 20 steps)": bench_family(studio, "sd1.safetensors", 64, 20, args.runs, False),
-                    "sdxl (64 px, 20 steps)": bench_family(studio, "sdxl.safetensors", 64, 20, args.runs, False),
-                    "sd3.5 (64 px, 20 steps)": bench_family(studio, "sd35.safetensors", 64, 20, args.runs, False),
-                    "flux dev (128 px, 8 steps)": bench_family(studio, "flux.safetensors", 128, 8, args.runs, True)}
+            plan = {"sd1 (64 px, 20 steps)": ("sd1.safetensors", 64, 20, "cfg"),
+                    "sdxl (64 px, 20 steps)": ("sdxl.safetensors", 64, 20, "cfg"),
+                    "sd3.5 (64 px, 20 steps)": ("sd35.safetensors", 64, 20, "cfg"),
+                    "flux dev (128 px, 8 steps)": ("flux.safetensors", 128, 8, "distilled"),
+                    "z-image turbo (64 px, 9 steps)": ("zimage.safetensors", 64, 9, "none")}
+            rows = {name: bench_family(studio, ckpt, size, steps, args.runs, guidance)
+                    for name, (ckpt, size, steps, guidance) in plan.items() if args.only in name}
         finally:
             studio.close()
-        fp8 = bench_fp8(root)
+        fp8 = None if args.only else bench_fp8(root)
     print(f"{'family':28} {'studio s':>9} {'bare s':>9} {'ratio':>7}   (median of {args.runs})")
     for name, r in rows.items():
         print(f"{name:28} {r['studio_s']:9.3f} {r['bare_s']:9.3f} {r['ratio']:7.3f}")
+    if fp8 is None:
+        return
     bf, f8 = fp8["bf16"], fp8["fp8"]
     print(f"FLUX fp8 / bf16: transformer bytes {fp8['transformer_bytes_ratio']:.3f}; transformer RSS "
           f"{fp8['model_rss_ratio']:.3f} ({f8['model_rss'] >> 20} / {bf['model_rss'] >> 20} MiB); whole-process RSS "

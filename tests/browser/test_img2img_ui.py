@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tests.browser.test_txt2img_ui import fill_prompt, set_slider, small
+from tests.browser.test_txt2img_ui import fill_prompt, set_slider, set_sliders, small
 
 TIMEOUT = 120_000  # generous: a busy machine is slow, and a wait ends as soon as its condition holds
 
@@ -128,8 +128,7 @@ def test_outpaint_grows_the_image(page, live, tmp_path, shoot):
     upload_to_inpaint(page, tmp_path / "in.png", 64)
     set_slider(page, "inpaint_steps", 2)
     page.locator("#inpaint_outpainting").click()
-    set_slider(page, "inpaint_outpaint_right", 32)
-    set_slider(page, "inpaint_outpaint_up", 16)
+    set_sliders(page, {"inpaint_outpaint_right": 32, "inpaint_outpaint_up": 16})
     page.locator("#inpaint_outpaint").click()
     wait_for_images(page, "inpaint")
     assert "Size: 96x80" in info_text(page, "inpaint")

@@ -30,6 +30,23 @@ def set_slider(page, elem_id: str, value) -> None:
                 raise
 
 
+def set_sliders(page, values: dict) -> None:
+    """Set several sliders, then check they all still hold their values before going on: on a busy machine a
+    slider of a just-opened accordion can finish mounting after the check in ``set_slider`` and fall back to its
+    initial value."""
+    for elem_id, value in values.items():
+        set_slider(page, elem_id, value)
+    read = "([id, v]) => Number(document.querySelector(`#${id} input[type=range]`)?.value) === Number(v)"
+    for _ in range(3):
+        page.wait_for_timeout(300)
+        lost = {k: v for k, v in values.items() if not page.evaluate(read, [k, str(v)])}
+        if not lost:
+            return
+        for elem_id, value in lost.items():
+            set_slider(page, elem_id, value)
+    raise AssertionError(f"sliders did not keep their values: {lost}")
+
+
 def fill_prompt(page, text: str) -> None:
     page.locator("#txt2img_prompt textarea").fill(text)
 
