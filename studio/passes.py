@@ -4,6 +4,7 @@ Split from engine.py, which owns the job as a whole (seeds, models, networks, in
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import oom
+from . import deepcache, oom
 from . import vae_codec
 from .img2img import Prepared
 from .lazy import torch
@@ -52,7 +53,11 @@ class BatchRun:
         previews = LivePreview(ctx.set_preview, comps.family)
         height, width = self._size(kw, phase)
 
+        steps_of: dict = {}       # the DeepCache state of this pass, told each finished step
+
         def on_step_end(p: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+            if steps_of.get("cache") is not None:
+                steps_of["cache"].step = step + 1
             n = getattr(p, "_num_timesteps", None) or steps
             self.steps_done[phase] = (step + 1, n)
             ctx.set_progress(step + 1, n, image_index=self.first, images=self.total, textinfo=phase or None)
@@ -96,13 +101,34 @@ class BatchRun:
                 self._warn("This checkpoint's pipeline takes no negative prompt: CFG Scale above 1 and the negative "
                            "prompt are ignored.")
             call = {k: v for k, v in call.items() if k in accepted}
-        with torch.inference_mode():
+        with torch.inference_mode(), self._feature_cache(comps.unet, actual) as feature_cache:
+            steps_of["cache"] = feature_cache
             try:
                 return spec.unpack_latents(pipe(**call).images, height, width)
             except torch.cuda.OutOfMemoryError as exc:
                 # the frames below hold the activations that filled the card: release them before anything else
                 oom.drop_frames(exc)
                 raise oom.OutOfMemory(oom.message(self.r)) from None
+
+    def _feature_cache(self, denoiser: Any, steps: int) -> Any:
+        """DeepCache around one pass when the setting asks for it and the model and options allow it."""
+        interval = self.e.settings.deepcache_interval
+        if interval <= 1:
+            return contextlib.nullcontext()
+        if not deepcache.supports(denoiser):
+            self._warn("DeepCache works on UNet models only; this pass ran without it.")
+        elif self.e.manager.offloading:
+            self._warn("DeepCache is not used with --medvram / --lowvram (their hooks move whole modules); this "
+                       "pass ran without it.")
+        elif self.control:
+            self._warn("DeepCache is not used with ControlNet (its residuals enter the deep blocks every step); "
+                       "this pass ran without it.")
+        else:
+            start = self.e.settings.deepcache_start
+            self.infotext["DeepCache"] = interval
+            self.infotext["DeepCache start"] = start
+            return deepcache.deep_cache(denoiser, interval, round(steps * start))
+        return contextlib.nullcontext()
 
     def _size(self, kw: dict, phase: str) -> tuple[int, int]:
         """(height, width) in pixels of what this pass makes (packed latents are unpacked to it)."""

@@ -49,6 +49,9 @@ class Settings:
     cudnn_benchmark: bool = False    # autotune convolutions (each new image size pays a search; on for GTX 16xx)
     pin_memory: bool = True          # models parked in RAM sit in page-locked memory: faster RAM <-> VRAM moves
     annotator_device: str = "auto"   # ControlNet preprocessor models: "auto" (the compute device) or "cpu"
+    # speed
+    deepcache_interval: int = 1      # DeepCache: the whole UNet every N-th step, its outer ring between (1: off)
+    deepcache_start: float = 0.4     # the share of a pass's first steps run whole before (the layout forms there)
     # network
     allow_download: bool = False     # Hugging Face repo ids may download into the HF cache
     # generation defaults and limits
@@ -147,6 +150,12 @@ class Settings:
         if self.annotator_device not in ("auto", "cpu"):
             raise StudioError(f"Setting 'annotator_device' is {self.annotator_device!r}.", field="annotator_device",
                               fix="use 'auto' (the compute device) or 'cpu'")
+        if not 1 <= self.deepcache_interval <= 10:
+            raise StudioError(f"Setting 'deepcache_interval' is {self.deepcache_interval}.", field="deepcache_interval",
+                              fix="use 1 (off) to 10; 2 or 3 keep the picture closest")
+        if not 0.0 <= self.deepcache_start < 1.0:
+            raise StudioError(f"Setting 'deepcache_start' is {self.deepcache_start}.", field="deepcache_start",
+                              fix="use a share of the steps from 0 to below 1 (0.4: the first 40 % run whole)")
         if self.rng not in ("cpu", "device"):
             raise StudioError(f"Setting 'rng' is {self.rng!r}.", field="rng", fix="use 'cpu' or 'device'")
         return self
@@ -171,6 +180,8 @@ class Settings:
             if want is int and isinstance(value, bool) or not isinstance(value, want):
                 if want is int and isinstance(value, float) and value.is_integer():
                     value = int(value)
+                elif want is float and isinstance(value, int) and not isinstance(value, bool):
+                    value = float(value)      # JSON writes 0.0 as 0 from some editors
                 else:
                     warnings.append(f"setting {key!r} should be {want.__name__}, got {value!r}; default used")
                     continue

@@ -29,6 +29,11 @@ SECTIONS = [
         ("cudnn_benchmark", "cuDNN benchmark (autotunes convolutions per image size; always on for GTX 16xx)"),
         ("annotator_device", "ControlNet preprocessor models run on (auto: the compute device)"),
     ]),
+    ("Speed", [
+        ("deepcache_interval", "DeepCache: the whole UNet every N-th step, only its outer blocks between (1: off; "
+                               "UNet models only; changes the picture a little)"),
+        ("deepcache_start", "DeepCache starts after this share of the steps (they lay the picture out)"),
+    ]),
     ("Outputs", [
         ("outdir", "Output folder"),
         ("filename_pattern", "File name pattern (after the 00000- counter; A1111 tags: [seed] [prompt_words] "
@@ -94,6 +99,8 @@ def _widget(name: str, label: str, value: Any) -> Any:
         return gr.Checkbox(value=value, label=label, elem_id=elem_id)
     if isinstance(value, int):
         return gr.Number(value=value, precision=0, label=label, elem_id=elem_id, minimum=-1 if name in DERIVED else 0)
+    if isinstance(value, float):
+        return gr.Number(value=value, label=label, elem_id=elem_id, minimum=0, step=0.05)
     # paths and names need room: a narrow box wraps them over several lines
     return gr.Textbox(value=str(value), label=label, elem_id=elem_id, lines=1, max_lines=1, min_width=320)
 
@@ -105,6 +112,11 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if value is None or float(value) != int(float(value)):
             raise StudioError(f"Setting '{name}' must be a whole number, got {value!r}.", field=name)
         return int(float(value))
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise StudioError(f"Setting '{name}' must be a number, got {value!r}.", field=name) from None
     return "" if value is None else str(value).strip()
 
 

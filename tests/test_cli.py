@@ -229,3 +229,17 @@ def test_project_requirements_are_pinned_and_installed():
         missing = {k: v for k, v in pins.items() if versions.get(k) != v}
         assert not missing, f"pinned but not installed at that version: {missing}"
     assert launch.pinned(ROOT / "requirements.txt")["torch"] == "2.14.1"
+
+
+def test_deepcache_flag_and_settings():
+    from studio import cli
+    from studio.errors import StudioError
+    from studio.settings import Settings
+    args = cli.build_parser().parse_args(["--deepcache", "2"])
+    assert cli.settings_overrides(args)["deepcache_interval"] == 2
+    s, warnings = Settings.from_dict({"deepcache_interval": 3, "deepcache_start": 0})   # 0 as JSON writes it
+    assert (s.deepcache_interval, s.deepcache_start, warnings) == (3, 0.0, [])
+    for bad in ({"deepcache_interval": 0}, {"deepcache_start": 1.0}):
+        with pytest.raises(StudioError) as e:
+            Settings().replace(**bad)
+        assert e.value.field == next(iter(bad))
