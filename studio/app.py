@@ -30,7 +30,7 @@ class Studio:
         self.hashes = HashCache(settings.cache_file)
         self.registry = Registry(settings, self.hashes)
         self.manager = PipelineManager(settings, self.registry)
-        self.queue = JobQueue()
+        self.queue = JobQueue(batch_limit=lambda: self.settings.queue_batch)
         self.outputs = OutputWriter(settings.outdir)
         self.prompts = PromptEncoder()
         self._tokenizer = None
@@ -109,8 +109,14 @@ class Studio:
         # bad fields fail here, before they take a place in the queue
         request.validate(self.settings)
         resolve_sampler(request.sampler_name, request.scheduler)
+        from .dynamic_batch import batch_key, generate_group
+        from .jobs import Batchable
+
+        key = batch_key(request, self.extensions)
+        batch = None if key is None else Batchable(key, request, lambda items: generate_group(self.engine, items),
+                                                   size=request.batch_size)
         return self.queue.submit(lambda ctx: self.engine.generate(request, ctx), kind=request.mode,
-                                 task_id=task_id, description=request.prompt[:80])
+                                 task_id=task_id, description=request.prompt[:80], batch=batch)
 
     def generate(self, request: GenerationRequest, *, timeout: float | None = None) -> GenerationResult:
         """Queue a generation and wait for its result."""

@@ -32,7 +32,14 @@ _DIRECT = {
     "xformers": "xformers",
     "vram_budget": "vram_budget_mb",
     "ram_budget": "ram_budget_mb",
+    "quantize": "quantize",
     "deepcache": "deepcache_interval",
+    "queue_batch": "queue_batch",
+    "channels_last": "channels_last",
+    "sdpa_backend": "sdpa_backend",
+    "compile": "compile_backend",
+    "vae_tiling": "vae_tiling",
+    "onnx": "onnx_runtime",
     "allow_download": "allow_download",
 }
 
@@ -173,9 +180,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device memory the model cache may use (default 0: derived from free memory)")
     g.add_argument("--ram-budget", type=_megabytes, default=None, metavar="MB",
                    help="system RAM the model cache may use (default 0: derived from system RAM)")
+    g.add_argument("--quantize", choices=("none", "int8", "fp8"), default=None,
+                   help="keep weights quantised: int8 (weight-only, any device: the linear layers at a quarter of "
+                        "fp32 / half of fp16, not faster, pictures change a little) or fp8 (storage on CUDA); "
+                        "default none")
     g.add_argument("--deepcache", type=int, default=None, metavar="N",
                    help="DeepCache: run the whole UNet every N-th step and only its outer blocks between "
                         "(default 1: off; 2-3 is about 1.5x faster and changes the picture a little)")
+    g.add_argument("--queue-batch", type=int, default=None, metavar="N",
+                   help="dynamic batching: up to N images of compatible txt2img jobs waiting in the queue (same "
+                        "model, size, steps, sampler, LoRAs) run as one batch, each with its own seed and result "
+                        "(default 1: each job alone)")
+    g.add_argument("--channels-last", action="store_true", default=None,
+                   help="keep UNets in channels_last memory format (faster convolutions on NVIDIA tensor cores)")
+    g.add_argument("--sdpa-backend", choices=("auto", "flash", "efficient", "cudnn", "math"), default=None,
+                   help="the attention kernel PyTorch's scaled_dot_product_attention may use (default auto)")
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the UNet / transformer (default backend inductor); each new image size "
+                        "compiles once, later jobs at that size reuse it")
+    g.add_argument("--vae-tiling", action="store_true", default=None,
+                   help="decode and encode large images in tiles (less memory; seams are blended)")
+    g.add_argument("--onnx", action="store_true", default=None,
+                   help="run the UNet and VAE on onnxruntime from the checkpoint's ONNX export (Settings or POST "
+                        "/sdapi/v1/export/onnx makes it; CUDA / TensorRT providers when installed, else the CPU); "
+                        "pictures differ slightly from torch's; LoRA prompts run on torch")
 
     g = p.add_argument_group("setup and modes")
     g.add_argument("--demo", action="store_true", default=None,

@@ -20,12 +20,14 @@ from .img2img import prepare
 from .infotext import INFOTEXT_VERSION, build_params, format_infotext
 from .lazy import torch
 from .manager import Loaded, PipelineManager
+from .onnx.runtime import for_job as onnx_for_job
 from .outputs import OutputWriter
 from .prompt_parser import extract_extra_networks
 from .prompts import Conditioning, PromptEncoder
 from .request import GenerationRequest, GenerationResult
 from .samplers import resolve_sampler
 from .settings import Settings
+from .speedups import job_options
 from .passes import BatchRun
 from .upscalers import Upscalers
 
@@ -136,6 +138,8 @@ class Engine:
         with self.manager.acquire(request.checkpoint, request.vae) as loaded, contextlib.ExitStack() as held:
             self._check_family(request, loaded)
             control = self._load_controlnets(request, loaded, held)
+            held.enter_context(job_options(self.settings, loaded.components.unet, loaded.vae, self.manager.device,
+                                           result.warnings))
             result.model_name = loaded.info.model_name
             result.model_hash = loaded.info.short_hash or ""
             if loaded.vae_info is not None:
@@ -143,6 +147,7 @@ class Engine:
             prompt, networks = extract_extra_networks(request.prompt)
             negative, _ = extract_extra_networks(request.negative_prompt)
             adapter_key, lora_hashes = self._activate_networks(loaded, networks, result.warnings)
+            onnx_infotext = held.enter_context(onnx_for_job(self, request, loaded, networks, result.warnings))
             embeddings = self._embeddings(loaded)
             used_embeddings: set[str] = set()
 
@@ -165,6 +170,7 @@ class Engine:
                     break
                 lo, hi = batch * request.batch_size, (batch + 1) * request.batch_size
                 run = BatchRun(self, request, loaded, ctx, seeds[lo:hi], subseeds[lo:hi], lo, total, result, control)
+                run.infotext.update(onnx_infotext)     # {"ONNX": provider} when the job runs on its export
                 if request.mode == "txt2img":
                     images = run.txt2img(conds, sampler, schedule)
                     if request.enable_hr and not ctx.interrupted:

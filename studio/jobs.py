@@ -5,6 +5,10 @@ them one at a time in submission order. Pure threading, no torch, so it is cheap
 
 A1111 semantics: *interrupt* ends the whole job, *skip* ends only the current image / batch (the job function
 polls ``ctx.skipped`` and calls ``ctx.clear_skip()`` when it has moved on).
+
+Dynamic batching: a job submitted with a :class:`Batchable` runs together with the compatible jobs (same key)
+waiting right behind it, as one call of its ``run``; each job still has its own context, progress, result and
+interrupt.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 from .errors import JobInterrupted, StudioError
 from .oom import drop_frames
@@ -42,13 +46,28 @@ class Progress:
     eta_seconds: float | None = None
     started_at: float | None = None
     textinfo: str | None = None
+    batch: int = 1          # images made together from image_index on (the steps count for all of them)
+
+
+@dataclass(frozen=True)
+class Batchable:
+    """How a job may share one run with compatible waiting jobs.
+
+    ``run([(item, ctx), ...])`` returns one outcome per job, in order: its result, or the exception it ended with.
+    ``size`` is what the job adds to a group (its images); a group holds at most the queue's limit.
+    """
+
+    key: Hashable
+    item: Any
+    run: Callable[[list], list]
+    size: int = 1
 
 
 class Job:
     """One unit of work in the queue. Created by :meth:`JobQueue.submit`; read it from any thread."""
 
     def __init__(self, queue: JobQueue, fn: Callable[[JobContext], Any], *, job_id: str, kind: str,
-                 description: str, seq: int):
+                 description: str, seq: int, batch: Batchable | None = None, transparent: bool = False):
         self.id = job_id
         self.kind = kind
         self.description = description
@@ -61,6 +80,8 @@ class Job:
         self.started: float | None = None
         self.finished: float | None = None
         self._fn: Callable[[JobContext], Any] | None = fn
+        self._batch = batch
+        self._transparent = transparent   # a group may gather compatible jobs from behind it
         self._queue = queue
         self._preview: tuple[int, Any] = (0, None)   # (id, object) swapped as one so the pair stays consistent
         self._interrupt = False
@@ -150,22 +171,27 @@ class JobContext:
             raise JobInterrupted(f"Job {self._job.id} was interrupted.")
 
     def set_progress(self, step: int, steps: int, image_index: int | None = None, images: int | None = None,
-                     textinfo: str | None = None) -> Progress:
-        """Publish progress; ``image_index`` / ``images`` / ``textinfo`` keep their last values when None."""
+                     textinfo: str | None = None, batch: int | None = None) -> Progress:
+        """Publish progress; ``image_index`` / ``images`` / ``textinfo`` / ``batch`` keep their last values when None.
+
+        ``batch`` images from ``image_index`` on are made together, so each step advances all of them.
+        """
         job = self._job
         last = job.progress
         image_index = last.image_index if image_index is None else image_index
         images = last.images if images is None else images
         textinfo = last.textinfo if textinfo is None else textinfo
+        batch = last.batch if batch is None else max(int(batch), 1)
         total = max(images, 1) * steps
-        fraction = min(max((image_index * steps + step) / total, 0.0), 1.0) if total > 0 else 0.0
+        fraction = min(max((image_index * steps + step * batch) / total, 0.0), 1.0) if total > 0 else 0.0
         started = job.started or time.time()
         eta = None
         if fraction > 0:
             elapsed = time.time() - started
             eta = elapsed * (1.0 - fraction) / fraction
         job.progress = Progress(step=step, steps=steps, image_index=image_index, images=images,
-                                fraction=fraction, eta_seconds=eta, started_at=started, textinfo=textinfo)
+                                fraction=fraction, eta_seconds=eta, started_at=started, textinfo=textinfo,
+                                batch=batch)
         return job.progress
 
     def set_preview(self, obj: Any) -> None:
@@ -174,15 +200,21 @@ class JobContext:
 
 
 class JobQueue:
-    """A FIFO of jobs run by one daemon worker thread; keeps the last ``history`` finished jobs for lookup."""
+    """A FIFO of jobs run by one daemon worker thread; keeps the last ``history`` finished jobs for lookup.
 
-    def __init__(self, history: int = 200):
+    ``batch_limit()`` (read before each group) is the most a group of batchable jobs may hold, by their sizes;
+    1 runs every job alone.
+    """
+
+    def __init__(self, history: int = 200, batch_limit: Callable[[], int] | None = None):
         self._cond = threading.Condition()     # guards everything below and every job's state transitions
         self._pending: collections.deque[Job] = collections.deque()
         self._active: dict[str, Job] = {}      # queued + running, by id
         self._history: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._history_size = max(int(history), 0)
         self._current: Job | None = None
+        self._running: list[Job] = []           # the running job, or the jobs of the running group
+        self._batch_limit = batch_limit or (lambda: 1)
         self._listeners: list[Callable[[Job], Any]] = []
         self._seq = itertools.count()
         self._closed = False
@@ -191,15 +223,21 @@ class JobQueue:
 
     # -- submitting -------------------------------------------------------------------------------------------
     def submit(self, fn: Callable[[JobContext], Any], *, kind: str = "txt2img", task_id: str | None = None,
-               description: str = "") -> Job:
-        """Queue ``fn(ctx)``. ``task_id`` (e.g. the client's id) becomes the job id; it must not be active."""
+               description: str = "", batch: Batchable | None = None, transparent: bool = False) -> Job:
+        """Queue ``fn(ctx)``. ``task_id`` (e.g. the client's id) becomes the job id; it must not be active.
+
+        With ``batch``, the job may run in one group with the compatible jobs waiting behind it (``fn`` is then
+        what it runs alone). A ``transparent`` job changes nothing such a group depends on, so a group may take
+        compatible jobs from behind it (they then run before it).
+        """
         with self._cond:
             if self._closed:
                 raise RuntimeError("The job queue is shut down; no new jobs are accepted.")
             job_id = task_id or uuid.uuid4().hex
             if job_id in self._active:
                 raise ValueError(f"A job with task_id {job_id!r} is already queued or running.")
-            job = Job(self, fn, job_id=job_id, kind=kind, description=description, seq=next(self._seq))
+            job = Job(self, fn, job_id=job_id, kind=kind, description=description, seq=next(self._seq),
+                      batch=batch, transparent=transparent)
             self._active[job_id] = job
             self._pending.append(job)
             self._cond.notify()
@@ -220,7 +258,13 @@ class JobQueue:
             return self._current is not None or bool(self._pending)
 
     def current(self) -> Job | None:
+        """The running job (the first of a running group)."""
         return self._current
+
+    def running(self) -> list[Job]:
+        """Every running job: one, or the members of a group."""
+        with self._cond:
+            return list(self._running)
 
     def get(self, job_id: str) -> Job | None:
         """A running, queued or recently finished job by id."""
@@ -239,14 +283,15 @@ class JobQueue:
 
     # -- controlling -------------------------------------------------------------------------------------------
     def interrupt(self, job_id: str | None = None) -> bool:
-        """Interrupt the current job, or the job ``job_id`` (a queued one is cancelled). False if none."""
-        job = self._current if job_id is None else self.get(job_id)
-        return job.interrupt() if job is not None else False
+        """Interrupt what is running (every job of a group: A1111's Interrupt stops the generation), or the job
+        ``job_id`` alone (a queued one is cancelled). False if none."""
+        jobs = self.running() if job_id is None else [j for j in [self.get(job_id)] if j is not None]
+        return any([job.interrupt() for job in jobs])
 
     def skip(self, job_id: str | None = None) -> bool:
-        """Skip the current image of the current job (or of running job ``job_id``)."""
-        job = self._current if job_id is None else self.get(job_id)
-        return job.skip() if job is not None else False
+        """Skip the current image of what is running (or of running job ``job_id``)."""
+        jobs = self.running() if job_id is None else [j for j in [self.get(job_id)] if j is not None]
+        return any([job.skip() for job in jobs])
 
     def add_listener(self, callback: Callable[[Job], Any]) -> Callable[[Job], Any]:
         """Call ``callback(job)`` after each state change (from the thread that made it; read ``job.state``).
@@ -317,29 +362,76 @@ class JobQueue:
                     self._cond.wait()
                 if not self._pending:
                     return      # closed and drained
-                job = self._pending.popleft()
-                job.state = RUNNING
-                job.started = time.time()
-                job.progress = Progress(started_at=job.started)
-                self._current = job
-            self._notify(job)
-            self._execute(job)
+                group = self._take_group()
+                now = time.time()
+                for job in group:
+                    job.state = RUNNING
+                    job.started = now
+                    job.progress = Progress(started_at=now)
+                self._current, self._running = group[0], list(group)
+            for job in group:
+                self._notify(job)
+            if len(group) == 1:
+                self._execute(group[0])
+            else:
+                self._execute_group(group)
+
+    def _take_group(self) -> list[Job]:
+        """The head job and the compatible jobs waiting behind it (up to the limit); call with the lock held."""
+        head = self._pending.popleft()
+        spec = head._batch
+        if spec is None:
+            return [head]
+        limit = max(int(self._batch_limit()), 1)
+        group, size = [head], spec.size
+        for job in list(self._pending):
+            other = job._batch
+            if other is not None and other.key == spec.key:
+                if size + other.size > limit:
+                    break
+                group.append(job)
+                size += other.size
+                self._pending.remove(job)
+            elif not job._transparent:
+                break   # a job that may change what the group depends on (a model switch, settings) ends it
+        return group
 
     def _execute(self, job: Job) -> None:
         result, error, interrupted = None, None, False
         try:
             result = job._fn(JobContext(job))
-        except JobInterrupted as exc:
-            interrupted = True
-            result = getattr(exc, "result", None)   # a job may attach partial results to the exception
         except BaseException as exc:  # noqa: BLE001 - the worker must outlive anything a job does
-            if isinstance(exc, StudioError):  # bad input, already explained to the caller: one line is enough
-                log.warning("Job %s (%s): %s", job.id, job.kind, exc)
+            result, error, interrupted = self._failure(job, exc)
+        self._settle(job, result, error, interrupted)
+
+    def _execute_group(self, group: list[Job]) -> None:
+        contexts = [JobContext(job) for job in group]
+        try:
+            outcomes = group[0]._batch.run([(job._batch.item, ctx) for job, ctx in zip(group, contexts)])
+            if len(outcomes) != len(group):
+                raise RuntimeError(f"A batched run returned {len(outcomes)} outcomes for {len(group)} jobs.")
+        except BaseException as exc:  # noqa: BLE001 - every member ends with the group's error
+            outcomes = [exc] * len(group)
+        for job, outcome in zip(group, outcomes):
+            if isinstance(outcome, BaseException):
+                self._settle(job, *self._failure(job, outcome))
             else:
-                log.error("Job %s (%s) failed: %s", job.id, job.kind, exc, exc_info=exc)
-            # kept in the history for wait() and the API: without its frames, whose locals (pipelines, latents,
-            # an OOM's activations) would otherwise stay alive as long as the job is listed
-            error = drop_frames(exc)
+                self._settle(job, outcome, None, False)
+
+    @staticmethod
+    def _failure(job: Job, exc: BaseException) -> tuple[Any, BaseException | None, bool]:
+        """(result, error, interrupted) of a job that raised ``exc``."""
+        if isinstance(exc, JobInterrupted):
+            return getattr(exc, "result", None), None, True   # a job may attach partial results to the exception
+        if isinstance(exc, StudioError):  # bad input, already explained to the caller: one line is enough
+            log.warning("Job %s (%s): %s", job.id, job.kind, exc)
+        else:
+            log.error("Job %s (%s) failed: %s", job.id, job.kind, exc, exc_info=exc)
+        # kept in the history for wait() and the API: without its frames, whose locals (pipelines, latents,
+        # an OOM's activations) would otherwise stay alive as long as the job is listed
+        return None, drop_frames(exc), False
+
+    def _settle(self, job: Job, result: Any, error: BaseException | None, interrupted: bool) -> None:
         with self._cond:
             if error is not None:
                 state = FAILED
@@ -348,7 +440,12 @@ class JobQueue:
             else:
                 state = DONE
             self._finish(job, state, result, error)
-            self._current = None
+            if job in self._running:
+                self._running.remove(job)
+            if not self._running:
+                self._current = None
+            elif self._current is job:
+                self._current = self._running[0]
         self._announce(job)
 
     def _finish(self, job: Job, state: str, result: Any = None, error: BaseException | None = None) -> None:
@@ -358,9 +455,9 @@ class JobQueue:
         job._fn = None     # drop the closure: it may hold pipelines or big tensors
         if state == DONE:
             p = job.progress
-            job.progress = Progress(step=p.steps, steps=p.steps, image_index=max(p.images - 1, 0),
+            job.progress = Progress(step=p.steps, steps=p.steps, image_index=max(p.images - p.batch, 0),
                                     images=p.images, fraction=1.0, eta_seconds=0.0, started_at=p.started_at,
-                                    textinfo=p.textinfo)
+                                    textinfo=p.textinfo, batch=p.batch)
         self._active.pop(job.id, None)
         if self._history_size:
             self._history.pop(job.id, None)

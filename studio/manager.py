@@ -52,7 +52,8 @@ class Loaded:
 
 
 def _module_bytes(module: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    from .quantize import module_bytes
+    return module_bytes(module)
 
 
 class PipelineManager:
@@ -250,12 +251,15 @@ class PipelineManager:
 
     def key_for(self, info: CheckpointInfo) -> tuple:
         """The cache key: a file by path, mtime and size (hashing 2 GB takes seconds, so it happens in the
-        background), a folder by its id, a repo by its name; plus dtype and device."""
+        background), a folder by its id, a repo by its name; plus dtype, device and the weight quantisation
+        (changing ``quantize`` loads the model again instead of reusing the other copy)."""
+        from .quantize import effective
         if info.kind == "file":
             ident: Any = (str(info.path), *info.stat_key())
         else:
             ident = self.registry.ensure_hash(info) if info.kind != "hub" else info.name
-        return ("ckpt", ident, devices.dtype_name(self.dtype), str(self.device))
+        return ("ckpt", ident, devices.dtype_name(self.dtype), str(self.device),
+                effective(self.settings.quantize, self.device))
 
     def _estimate(self, info: CheckpointInfo) -> int | None:
         """The bytes ``info`` will take once loaded, from its file headers (None: unknown before loading)."""
@@ -278,6 +282,7 @@ class PipelineManager:
         self._make_room_for(self._estimate(info))
         comps = self._load_components(info)
         self.loads += 1
+        self._quantise(comps)
         nbytes = comps.nbytes()
         self._make_room("device", nbytes)
         if self.placement.type != "cpu":
@@ -295,6 +300,19 @@ class PipelineManager:
             except Exception:  # a listener must never break loading
                 log.exception("on_model_loaded listener failed")
         return entry
+
+    def _quantise(self, comps: Components) -> None:
+        """The ``quantize`` setting, on the CPU before the move to the device (the card never holds the float
+        copy; the room made before loading stays the float size: that is the peak while quantising)."""
+        from . import quantize
+        mode = quantize.effective(self.settings.quantize, self.device)
+        if mode != "none" and self.settings.offload == "lowvram":
+            # accelerate's sequential offload moves plain parameters to meta and back; torchao's tensors do not
+            # survive that, so --lowvram keeps the weights float
+            log.warning("--quantize %s is not used with --lowvram; the weights stay float.", mode)
+            comps.notes.append(f"quantize={mode} is not used with --lowvram (the weights stay float)")
+            return
+        comps.notes.extend(quantize.apply(comps, self.settings.quantize, self.device, self.dtype))
 
     def _make_room_for(self, estimate: int | None) -> None:
         """Room before reading a file, from the size its header tells: made after loading, the old models and

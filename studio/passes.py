@@ -39,6 +39,8 @@ class BatchRun:
                                                                    False):
             self.infotext["Distilled CFG Scale"] = request.distilled_cfg_scale   # as Forge writes it
         self.steps_done: dict[str, tuple[int, int]] = {}   # phase -> (steps run, steps the sampler meant to run)
+        # images per prompt row: a group of jobs (studio/grouped.py) gives one row per image instead
+        self.per_prompt = request.batch_size
 
     def _scheduler(self, sampler: str, schedule: str) -> Any:
         comps = self.loaded.components
@@ -50,8 +52,11 @@ class BatchRun:
         """Run ``pipe`` with progress, live preview and interrupt/skip; returns latents."""
         ctx, every, comps = self.ctx, self.e.settings.preview_every, self.loaded.components
         spec = comps.spec
-        previews = LivePreview(ctx.set_preview, comps.family)
+        # one preview per job: a group's context names where each of its jobs' rows start
+        previews = [(LivePreview(c.set_preview, comps.family), lo) for c, lo in getattr(ctx, "rows", [(ctx, 0)])]
+        watch = getattr(ctx, "watch", None)   # a group keeps the latents of a member stopped at this step
         height, width = self._size(kw, phase)
+        batch = len(self.seeds)
 
         steps_of: dict = {}       # the DeepCache state of this pass, told each finished step
 
@@ -60,9 +65,14 @@ class BatchRun:
                 steps_of["cache"].step = step + 1
             n = getattr(p, "_num_timesteps", None) or steps
             self.steps_done[phase] = (step + 1, n)
-            ctx.set_progress(step + 1, n, image_index=self.first, images=self.total, textinfo=phase or None)
+            ctx.set_progress(step + 1, n, image_index=self.first, images=self.total, textinfo=phase or None,
+                             batch=batch)
+            if watch is not None:
+                watch(step + 1, lambda: spec.unpack_latents(kwargs["latents"], height, width))
             if every and (step + 1) % every == 0 and step + 1 < n:
-                previews.send(spec.unpack_latents(kwargs["latents"], height, width))
+                unpacked = spec.unpack_latents(kwargs["latents"], height, width)
+                for preview, lo in previews:
+                    preview.send(unpacked[lo:])
             ext = self.e.extensions
             if ext is not None and ext.has("studio_on_step"):
                 from .extension_api import StepContext
@@ -87,11 +97,11 @@ class BatchRun:
         if self.control:
             pipe, control_kw = self._with_control(pipe, kw, phase)
             kw = {**kw, **control_kw}
-        ctx.set_progress(0, steps, image_index=self.first, images=self.total, textinfo=phase or None)
+        ctx.set_progress(0, steps, image_index=self.first, images=self.total, textinfo=phase or None, batch=batch)
         self.steps_done[phase] = (0, actual)
         call = dict(spec.text_kwargs(cond.kwargs()), num_inference_steps=steps,
                     **spec.guidance_kwargs(self.r, comps),
-                    num_images_per_prompt=self.r.batch_size, generator=self.e._generators(self.seeds, self.r),
+                    num_images_per_prompt=self.per_prompt, generator=self.e._generators(self.seeds, self.r),
                     output_type="latent", callback_on_step_end=on_step_end,
                     callback_on_step_end_tensor_inputs=inputs, **kw)
         accepted = inspect.signature(pipe.__call__).parameters
@@ -209,6 +219,8 @@ class BatchRun:
         self.pipe = pipe
         if r.enable_hr:
             return latents  # the hires pass decides how to upscale
+        if hasattr(self.ctx, "keep_stopped"):   # a group: members stopped early keep the latents they had then
+            latents = self.ctx.keep_stopped(latents)
         return self.e.decode(pipe, latents, self.result.warnings)
 
     def hires(self, first: torch.Tensor, upscaler: Any, hr_sampler: tuple[str, str], conds: Any) -> list:

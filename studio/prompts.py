@@ -185,6 +185,29 @@ class Conditioning:
     def scheduled(self) -> bool:
         return len(self.positive) > 1 or len(self.negative) > 1
 
+    @staticmethod
+    def stack(conds: list["Conditioning"], repeats: list[int]) -> "Conditioning | None":
+        """One row per image of several unscheduled conditionings (``repeats[i]`` rows of ``conds[i]``), for a
+        pipeline call that makes them all; None when they cannot share one call (a schedule, other lengths)."""
+        if any(c.scheduled for c in conds) or len({c.pooled for c in conds}) != 1:
+            return None
+
+        def rows(side: str) -> tuple | None:
+            firsts = [getattr(c, side)[0] for c in conds]
+            if len({tuple(z.shape) for _, z, _ in firsts}) != 1:
+                return None    # other chunk counts: padding one would change its picture
+            z = torch.cat([z.expand(n, *z.shape[1:]) for (_, z, _), n in zip(firsts, repeats)])
+            pooled = None
+            if conds[0].pooled:
+                pooled = torch.cat([p.expand(n, *p.shape[1:]) for (_, _, p), n in zip(firsts, repeats)])
+            return firsts[0][0], z, pooled
+
+        pos, neg = rows("positive"), rows("negative")
+        if pos is None or neg is None:
+            return None
+        used = set().union(*(c.embeddings_used for c in conds))
+        return Conditioning([pos], [neg], conds[0].pooled, used)
+
     def update(self, step: int, callback_kwargs: dict, batch: int) -> dict:
         """Swap the embeddings in a step callback when the schedule moves on at 0-based ``step``."""
         if not self.scheduled or "prompt_embeds" not in callback_kwargs:

@@ -18,6 +18,7 @@ from .errors import StudioError
 DEVICES = ("auto", "cuda", "mps", "cpu")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 OFFLOAD_MODES = ("none", "medvram", "lowvram")
+QUANTIZE_MODES = ("none", "int8", "fp8")
 
 
 @dataclass
@@ -49,9 +50,16 @@ class Settings:
     cudnn_benchmark: bool = False    # autotune convolutions (each new image size pays a search; on for GTX 16xx)
     pin_memory: bool = True          # models parked in RAM sit in page-locked memory: faster RAM <-> VRAM moves
     annotator_device: str = "auto"   # ControlNet preprocessor models: "auto" (the compute device) or "cpu"
+    quantize: str = "none"           # weights kept quantised: "int8" (weight-only, any device), "fp8" (CUDA storage)
     # speed
     deepcache_interval: int = 1      # DeepCache: the whole UNet every N-th step, its outer ring between (1: off)
     deepcache_start: float = 0.4     # the share of a pass's first steps run whole before (the layout forms there)
+    channels_last: bool = False      # UNets in channels_last memory format (NHWC convolutions: faster on tensor cores)
+    sdpa_backend: str = "auto"       # scaled_dot_product_attention kernel: auto, flash, efficient, cudnn, math
+    compile_backend: str = ""        # torch.compile the denoiser with this backend ("" off; "inductor" is torch's)
+    vae_tiling: bool = False         # the VAE decodes / encodes large images in tiles (a fixed amount of memory)
+    queue_batch: int = 1             # dynamic batching: images of compatible waiting txt2img jobs run as one (1: off)
+    onnx_runtime: bool = False       # UNet and VAE on onnxruntime from the checkpoint's export (models/onnx)
     # network
     allow_download: bool = False     # Hugging Face repo ids may download into the HF cache
     # generation defaults and limits
@@ -125,6 +133,11 @@ class Settings:
         return paths
 
     @property
+    def onnx_path(self) -> Path:
+        """Where ONNX exports of checkpoints go (studio.onnx): one folder per checkpoint."""
+        return Path(self.models_dir) / "onnx"
+
+    @property
     def annotators_path(self) -> Path:
         return self._sub(self.annotators_dir, "annotators")
 
@@ -147,6 +160,9 @@ class Settings:
         if self.offload not in OFFLOAD_MODES:
             raise StudioError(f"Setting 'offload' is {self.offload!r}.", field="offload",
                               fix=f"use one of {', '.join(OFFLOAD_MODES)}")
+        if self.quantize not in QUANTIZE_MODES:
+            raise StudioError(f"Setting 'quantize' is {self.quantize!r}.", field="quantize",
+                              fix=f"use one of {', '.join(QUANTIZE_MODES)}")
         if self.annotator_device not in ("auto", "cpu"):
             raise StudioError(f"Setting 'annotator_device' is {self.annotator_device!r}.", field="annotator_device",
                               fix="use 'auto' (the compute device) or 'cpu'")
@@ -156,6 +172,15 @@ class Settings:
         if not 0.0 <= self.deepcache_start < 1.0:
             raise StudioError(f"Setting 'deepcache_start' is {self.deepcache_start}.", field="deepcache_start",
                               fix="use a share of the steps from 0 to below 1 (0.4: the first 40 % run whole)")
+        if self.sdpa_backend not in ("auto", "flash", "efficient", "cudnn", "math"):
+            raise StudioError(f"Setting 'sdpa_backend' is {self.sdpa_backend!r}.", field="sdpa_backend",
+                              fix="use auto, flash, efficient, cudnn or math")
+        if self.compile_backend and not self.compile_backend.replace("_", "").isalnum():
+            raise StudioError(f"Setting 'compile_backend' is {self.compile_backend!r}.", field="compile_backend",
+                              fix="use a torch.compile backend name such as inductor, or leave it empty (off)")
+        if not 1 <= self.queue_batch <= 64:
+            raise StudioError(f"Setting 'queue_batch' is {self.queue_batch}.", field="queue_batch",
+                              fix="use 1 (each job alone) to 64 images per shared batch")
         if self.rng not in ("cpu", "device"):
             raise StudioError(f"Setting 'rng' is {self.rng!r}.", field="rng", fix="use 'cpu' or 'device'")
         return self

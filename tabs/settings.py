@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 
 from studio.errors import StudioError
-from studio.settings import DEVICES, OFFLOAD_MODES, PRECISIONS, Settings
+from studio.settings import DEVICES, OFFLOAD_MODES, PRECISIONS, QUANTIZE_MODES, Settings
 from webui.common import error_html
 
 # (section, [(field, label)]) in display order
@@ -28,11 +28,22 @@ SECTIONS = [
         ("allow_tf32", "TF32 for fp32 math on Ampere and newer GPUs"),
         ("cudnn_benchmark", "cuDNN benchmark (autotunes convolutions per image size; always on for GTX 16xx)"),
         ("annotator_device", "ControlNet preprocessor models run on (auto: the compute device)"),
+        ("quantize", "Weight quantisation (int8: linear layers at a quarter of fp32 / half of fp16, any device, not "
+                     "faster, the picture changes a little; fp8: storage on CUDA; next model load)"),
     ]),
     ("Speed", [
         ("deepcache_interval", "DeepCache: the whole UNet every N-th step, only its outer blocks between (1: off; "
                                "UNet models only; changes the picture a little)"),
         ("deepcache_start", "DeepCache starts after this share of the steps (they lay the picture out)"),
+        ("channels_last", "channels_last memory format for UNets (faster convolutions on NVIDIA tensor cores)"),
+        ("sdpa_backend", "Attention kernel (scaled_dot_product_attention backend; auto: PyTorch picks)"),
+        ("compile_backend", "torch.compile the UNet / transformer with this backend (empty: off; inductor; each "
+                            "new image size compiles once)"),
+        ("vae_tiling", "VAE tiling: large images decode and encode in tiles (less memory)"),
+        ("queue_batch", "Dynamic batching: up to N images of compatible waiting txt2img jobs (same model, size, "
+                        "steps, sampler, LoRAs) run as one batch (1: each job alone)"),
+        ("onnx_runtime", "Run the UNet and VAE on onnxruntime from the checkpoint's ONNX export (the button below "
+                         "makes it; the picture differs slightly from torch's; LoRA prompts run on torch)"),
     ]),
     ("Outputs", [
         ("outdir", "Output folder"),
@@ -55,7 +66,9 @@ SECTIONS = [
     ]),
 ]
 CHOICES = {"device": list(DEVICES), "precision": list(PRECISIONS), "offload": list(OFFLOAD_MODES),
-           "annotator_device": ["auto", "cpu"]}
+           "annotator_device": ["auto", "cpu"], "quantize": list(QUANTIZE_MODES),
+           "sdpa_backend": ["auto", "flash", "efficient", "cudnn", "math"],
+           "compile_backend": ["", "inductor", "cudagraphs", "aot_eager", "eager"]}
 # placement and dtype are fixed when the pipeline manager is built; downloads are allowed (or not) at start
 RESTART = {"device", "precision", "offload", "no_half_vae", "xformers", "allow_download", "allow_tf32",
            "cudnn_benchmark", "annotator_device"}
@@ -84,11 +97,34 @@ def build(studio: Any) -> dict:
                     with gr.Row():
                         for name, label in row:
                             widgets[name] = _widget(name, label, getattr(s, name))
+            if title == "Speed":
+                onnx_export = _onnx_export_row(studio)
     gr.Markdown(f"Settings file: `{Path(s.settings_file).resolve()}`. Flags given to launch.py override the file "
                 "for the run they are given to.")
     save.click(lambda *values: _save(studio, dict(zip(names, values))), [widgets[n] for n in names],
                [message, status], api_visibility="private", queue=False)
-    return {"widgets": widgets, "save": save, "message": message}
+    return {"widgets": widgets, "save": save, "message": message, "onnx_export": onnx_export}
+
+
+def _onnx_export_row(studio: Any) -> Any:
+    with gr.Row():
+        button = gr.Button("Export current checkpoint to ONNX", elem_id="settings_onnx_export", scale=0,
+                           min_width=280)
+        result = gr.HTML("", elem_id="settings_onnx_message")
+    button.click(lambda: export_onnx(studio), [], [result], api_visibility="private")
+    return button
+
+
+def export_onnx(studio: Any) -> str:
+    """The button: export the current checkpoint through the job queue; what was written, or why not."""
+    from studio.onnx.export import export_checkpoint   # torch-free until the export runs
+    try:
+        out = export_checkpoint(studio, "")
+    except (StudioError, OSError, RuntimeError) as exc:
+        return error_html(f"Not exported: {exc}")
+    return (f"<p class='studio-note'>Exported {html.escape(out.title)} to {html.escape(str(out.folder))}: "
+            f"{len(out.files)} files, {out.total_bytes / 1e6:.1f} MB, in {out.seconds:.0f} s. Switch on "
+            "\"Run the UNet and VAE on onnxruntime\" and save to use it.</p>")
 
 
 def _widget(name: str, label: str, value: Any) -> Any:

@@ -243,3 +243,21 @@ def test_deepcache_flag_and_settings():
         with pytest.raises(StudioError) as e:
             Settings().replace(**bad)
         assert e.value.field == next(iter(bad))
+
+
+def test_speed_flags_map_to_settings():
+    from studio import cli
+    from studio.errors import StudioError
+    from studio.settings import Settings
+    args = cli.build_parser().parse_args(["--queue-batch", "8", "--channels-last", "--sdpa-backend", "math",
+                                          "--compile", "--vae-tiling"])
+    got = cli.settings_overrides(args)
+    assert {k: got[k] for k in ("queue_batch", "channels_last", "sdpa_backend", "compile_backend", "vae_tiling")} \
+        == {"queue_batch": 8, "channels_last": True, "sdpa_backend": "math", "compile_backend": "inductor",
+            "vae_tiling": True}
+    assert cli.settings_overrides(cli.build_parser().parse_args(["--compile", "aot_eager"]))["compile_backend"] \
+        == "aot_eager"
+    for bad in ({"queue_batch": 0}, {"queue_batch": 65}, {"sdpa_backend": "fast"}):
+        with pytest.raises(StudioError) as e:
+            Settings().replace(**bad)
+        assert e.value.field == next(iter(bad))

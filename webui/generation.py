@@ -329,7 +329,13 @@ def progress_html(job: Any, prefix_text: str = "") -> str:
     else:
         pct = int(p.fraction * 100)
         eta = f" · ETA {p.eta_seconds:.0f} s" if p.eta_seconds else ""
-        image = f"image {p.image_index + 1}/{p.images} · " if p.images > 1 else ""
+        batch = getattr(p, "batch", 1)
+        if p.images <= 1 or batch >= p.images:   # one batch: its images advance together
+            image = ""
+        elif batch > 1:
+            image = f"images {p.image_index + 1}-{min(p.image_index + batch, p.images)}/{p.images} · "
+        else:
+            image = f"image {p.image_index + 1}/{p.images} · "
         text = f"{image}step {p.step}/{p.steps} · {pct}%{eta}"
     return (f"<div class='studio-progress' data-state='{job.state}'><div class='studio-progress-bar' "
             f"style='width:{pct}%'></div><span class='studio-progress-text'>{html.escape(prefix_text + text)}"

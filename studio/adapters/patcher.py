@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import families
+from .. import families, quantize
 from ..lazy import torch
 from ..offload import live_tensor
 from .deltas import LayerDelta, RowSliceDelta
@@ -244,8 +244,7 @@ class AdapterPatcher:
                 applied.append((lf.name, te, un))
                 if te != 0 and any(comp != "unet" for comp, _ in lf.layers):
                     te_key.append((lf.ident or str(lf.path), te))
-        size = sum(getattr(t.module, okey[1]).numel() * getattr(t.module, okey[1]).element_size()
-                   for okey, t in targets.items())
+        size = sum(_tensor_bytes(getattr(t.module, okey[1])) for okey, t in targets.items())
         keep = size <= self.cache_bytes  # a set too big for the cache is recomputed when it comes back
         tensors = {}
         for okey, target in targets.items():
@@ -269,7 +268,7 @@ class AdapterPatcher:
 
     def _save_original(self, okey, module, attr) -> None:
         if okey not in self._originals:
-            orig = live_tensor(module, attr).detach().to("cpu", copy=True)
+            orig = quantize.copy_of(live_tensor(module, attr))
             self._originals[okey] = (module, attr, orig)
             self._originals_bytes += _tensor_bytes(orig)
 
@@ -279,20 +278,22 @@ class AdapterPatcher:
         param = live_tensor(target.module, attr)   # under --lowvram the weights sit in the offload hook
         self._save_original(okey, target.module, attr)
         self._dirty.add(okey)
-        # sum every delta in float32 and round once, so several LoRAs on an fp16 layer lose no precision
-        w = param.detach().float()
+        # sum every delta in float32 and round once, so several LoRAs on an fp16 layer lose no precision; an int8
+        # weight (--quantize int8) is widened, patched and quantised again with fresh scales (the float original
+        # is not kept; the exact int8 original comes back from the saved quantised copy)
+        w = quantize.dequantised(param)
         total = torch.zeros_like(w)
         for delta, weight in target.entries:
             d = delta.weight_delta(w) if attr == "weight" else delta.bias_delta(w)
             if d is not None:
                 total += d * weight
-        patched = (w + total).to(param.dtype)
+        patched = quantize.like(param, w + total)
         param.data.copy_(patched)
-        return patched.to("cpu", copy=True) if keep else None
+        return quantize.copy_of(patched) if keep else None
 
 
 def _tensor_bytes(t) -> int:
-    return t.numel() * t.element_size()
+    return quantize.tensor_bytes(t)
 
 
 def patch_cache_bytes(settings) -> int:

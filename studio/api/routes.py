@@ -25,6 +25,7 @@ from .imagedata import decode_image
 from .img2img import img2img_request
 from .merge import register_merge
 from .networks import register_networks
+from .onnx import register_onnx
 from .a1111_options import OPTION_TYPES
 from .options import OVERRIDE_CHECKPOINT_KEYS, OptionsStore, check_clip_skip, check_option, check_text
 from .progress import (JobMeta, JobWaiter, PreviewCache, idle_progress, internal_progress, job_progress)
@@ -56,6 +57,7 @@ def build_router(studio: "Studio", *, auth: Any = None, cmd_flags: dict | None =
     register_controlnet(router, studio)
     register_merge(router, studio)
     register_training(router, studio)
+    register_onnx(router, studio)
     return router
 
 
@@ -167,7 +169,9 @@ class _Api:
         def restore(ctx: Any) -> None:
             manager.current = previous
 
-        self.studio.queue.submit(restore, kind="restore-checkpoint", description="override_settings")
+        # transparent: jobs naming their checkpoint may batch past it (it only moves the pointer back)
+        self.studio.queue.submit(restore, kind="restore-checkpoint", description="override_settings",
+                                 transparent=True)
 
     # ---- progress --------------------------------------------------------------------------------------------
     async def progress(self, skip_current_image: bool = Query(False)) -> dict:

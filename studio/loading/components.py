@@ -62,9 +62,6 @@ class Components:
         return out
 
     def nbytes(self) -> int:
-        """Bytes held by parameters and buffers of all modules."""
-        total = 0
-        for module in self.modules().values():
-            for t in list(module.parameters()) + list(module.buffers()):
-                total += t.numel() * t.element_size()
-        return total
+        """Bytes held by parameters and buffers of all modules (quantised weights at their real size)."""
+        from ..quantize import module_bytes
+        return sum(module_bytes(module) for module in self.modules().values())

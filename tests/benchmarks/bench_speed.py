@@ -20,7 +20,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-OPTIONS = {"studio": {}, "deepcache 2": {"deepcache_interval": 2}, "deepcache 3": {"deepcache_interval": 3}}
+OPTIONS = {"studio": {}, "deepcache 2": {"deepcache_interval": 2}, "deepcache 3": {"deepcache_interval": 3},
+           "int8": {"quantize": "int8"},
+           "onnx": {"onnx_runtime": True}}      # UNet + VAE on onnxruntime (CPU provider here) from the export
 
 
 def _mid_unet(seed: int = 0):
@@ -95,6 +97,20 @@ def bench_model(studio, checkpoint: str, size: int, steps: int, runs: int) -> di
     return {name: statistics.median(a / b for a, b in zip(t, base)) for name, t in times.items()}
 
 
+def unet_bytes(studio, checkpoint: str) -> dict[str, int]:
+    """Resident bytes of the checkpoint's UNet as loaded without and with ``quantize=int8``."""
+    from studio.quantize import module_bytes
+    out = {}
+    for mode in ("none", "int8"):
+        studio.settings.quantize = mode
+        try:
+            with studio.manager.acquire(checkpoint, "Automatic") as loaded:
+                out[mode] = module_bytes(loaded.components.unet)
+        finally:
+            studio.settings.quantize = "none"
+    return out
+
+
 def quality(studio, per_prompt: int) -> dict[str, tuple[float, float]]:
     """(colour %, shape %) on the demo model per option, over the grid's 6 prompts x ``per_prompt`` seeds."""
     from tests.effects.effects import draw, score
@@ -131,10 +147,17 @@ def main() -> None:
         studio = Studio(Settings(models_dir=str(root), data_dir=str(root / "data"), outdir=str(root / "out"),
                                  default_checkpoint=TRAINED_NAME, preview_every=0), load_extensions=False)
         try:
+            from studio.onnx.export import export_checkpoint
+            for name in (TRAINED_NAME, "mid-sd1.safetensors"):      # what the "onnx" option runs on
+                out = export_checkpoint(studio, name)
+                print(f"ONNX export of {name}: {out.seconds:.1f} s, {out.total_bytes / 1e6:.1f} MB")
             rows = {} if args.only_quality else {
                 "demo model (64 px, 20 steps)": bench_model(studio, TRAINED_NAME, 64, 20, args.runs),
                 "mid-size SD1 UNet (256 px, 20 steps)": bench_model(studio, "mid-sd1.safetensors", 256, 20,
                                                                     args.runs)}
+            sizes = {} if args.only_quality else {
+                name: unet_bytes(studio, ckpt) for name, ckpt in (("demo model", TRAINED_NAME),
+                                                                  ("mid-size SD1 UNet", "mid-sd1.safetensors"))}
             scores = quality(studio, args.seeds)
         finally:
             studio.close()
@@ -144,6 +167,9 @@ def main() -> None:
         print(f"{'model':40}" + "".join(f"{n:>16}" for n in names))
         for model, r in rows.items():
             print(f"{model:40}" + "".join(f"{r[n]:16.3f}" for n in names))
+    for name, b in sizes.items():
+        print(f"UNet resident bytes, {name}: {b['none'] / 2**20:.1f} MB float, {b['int8'] / 2**20:.1f} MB int8 "
+              f"({b['int8'] / b['none']:.2f})")
     print(f"demo scorer adherence over {6 * args.seeds} pictures (colour % / shape %):")
     for name, (c, s) in scores.items():
         print(f"  {name:14} {c:5.1f} / {s:5.1f}")

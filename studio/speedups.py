@@ -1,0 +1,91 @@
+"""Per-job speed options on the loaded modules: torch.compile, channels_last, the SDPA backend, VAE tiling.
+
+Each is a setting and off by default (each may change the float rounding, so pixels). They are applied around one
+job by :func:`job_options`; what they set on a module (compiled forward, memory format) stays on it while it is
+cached, so the next job at the same size pays nothing, and is undone when the setting is turned off.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+from .errors import StudioError
+from .lazy import torch
+
+SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+# what torch offers on a CPU: flash (its C++ kernel) and math; the others are CUDA kernels
+_CPU_SDPA = ("flash", "math")
+
+
+@contextlib.contextmanager
+def job_options(settings: Any, denoiser: Any, vae: Any, device: Any, warnings: list[str]) -> Iterator[dict]:
+    """Apply the speed settings for one job; yields the infotext entries they add (none: they keep the picture
+    within float rounding, and A1111 / Forge write nothing for theirs)."""
+    _memory_format(denoiser, settings.channels_last)
+    _compiled(denoiser, settings.compile_backend)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_vae_tiling(vae, settings.vae_tiling))
+        backend = settings.sdpa_backend
+        if backend != "auto":
+            if getattr(device, "type", str(device)) != "cuda" and backend not in _CPU_SDPA:
+                note = (f"SDPA backend {backend!r} is a CUDA kernel; on {device} attention used PyTorch's automatic "
+                        "choice.")
+                if note not in warnings:
+                    warnings.append(note)
+            else:
+                stack.enter_context(sdpa_kernel(backend))
+        yield {}
+
+
+def sdpa_kernel(backend: str) -> Any:
+    """torch's context that limits scaled_dot_product_attention to one backend."""
+    from torch.nn.attention import SDPBackend
+    from torch.nn.attention import sdpa_kernel as kernel
+    names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    return kernel([names[backend]])
+
+
+def _memory_format(module: Any, channels_last: bool) -> None:
+    """channels_last for convolutional denoisers (UNets: NHWC convolutions are faster on tensor cores)."""
+    if module is None or not any(isinstance(m, torch.nn.Conv2d) for m in module.modules()):
+        return
+    wanted = torch.channels_last if channels_last else torch.contiguous_format
+    if getattr(module, "_studio_memory_format", torch.contiguous_format) != wanted:
+        module.to(memory_format=wanted)
+        module._studio_memory_format = wanted
+
+
+def _compiled(module: Any, backend: str) -> None:
+    """``module.compile`` in place (the pipelines keep the same object); dynamo caches one graph per input shape
+    and dtype on it, so only a new size or dtype compiles again. "" undoes it."""
+    if module is None:
+        return
+    current = getattr(module, "_studio_compile", "")
+    if current == backend:
+        return
+    if backend:
+        try:
+            module.compile(backend=backend, dynamic=False)
+        except Exception as exc:  # noqa: BLE001 - torch names the reason (no compiler, an unknown backend)
+            raise StudioError(f"torch.compile with backend {backend!r} failed: {exc}", field="compile_backend",
+                              fix="pick another backend (inductor needs a C++ compiler) or leave it empty") from None
+    else:
+        module._compiled_call_impl = None     # what nn.Module.compile set: the plain forward again
+    module._studio_compile = backend
+
+
+@contextlib.contextmanager
+def _vae_tiling(vae: Any, on: bool) -> Iterator[None]:
+    """Decode and encode in overlapping tiles (diffusers' own): big pictures in a fixed amount of memory. Small
+    latents are not tiled by diffusers at all, so only large images change."""
+    if not on or vae is None or not hasattr(vae, "enable_tiling"):
+        yield
+        return
+    was = getattr(vae, "use_tiling", False)
+    vae.enable_tiling()
+    try:
+        yield
+    finally:
+        if not was:
+            vae.disable_tiling()
