@@ -36,6 +36,7 @@ _DIRECT = {
     "deepcache": "deepcache_interval",
     "queue_batch": "queue_batch",
     "channels_last": "channels_last",
+    "fused_qkv": "fused_qkv",
     "sdpa_backend": "sdpa_backend",
     "compile": "compile_backend",
     "vae_tiling": "vae_tiling",
@@ -193,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 1: each job alone)")
     g.add_argument("--channels-last", action="store_true", default=None,
                    help="keep UNets in channels_last memory format (faster convolutions on NVIDIA tensor cores)")
+    g.add_argument("--fused-qkv", action="store_true", default=None,
+                   help="fuse attention's q / k / v projections into one matmul (diffusers' fuse_qkv_projections; "
+                        "rebuilt when a LoRA set changes them)")
     g.add_argument("--sdpa-backend", choices=("auto", "flash", "efficient", "cudnn", "math"), default=None,
                    help="the attention kernel PyTorch's scaled_dot_product_attention may use (default auto)")
     g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",

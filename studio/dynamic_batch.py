@@ -157,13 +157,13 @@ def _run_group(engine: Any, items: list[tuple[GenerationRequest, Any]]) -> list[
         engine._check_family(first, loaded)
         spec = loaded.components.spec
         lead = results[live[0]]
-        stack.enter_context(job_options(settings, loaded.components.unet, loaded.vae, engine.manager.device,
-                                        lead.warnings))
         if spec.ragged_text:
             return None    # each prompt keeps its own length: no common batch
         prompt_networks = extract_extra_networks(first.prompt)[1]
         shared: list[str] = []
         adapter_key, lora_hashes = engine._activate_networks(loaded, prompt_networks, shared)
+        stack.enter_context(job_options(settings, loaded.components, loaded.vae, engine.manager.device,
+                                        lead.warnings, engine.manager.offloading))
         onnx_infotext = stack.enter_context(onnx_for_job(engine, first, loaded, prompt_networks, shared))
         embeddings = engine._embeddings(loaded)
         conds: dict[int, Conditioning] = {}

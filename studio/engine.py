@@ -138,8 +138,6 @@ class Engine:
         with self.manager.acquire(request.checkpoint, request.vae) as loaded, contextlib.ExitStack() as held:
             self._check_family(request, loaded)
             control = self._load_controlnets(request, loaded, held)
-            held.enter_context(job_options(self.settings, loaded.components.unet, loaded.vae, self.manager.device,
-                                           result.warnings))
             result.model_name = loaded.info.model_name
             result.model_hash = loaded.info.short_hash or ""
             if loaded.vae_info is not None:
@@ -147,6 +145,8 @@ class Engine:
             prompt, networks = extract_extra_networks(request.prompt)
             negative, _ = extract_extra_networks(request.negative_prompt)
             adapter_key, lora_hashes = self._activate_networks(loaded, networks, result.warnings)
+            held.enter_context(job_options(self.settings, loaded.components, loaded.vae, self.manager.device,
+                                           result.warnings, self.manager.offloading))
             onnx_infotext = held.enter_context(onnx_for_job(self, request, loaded, networks, result.warnings))
             embeddings = self._embeddings(loaded)
             used_embeddings: set[str] = set()

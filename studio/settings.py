@@ -55,6 +55,7 @@ class Settings:
     deepcache_interval: int = 1      # DeepCache: the whole UNet every N-th step, its outer ring between (1: off)
     deepcache_start: float = 0.4     # the share of a pass's first steps run whole before (the layout forms there)
     channels_last: bool = False      # UNets in channels_last memory format (NHWC convolutions: faster on tensor cores)
+    fused_qkv: bool = False          # one matmul for attention's q / k / v (diffusers' fuse_qkv_projections)
     sdpa_backend: str = "auto"       # scaled_dot_product_attention kernel: auto, flash, efficient, cudnn, math
     compile_backend: str = ""        # torch.compile the denoiser with this backend ("" off; "inductor" is torch's)
     vae_tiling: bool = False         # the VAE decodes / encodes large images in tiles (a fixed amount of memory)

@@ -1,4 +1,5 @@
-"""Per-job speed options on the loaded modules: torch.compile, channels_last, the SDPA backend, VAE tiling.
+"""Per-job speed options on the loaded modules: torch.compile, channels_last, fused QKV projections, the SDPA
+backend, VAE tiling.
 
 Each is a setting and off by default (each may change the float rounding, so pixels). They are applied around one
 job by :func:`job_options`; what they set on a module (compiled forward, memory format) stays on it while it is
@@ -18,10 +19,14 @@ _CPU_SDPA = ("flash", "math")
 
 
 @contextlib.contextmanager
-def job_options(settings: Any, denoiser: Any, vae: Any, device: Any, warnings: list[str]) -> Iterator[dict]:
-    """Apply the speed settings for one job; yields the infotext entries they add (none: they keep the picture
-    within float rounding, and A1111 / Forge write nothing for theirs)."""
+def job_options(settings: Any, components: Any, vae: Any, device: Any, warnings: list[str],
+                offloading: bool = False) -> Iterator[dict]:
+    """Apply the speed settings for one job (after its LoRAs are patched in); yields the infotext entries they add
+    (none: they keep the picture within float rounding, and A1111 / Forge write nothing for theirs)."""
+    from .adapters.patcher import patched_key
+    denoiser = components.unet
     _memory_format(denoiser, settings.channels_last)
+    _fused_qkv(denoiser, settings.fused_qkv, warnings, offloading, patched_key(components))
     _compiled(denoiser, settings.compile_backend)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_vae_tiling(vae, settings.vae_tiling))
@@ -54,6 +59,66 @@ def _memory_format(module: Any, channels_last: bool) -> None:
     if getattr(module, "_studio_memory_format", torch.contiguous_format) != wanted:
         module.to(memory_format=wanted)
         module._studio_memory_format = wanted
+
+
+_FUSED = ("to_qkv", "to_kv", "to_added_qkv")
+
+
+def _fused_qkv(module: Any, on: bool, warnings: list[str], offloading: bool, patched: tuple) -> None:
+    """diffusers' ``fuse_qkv_projections``: one matmul for q, k and v (k and v in cross-attention).
+
+    The fused copies are built from the live weights, so from the LoRA-patched ones; they are kept for the next job
+    while the weights are the same (the same LoRA set ``patched``, the same tensors), else fused again: rebuilding
+    them each job would also make torch.compile trace again. Off, they are dropped.
+    """
+    if module is None:
+        return
+    attns = [m for m in module.modules() if hasattr(m, "fuse_projections") and getattr(m, "to_q", None) is not None]
+    fused = getattr(module, "_studio_qkv", None)
+    usable = bool(attns) and hasattr(module, "fuse_qkv_projections")
+    why = None
+    if on and usable and offloading:
+        why = "with --medvram / --lowvram (the fused layers would miss the offload hooks)"
+    elif on and usable and not all(_plain(m) for m in attns):
+        why = "on quantised weights (int8, fp8, GGUF)"
+    if on and usable and why is None:
+        print_ = (patched, _fingerprint(attns))
+        if fused == print_:
+            return
+        if fused is not None:
+            _unfuse(module, attns)
+        with torch.no_grad():
+            module.fuse_qkv_projections()
+        module._studio_qkv = print_
+        return
+    if on:
+        note = f"Fused QKV projections are not used {why or 'on this model (diffusers cannot fuse it)'}."
+        if note not in warnings:
+            warnings.append(note)
+    if fused is not None:
+        _unfuse(module, attns)
+
+
+def _plain(attn: Any) -> bool:
+    weights = [getattr(attn, n).weight for n in ("to_q", "to_k", "to_v")]
+    return all(type(w.data) is torch.Tensor and w.dtype.is_floating_point and w.dtype.itemsize >= 2
+               for w in weights)
+
+
+def _fingerprint(attns: list) -> tuple:
+    """The q / k / v tensors' storage: changes when one is replaced (the LoRA patcher writes through ``.data``,
+    which no version counter sees: its set key tells those)."""
+    return tuple(w.data_ptr() for m in attns for w in (m.to_q.weight, m.to_k.weight, m.to_v.weight))
+
+
+def _unfuse(module: Any, attns: list) -> None:
+    module.unfuse_qkv_projections()      # the attention processors as they were
+    for m in attns:                      # and without the fused copies diffusers leaves behind
+        for name in _FUSED:
+            if hasattr(m, name):
+                delattr(m, name)
+        m.fused_projections = False
+    module._studio_qkv = None
 
 
 def _compiled(module: Any, backend: str) -> None:

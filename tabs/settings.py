@@ -36,6 +36,7 @@ SECTIONS = [
                                "UNet models only; changes the picture a little)"),
         ("deepcache_start", "DeepCache starts after this share of the steps (they lay the picture out)"),
         ("channels_last", "channels_last memory format for UNets (faster convolutions on NVIDIA tensor cores)"),
+        ("fused_qkv", "Fused QKV projections: one matmul for attention's q / k / v (rebuilt when LoRAs change them)"),
         ("sdpa_backend", "Attention kernel (scaled_dot_product_attention backend; auto: PyTorch picks)"),
         ("compile_backend", "torch.compile the UNet / transformer with this backend (empty: off; inductor; each "
                             "new image size compiles once)"),

@@ -250,11 +250,12 @@ def test_speed_flags_map_to_settings():
     from studio.errors import StudioError
     from studio.settings import Settings
     args = cli.build_parser().parse_args(["--queue-batch", "8", "--channels-last", "--sdpa-backend", "math",
-                                          "--compile", "--vae-tiling"])
+                                          "--compile", "--vae-tiling", "--fused-qkv"])
     got = cli.settings_overrides(args)
-    assert {k: got[k] for k in ("queue_batch", "channels_last", "sdpa_backend", "compile_backend", "vae_tiling")} \
+    assert {k: got[k] for k in ("queue_batch", "channels_last", "sdpa_backend", "compile_backend", "vae_tiling",
+                                "fused_qkv")} \
         == {"queue_batch": 8, "channels_last": True, "sdpa_backend": "math", "compile_backend": "inductor",
-            "vae_tiling": True}
+            "vae_tiling": True, "fused_qkv": True}
     assert cli.settings_overrides(cli.build_parser().parse_args(["--compile", "aot_eager"]))["compile_backend"] \
         == "aot_eager"
     for bad in ({"queue_batch": 0}, {"queue_batch": 65}, {"sdpa_backend": "fast"}):

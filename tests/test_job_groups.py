@@ -95,18 +95,25 @@ def test_each_member_keeps_its_own_failure_or_interrupt(queue):
     assert jobs[2].result == "partial" and str(jobs[1].error) == "bad prompt"
 
 
-def test_interrupting_one_member_leaves_the_others_running(queue):
+def running_group(queue, n, answer):
+    """``n`` batchable jobs running as one group, held inside it until the returned event is set; the group
+    answers ``answer(item, ctx)`` for each."""
     first, release = blocker(queue)
     inside, go = threading.Event(), threading.Event()
 
     def run(items):
         inside.set()
         assert go.wait(T)
-        return [("interrupted" if ctx.interrupted else "done", i) for i, ctx in items]
+        return [answer(i, ctx) for i, ctx in items]
 
-    jobs = [queue.submit(lambda ctx: None, batch=Batchable("k", i, run)) for i in range(3)]
+    jobs = [queue.submit(lambda ctx: None, batch=Batchable("k", i, run)) for i in range(n)]
     release.set()
     assert inside.wait(T)
+    return jobs, go
+
+
+def test_interrupting_one_member_leaves_the_others_running(queue):
+    jobs, go = running_group(queue, 3, lambda i, ctx: ("interrupted" if ctx.interrupted else "done", i))
     assert [j.queue_position for j in jobs] == [0, 0, 0]
     assert queue.current() is jobs[0] and queue.running() == jobs
     jobs[1].interrupt()
@@ -117,17 +124,7 @@ def test_interrupting_one_member_leaves_the_others_running(queue):
 
 
 def test_interrupt_without_an_id_stops_the_whole_group(queue):
-    first, release = blocker(queue)
-    inside, go = threading.Event(), threading.Event()
-
-    def run(items):
-        inside.set()
-        assert go.wait(T)
-        return [ctx.interrupted for _, ctx in items]
-
-    jobs = [queue.submit(lambda ctx: None, batch=Batchable("k", i, run)) for i in range(2)]
-    release.set()
-    assert inside.wait(T)
+    jobs, go = running_group(queue, 2, lambda i, ctx: ctx.interrupted)
     assert queue.interrupt()              # A1111's POST /sdapi/v1/interrupt: the generation, every member
     go.set()
     assert [j.wait(T) for j in jobs] == [True, True]

@@ -318,6 +318,12 @@ def patcher_for(components, settings=None) -> AdapterPatcher:
     return patcher
 
 
+def patched_key(components) -> tuple:
+    """The LoRA set patched into the weights of ``components`` (() when none); never creates a patcher."""
+    patcher = components.__dict__.get("_adapter_patcher")
+    return patcher.key if patcher is not None else ()
+
+
 def held_bytes(components) -> int:
     """RAM the patcher of ``components`` holds (originals + cached sets); 0 if it has none (never creates one)."""
     patcher = components.__dict__.get("_adapter_patcher")

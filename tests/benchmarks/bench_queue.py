@@ -73,17 +73,12 @@ def main() -> None:
     args = ap.parse_args()
     from fastapi.testclient import TestClient
 
-    from studio.app import Studio
     from studio.demo import TRAINED_NAME
-    from studio.settings import Settings
     from tests.api.conftest import make_app
-    from tests.benchmarks.bench_speed import _store
+    from tests.benchmarks.bench_speed import bench_studio
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        _store(root)
-        studio = Studio(Settings(models_dir=str(root), data_dir=str(root / "data"), outdir=str(root / "out"),
-                                 default_checkpoint=TRAINED_NAME, preview_every=0), load_extensions=False)
+        studio = bench_studio(Path(tmp))
         try:
             with TestClient(make_app(studio)) as client:
                 rows = [] if args.skip_demo else [("demo model (64 px, 20 steps)", TRAINED_NAME, 64)]

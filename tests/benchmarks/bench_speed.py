@@ -13,6 +13,7 @@ import argparse
 import os
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,12 @@ import torch  # noqa: E402
 
 OPTIONS = {"studio": {}, "deepcache 2": {"deepcache_interval": 2}, "deepcache 3": {"deepcache_interval": 3},
            "int8": {"quantize": "int8"},
-           "onnx": {"onnx_runtime": True}}      # UNet + VAE on onnxruntime (CPU provider here) from the export
+           "onnx": {"onnx_runtime": True},      # UNet + VAE on onnxruntime (CPU provider here) from the export
+           "channels last": {"channels_last": True}, "fused qkv": {"fused_qkv": True},
+           "sdpa math": {"sdpa_backend": "math"},
+           "dc3+fused+cl": {"deepcache_interval": 3, "fused_qkv": True, "channels_last": True}}
+# 8 jobs waiting together with dynamic batching: the time of the 8 / 8 (per image), without and with DeepCache 3
+BATCHED = {"queue 8": {}, "queue 8+dc3": {"deepcache_interval": 3}}
 
 
 def _mid_unet(seed: int = 0):
@@ -46,6 +52,16 @@ def _store(root: Path) -> None:
     mid = tinymodels.make_tiny("sd1", seed=0)
     mid.unet = _mid_unet().eval()
     tinymodels.write_single_file(mid, root / "Stable-diffusion" / "mid-sd1.safetensors")
+
+
+def bench_studio(root: Path):
+    """A studio over the demo model and the mid-size SD1 model, stored in ``root``; no previews."""
+    from studio.app import Studio
+    from studio.demo import TRAINED_NAME
+    from studio.settings import Settings
+    _store(root)
+    return Studio(Settings(models_dir=str(root), data_dir=str(root / "data"), outdir=str(root / "out"),
+                           default_checkpoint=TRAINED_NAME, preview_every=0), load_extensions=False)
 
 
 def _bare(studio, checkpoint: str):
@@ -84,15 +100,36 @@ def bench_model(studio, checkpoint: str, size: int, steps: int, runs: int) -> di
                     setattr(studio.settings, k, getattr(type(studio.settings)(), k))
         return run
 
-    fns = {"bare diffusers": bare, **{name: option(ch) for name, ch in OPTIONS.items()}}
+    def batched(changes: dict):
+        def run():
+            from tests.benchmarks.bench_queue import JOBS
+            release = threading.Event()
+            for k, v in {**changes, "queue_batch": JOBS}.items():
+                setattr(studio.settings, k, v)
+            try:
+                hold = studio.queue.submit(lambda ctx: release.wait(600), kind="bench-hold")
+                jobs = [studio.submit(req.replace(seed=1 + i)) for i in range(JOBS)]
+                t = time.perf_counter()
+                release.set()
+                hold.wait(60)
+                for job in jobs:
+                    job.wait(600)
+                return (time.perf_counter() - t) / JOBS     # per image
+            finally:
+                for k in {**changes, "queue_batch": 1}:
+                    setattr(studio.settings, k, getattr(type(studio.settings)(), k))
+        return run
+
+    fns = {"bare diffusers": bare, **{name: option(ch) for name, ch in OPTIONS.items()},
+           **{name: batched(ch) for name, ch in BATCHED.items()}}
     for fn in fns.values():
         fn()                                    # warm-up: first-call allocations, lazy imports
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(runs):                       # interleaved, so a busy spell hits every option alike
         for name, fn in fns.items():
             t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
+            own = fn()             # the batched rows time themselves (per image)
+            times[name].append(own if own is not None else time.perf_counter() - t)
     base = times["bare diffusers"]
     return {name: statistics.median(a / b for a, b in zip(t, base)) for name, t in times.items()}
 
@@ -137,25 +174,29 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=8, help="seeds per prompt of the quality grid (6 prompts)")
     ap.add_argument("--only-quality", action="store_true")
+    ap.add_argument("--options", default="", help="comma-separated option names to run (default: all)")
+    ap.add_argument("--skip-mid", action="store_true", help="time the demo model only")
     args = ap.parse_args()
-    from studio.app import Studio
+    if args.options:
+        wanted = set(args.options.split(","))
+        for table in (OPTIONS, BATCHED):
+            for name in [n for n in table if n not in wanted]:
+                del table[name]
     from studio.demo import TRAINED_NAME
-    from studio.settings import Settings
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        _store(root)
-        studio = Studio(Settings(models_dir=str(root), data_dir=str(root / "data"), outdir=str(root / "out"),
-                                 default_checkpoint=TRAINED_NAME, preview_every=0), load_extensions=False)
+        studio = bench_studio(Path(tmp))
         try:
             from studio.onnx.export import export_checkpoint
-            for name in (TRAINED_NAME, "mid-sd1.safetensors"):      # what the "onnx" option runs on
+            models = [TRAINED_NAME] + ([] if args.skip_mid else ["mid-sd1.safetensors"])
+            for name in models if "onnx" in OPTIONS else []:      # what the "onnx" option runs on
                 out = export_checkpoint(studio, name)
                 print(f"ONNX export of {name}: {out.seconds:.1f} s, {out.total_bytes / 1e6:.1f} MB")
             rows = {} if args.only_quality else {
-                "demo model (64 px, 20 steps)": bench_model(studio, TRAINED_NAME, 64, 20, args.runs),
-                "mid-size SD1 UNet (256 px, 20 steps)": bench_model(studio, "mid-sd1.safetensors", 256, 20,
-                                                                    args.runs)}
-            sizes = {} if args.only_quality else {
+                "demo model (64 px, 20 steps)": bench_model(studio, TRAINED_NAME, 64, 20, args.runs)}
+            if not (args.only_quality or args.skip_mid):
+                rows["mid-size SD1 UNet (256 px, 20 steps)"] = bench_model(studio, "mid-sd1.safetensors", 256, 20,
+                                                                           args.runs)
+            sizes = {} if args.only_quality or "int8" not in OPTIONS else {
                 name: unet_bytes(studio, ckpt) for name, ckpt in (("demo model", TRAINED_NAME),
                                                                   ("mid-size SD1 UNet", "mid-sd1.safetensors"))}
             scores = quality(studio, args.seeds)

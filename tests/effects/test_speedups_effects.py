@@ -106,3 +106,32 @@ def test_bad_speed_settings_are_refused_by_name():
         Settings(sdpa_backend="fast").validate()
     with pytest.raises(StudioError, match="compile_backend"):
         Settings(compile_backend="in ductor").validate()
+
+
+def test_fused_qkv_keeps_the_picture_follows_loras_and_is_dropped(demo_studio):
+    from pathlib import Path
+
+    from tests import lorafiles
+    with demo_studio.manager.acquire(TRAINED_NAME, "Automatic") as loaded:
+        comps = loaded.components
+    sd, _ = lorafiles.kohya_lora(comps, seed=3, rank=4, te=False)
+    lorafiles.write(Path(demo_studio.settings.models_dir) / "Lora" / "fq.safetensors", sd,
+                    lorafiles.metadata_for(comps))
+    styled = f"{PROMPT} <lora:fq:1>"
+    plain = demo_studio.generate(request(PROMPT, 17)).images[0]
+    plain_lora = demo_studio.generate(request(styled, 17)).images[0]
+    attn = comps.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    with setting(demo_studio, fused_qkv=True):
+        fused = demo_studio.generate(request(PROMPT, 17))
+        qkv = attn.to_qkv
+        again = demo_studio.generate(request(PROMPT, 17)).images[0]
+        assert attn.to_qkv is qkv, "unchanged weights were fused again"
+        fused_lora = demo_studio.generate(request(styled, 17)).images[0]
+        assert attn.to_qkv is not qkv, "the LoRA's q / k / v were not fused in"
+        back = demo_studio.generate(request(PROMPT, 17)).images[0]
+    assert _diff(plain, plain_lora) > 10          # the LoRA changes the picture a lot ...
+    assert _diff(plain_lora, fused_lora) <= 2     # ... and the fused layers carry it (stale ones would not)
+    assert _diff(plain, fused.images[0]) <= 2 and _diff(plain, again) <= 2 and _diff(plain, back) <= 2
+    assert not fused.warnings
+    demo_studio.generate(request(PROMPT, 17))
+    assert not hasattr(attn, "to_qkv") and not attn.fused_projections

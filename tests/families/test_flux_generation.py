@@ -21,6 +21,13 @@ def px(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
+def assert_same_picture(mine: np.ndarray, theirs: np.ndarray) -> None:
+    """diffusers' pixels, give or take float rounding: equal on the machines this was written on; on an AMD EPYC
+    one value of the 12288 was 1 grey level off (the same maths, the CPU's kernels rounding one sum the other way)."""
+    diff = np.abs(mine - theirs)
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.001, (diff.max(), int((diff > 0).sum()))
+
+
 def bare_pipeline(studio, checkpoint: str):
     """diffusers' FluxPipeline over the very modules the studio loaded (its own encoding, sampling, decoding)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
@@ -40,7 +47,7 @@ def test_txt2img_is_diffusers_flux_pipeline_pixel_for_pixel(flux_studio):
                 num_images_per_prompt=2, generator=[torch.Generator().manual_seed(s) for s in (7, 8)]).images
     assert len(ours.images) == 2 and px(ours.images[0]).std() > 0
     for mine, theirs in zip(ours.images, bare):
-        assert np.array_equal(px(mine), px(theirs))
+        assert_same_picture(px(mine), px(theirs))
     assert "Distilled CFG Scale: 3.5" in ours.infotexts[0] and "CFG scale: 1," in ours.infotexts[0]
 
 
