@@ -69,7 +69,8 @@ SECTIONS = [
 CHOICES = {"device": list(DEVICES), "precision": list(PRECISIONS), "offload": list(OFFLOAD_MODES),
            "annotator_device": ["auto", "cpu"], "quantize": list(QUANTIZE_MODES),
            "sdpa_backend": ["auto", "flash", "efficient", "cudnn", "math"],
-           "compile_backend": ["", "inductor", "cudagraphs", "aot_eager", "eager"]}
+           "compile_backend": [("off", ""), ("inductor", "inductor"), ("cudagraphs", "cudagraphs"),
+                               ("aot_eager", "aot_eager"), ("eager", "eager")]}
 # placement and dtype are fixed when the pipeline manager is built; downloads are allowed (or not) at start
 RESTART = {"device", "precision", "offload", "no_half_vae", "xformers", "allow_download", "allow_tf32",
            "cudnn_benchmark", "annotator_device"}
