@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fused-qkv", action="store_true", default=None,
                    help="fuse attention's q / k / v projections into one matmul (diffusers' fuse_qkv_projections; "
                         "rebuilt when a LoRA set changes them)")
+    # settings.SDPA_BACKENDS, written out: launch.py reads this file on its own, before the package imports
     g.add_argument("--sdpa-backend", choices=("auto", "flash", "efficient", "cudnn", "math"), default=None,
                    help="the attention kernel PyTorch's scaled_dot_product_attention may use (default auto)")
     g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",

@@ -19,6 +19,7 @@ DEVICES = ("auto", "cuda", "mps", "cpu")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 OFFLOAD_MODES = ("none", "medvram", "lowvram")
 QUANTIZE_MODES = ("none", "int8", "fp8")
+SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")   # scaled_dot_product_attention kernels
 
 
 @dataclass
@@ -173,9 +174,9 @@ class Settings:
         if not 0.0 <= self.deepcache_start < 1.0:
             raise StudioError(f"Setting 'deepcache_start' is {self.deepcache_start}.", field="deepcache_start",
                               fix="use a share of the steps from 0 to below 1 (0.4: the first 40 % run whole)")
-        if self.sdpa_backend not in ("auto", "flash", "efficient", "cudnn", "math"):
+        if self.sdpa_backend not in SDPA_BACKENDS:
             raise StudioError(f"Setting 'sdpa_backend' is {self.sdpa_backend!r}.", field="sdpa_backend",
-                              fix="use auto, flash, efficient, cudnn or math")
+                              fix=f"use one of {', '.join(SDPA_BACKENDS)}")
         if self.compile_backend and not self.compile_backend.replace("_", "").isalnum():
             raise StudioError(f"Setting 'compile_backend' is {self.compile_backend!r}.", field="compile_backend",
                               fix="use a torch.compile backend name such as inductor, or leave it empty (off)")

@@ -13,7 +13,6 @@ from typing import Any, Iterator
 from .errors import StudioError
 from .lazy import torch
 
-SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 # what torch offers on a CPU: flash (its C++ kernel) and math; the others are CUDA kernels
 _CPU_SDPA = ("flash", "math")
 

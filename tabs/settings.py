@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 
 from studio.errors import StudioError
-from studio.settings import DEVICES, OFFLOAD_MODES, PRECISIONS, QUANTIZE_MODES, Settings
+from studio.settings import DEVICES, OFFLOAD_MODES, PRECISIONS, QUANTIZE_MODES, SDPA_BACKENDS, Settings
 from webui.common import error_html
 
 # (section, [(field, label)]) in display order
@@ -38,7 +38,7 @@ SECTIONS = [
         ("channels_last", "channels_last memory format for UNets (faster convolutions on NVIDIA tensor cores)"),
         ("fused_qkv", "Fused QKV projections: one matmul for attention's q / k / v (rebuilt when LoRAs change them)"),
         ("sdpa_backend", "Attention kernel (scaled_dot_product_attention backend; auto: PyTorch picks)"),
-        ("compile_backend", "torch.compile the UNet / transformer with this backend (empty: off; inductor; each "
+        ("compile_backend", "torch.compile the UNet / transformer with this backend (off; inductor is torch's; each "
                             "new image size compiles once)"),
         ("vae_tiling", "VAE tiling: large images decode and encode in tiles (less memory)"),
         ("queue_batch", "Dynamic batching: up to N images of compatible waiting txt2img jobs (same model, size, "
@@ -68,7 +68,7 @@ SECTIONS = [
 ]
 CHOICES = {"device": list(DEVICES), "precision": list(PRECISIONS), "offload": list(OFFLOAD_MODES),
            "annotator_device": ["auto", "cpu"], "quantize": list(QUANTIZE_MODES),
-           "sdpa_backend": ["auto", "flash", "efficient", "cudnn", "math"],
+           "sdpa_backend": list(SDPA_BACKENDS),
            "compile_backend": [("off", ""), ("inductor", "inductor"), ("cudagraphs", "cudagraphs"),
                                ("aot_eager", "aot_eager"), ("eager", "eager")]}
 # placement and dtype are fixed when the pipeline manager is built; downloads are allowed (or not) at start

@@ -54,6 +54,16 @@ class ExportOutcome:
                 "total_bytes": self.total_bytes, "seconds": round(self.seconds, 1), "max_error": self.max_error}
 
 
+def providers(device: Any, available: list[str]) -> list:
+    """TensorRT, then CUDA when the studio computes on a CUDA device and onnxruntime has them; the CPU always last
+    (onnxruntime runs what a provider cannot on the next one)."""
+    out: list = []
+    if getattr(device, "type", str(device)) == "cuda":
+        options = {"device_id": device.index or 0}
+        out += [(p, options) for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+    return out + ["CPUExecutionProvider"]
+
+
 def require_onnxruntime() -> Any:
     """The onnxruntime module, or a StudioError saying how to install it (the studio runs on without)."""
     try:
@@ -195,7 +205,6 @@ def _parts(components: Any) -> list[tuple[str, Any, tuple, list[str], list[str],
 
 def _check(path: Path, module: Any, inputs: tuple, names: list[str]) -> float:
     """Max |onnxruntime - torch| on ``inputs``, relative to the torch output's largest value (first output)."""
-    from .runtime import providers
     ort = require_onnxruntime()
     try:   # on the providers generation will use: an fp16 graph may have no CPU kernel for some operator
         session = ort.InferenceSession(str(path), providers=providers(inputs[0].device,

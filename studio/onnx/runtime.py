@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 from ..errors import StudioError
 from ..lazy import torch
-from .export import find_export, require_onnxruntime, unsupported
+from .export import find_export, providers, require_onnxruntime, unsupported
 
 RUNTIME_PARTS = ("unet", "vae_decoder", "vae_encoder")
 # UNet keyword arguments the export has no input for: a call with any of them runs on torch
@@ -28,16 +28,6 @@ _TORCH_ONLY = ("class_labels", "timestep_cond", "attention_mask", "encoder_atten
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
               "tensor(int64)": "int64", "tensor(int32)": "int32"}
 HOW_TO_EXPORT = "export it in Settings (Speed: \"Export current checkpoint to ONNX\") or POST /sdapi/v1/export/onnx"
-
-
-def providers(device: Any, available: list[str]) -> list:
-    """TensorRT, then CUDA when the studio computes on a CUDA device and onnxruntime has them; the CPU always last
-    (onnxruntime runs what a provider cannot on the next one)."""
-    out: list = []
-    if getattr(device, "type", str(device)) == "cuda":
-        options = {"device_id": device.index or 0}
-        out += [(p, options) for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
-    return out + ["CPUExecutionProvider"]
 
 
 class Sessions:
